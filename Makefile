@@ -1,0 +1,49 @@
+# Quick start: `make demo` (set-up + build + ask the demo bundle a question), `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+MODEL  := models/SmolLM2-135M-Instruct.gguf
+BUNDLE := dist/SmolLM2-135M-Instruct
+STUB   := stubs/linux-x86_64/bundle-runtime
+QUESTION := What is the capital of France? Answer in one word.
+
+.PHONY: all venv stub model demo test bench clean distclean
+
+all: demo
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# build.py skips every step whose output is up to date (the llama.cpp compile is cached per
+# version and flags under ~/.cache/bundle/build), so this target is cheap after the first time.
+stub: venv
+	$(PY) build.py
+
+$(MODEL):
+	$(PYTHON) scripts/fetch_demo_model.py $@
+
+model: $(MODEL)
+
+$(BUNDLE): stub $(MODEL)
+	$(VENV)/bin/bundle build $(MODEL) -o $@
+
+demo: $(BUNDLE)
+	@echo "\$$ ./$(BUNDLE) -p \"$(QUESTION)\" --temp 0"
+	@./$(BUNDLE) -p "$(QUESTION)" --temp 0
+
+test: stub $(MODEL)
+	$(PY) -m pytest tests
+
+bench: stub $(MODEL)
+	$(PY) -m bench
+
+clean:
+	rm -rf dist build .pytest_cache
+
+distclean: clean
+	rm -rf $(VENV) models stubs/*/bundle-runtime stubs/*/*.zst stubs/*/stub.json

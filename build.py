@@ -1,0 +1,338 @@
+#!/usr/bin/env python3
+"""Build the runtime stub for this platform: stubs/<target>/.
+
+    python build.py            # portable CPU build (every x86-64 generation)
+    python build.py --force    # rebuild the stub even if its inputs did not change
+
+Steps (each skipped when its output is already there):
+1. compile llama-cpp-python from source, portable (GGML_NATIVE=OFF GGML_BACKEND_DL=ON
+   GGML_CPU_ALL_VARIANTS=ON), into a wheel cached under ~/.cache/bundle/build/<version>-<flags
+   hash>/ (about 10 minutes on 2 cores; never again for the same version and flags);
+2. install that wheel into this Python environment (the stub's Python side comes from it);
+3. pack its native libraries into one zstd-compressed tar (they travel in each bundle's payload
+   and are unpacked once per machine);
+4. run PyInstaller (one-file) on runtime/ with a lean archive: no numpy, no native llama libs.
+
+Output: stubs/<target>/bundle-runtime, native-cpu.tar.zst, stub.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+LLAMA_CPP_PYTHON = "0.3.36"
+CPU_FLAGS = [
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_BACKEND_DL=ON",
+    "-DGGML_CPU_ALL_VARIANTS=ON",
+    "-DLLAVA_BUILD=OFF",  # the runtime has no use for the multimodal library; saves build time
+]
+TARGET = "linux-x86_64"
+STUB_NAME = "bundle-runtime"
+NATIVE_NAME = "native-cpu.tar.zst"
+ZSTD_LEVEL = 19
+# ggml links these from the build machine's compiler; a target machine may lack them (libgomp is
+# not in minimal images) or have older ones (GLIBCXX_x.y not found), so they travel too.
+SYSTEM_LIBS = ["libgomp.so.1", "libstdc++.so.6", "libgcc_s.so.1"]
+SYSTEM_LIB_DIRS = ["/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib64", "/lib64", "/usr/lib"]
+# Modules the runtime never imports; keeping them out keeps launch fast (DESIGN.md #8).
+EXCLUDES = [
+    "numpy", "llama_cpp.llama", "llama_cpp.server", "llama_cpp.llama_chat_format",
+    "llama_cpp.llava_cpp", "llama_cpp.mtmd_cpp", "llama_cpp.llama_speculative",
+    "llama_cpp.llama_cache", "llama_cpp.llama_tokenizer", "llama_cpp.llama_grammar",
+    "tkinter", "sqlite3", "ssl", "_ssl", "unittest", "pydoc", "doctest", "lib2to3",
+    "zstandard.backend_cffi", "cffi", "_cffi_backend", "bundler", "pytest",
+    "multiprocessing", "xmlrpc", "setuptools", "pkg_resources",
+]
+
+
+def log(msg: str) -> None:
+    print(f"[build] {msg}", flush=True)
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("BUNDLE_BUILD_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bundle", "build"
+    )
+    return Path(base)
+
+
+def flags_key(version: str, flags: list[str]) -> str:
+    digest = hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:12]
+    return f"llama-cpp-python-{version}-{digest}"
+
+
+def run_with_progress(cmd: list[str], env: dict, logfile: Path) -> None:
+    """Run a long build, keeping its full log in logfile and showing compile progress."""
+    start = time.time()
+    last = 0.0
+    pattern = re.compile(r"\[\s*(\d+)%\]|\[(\d+)/(\d+)\]")
+    with open(logfile, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            out.write(line)
+            m = pattern.search(line)
+            now = time.time()
+            if m and now - last >= 5:
+                pct = m.group(1) or f"{100 * int(m.group(2)) // int(m.group(3))}"
+                log(f"  compiling llama.cpp: {pct}% ({now - start:.0f} s)")
+                last = now
+        rc = proc.wait()
+    if rc != 0:
+        tail = logfile.read_text(errors="replace").splitlines()[-25:]
+        sys.exit("\n".join(tail) + f"\nbuild failed (exit {rc}); full log: {logfile}")
+
+
+def ensure_wheel(version: str, flags: list[str]) -> Path:
+    key = flags_key(version, flags)
+    folder = cache_dir() / key
+    wheels = sorted(folder.glob("llama_cpp_python-*.whl"))
+    if wheels:
+        log(f"llama-cpp-python {version}: cached ({wheels[0]})")
+        return wheels[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".work-", dir=folder))
+    try:
+        log(f"llama-cpp-python {version}: fetching the source")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             f"llama-cpp-python=={version}", "-d", str(work), "-q"],
+            check=True,
+        )
+        sdist = next(work.glob("llama_cpp_python-*.tar.gz"))
+        log(f"llama-cpp-python {version}: compiling with {' '.join(flags)} (about 10 minutes on 2 cores)")
+        env = dict(os.environ, CMAKE_ARGS=" ".join(flags),
+                   CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
+        # --no-cache-dir: pip's own wheel cache is keyed by the sdist alone, not by CMAKE_ARGS.
+        run_with_progress(
+            [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-cache-dir", "-w", str(work), str(sdist)],
+            env, folder / "build.log",
+        )
+        wheel = next(work.glob("llama_cpp_python-*.whl"))
+        final = folder / wheel.name
+        os.replace(wheel, final)
+        return final
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def ensure_installed(wheel: Path) -> None:
+    marker = Path(sys.prefix) / ".bundle-llama-wheel"
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if marker.exists() and marker.read_text() == digest:
+        return
+    log(f"installing {wheel.name} into {sys.prefix}")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)], check=True
+    )
+    marker.write_text(digest)
+
+
+def native_files(wheel: Path) -> dict[str, bytes]:
+    """The shared libraries in the wheel: llama_cpp/lib/*.so* and the CPU variants in bin/."""
+    out = {}
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            base = name.rsplit("/", 1)[-1]
+            if (name.startswith("llama_cpp/lib/") or name.startswith("bin/")) and ".so" in base:
+                out[base] = z.read(name)
+    if "libggml.so.0" not in out or "libllama.so" not in out:
+        sys.exit(f"{wheel} lacks libggml.so.0 or libllama.so; delete it from the cache and rebuild")
+    for lib in SYSTEM_LIBS:
+        found = next((Path(d) / lib for d in SYSTEM_LIB_DIRS if (Path(d) / lib).exists()), None)
+        if found is None:
+            sys.exit(f"{lib} not found in {', '.join(SYSTEM_LIB_DIRS)}; install your compiler's runtime libraries")
+        out[lib] = found.resolve().read_bytes()
+    return out
+
+
+def pack_native(files: dict[str, bytes], dest: Path) -> dict:
+    """One tar: each distinct library once, its other names as symlinks (the wheel holds
+    libggml.so, .so.0 and .so.0.x.y as three copies, DESIGN.md #5b)."""
+    import zstandard
+
+    by_content: dict[str, list[str]] = {}
+    for name, data in files.items():
+        by_content.setdefault(hashlib.sha256(data).hexdigest(), []).append(name)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for names in sorted(by_content.values()):
+            # the real file gets the soname-style name (libx.so.0) when there is one
+            names.sort(key=lambda n: (not re.search(r"\.so\.\d+$", n), len(n), n))
+            real = names[0]
+            info = tarfile.TarInfo(real)
+            info.size, info.mode, info.mtime = len(files[real]), 0o755, 0
+            tar.addfile(info, io.BytesIO(files[real]))
+            for alias in names[1:]:
+                link = tarfile.TarInfo(alias)
+                link.type, link.linkname, link.mtime = tarfile.SYMTYPE, real, 0
+                tar.addfile(link)
+    raw = buf.getvalue()
+    packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw)
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_bytes(packed)
+    os.replace(tmp, dest)
+    variants = sorted(n[len("libggml-cpu-"):-3] for n in files if n.startswith("libggml-cpu-") and n.endswith(".so"))
+    return {
+        "file": dest.name,
+        "sha256": hashlib.sha256(packed).hexdigest(),
+        "size": len(packed),
+        "unpacked_size": len(raw),
+        "cpu_variants": variants,
+        "libraries": sorted(files),
+    }
+
+
+def glibc_needed(paths: list[Path]) -> str:
+    """The newest GLIBC_x.y symbol version any of these ELF files needs."""
+    best = (2, 0)
+    for p in paths:
+        try:
+            out = subprocess.run(["readelf", "-V", "-W", str(p)], capture_output=True, text=True).stdout
+        except FileNotFoundError:
+            return "unknown (readelf missing)"
+        for major, minor in re.findall(r"Name: GLIBC_(\d+)\.(\d+)", out):
+            best = max(best, (int(major), int(minor)))
+    return f"{best[0]}.{best[1]}"
+
+
+def inputs_digest(wheel: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted((ROOT / "runtime").rglob("*")):
+        if p.is_file() and "__pycache__" not in p.parts:
+            h.update(str(p.relative_to(ROOT)).encode())
+            h.update(p.read_bytes())
+    h.update(Path(__file__).read_bytes())
+    h.update(wheel.name.encode())
+    h.update(str(wheel.stat().st_size).encode())
+    import PyInstaller
+
+    h.update(PyInstaller.__version__.encode())
+    return h.hexdigest()
+
+
+def run_pyinstaller(out_dir: Path) -> Path:
+    import PyInstaller.__main__
+
+    work = Path(tempfile.mkdtemp(prefix="bundle-pyi-"))
+    try:
+        args = [
+            str(ROOT / "runtime" / "__main__.py"),
+            "--onefile", "--name", STUB_NAME, "--noconfirm", "--clean", "--log-level", "WARN",
+            "--distpath", str(work / "dist"), "--workpath", str(work / "build"), "--specpath", str(work),
+            "--paths", str(ROOT),
+            "--additional-hooks-dir", str(ROOT / "build_hooks"),
+            "--hidden-import", "runtime.app", "--hidden-import", "llama_cpp.llama_cpp",
+            "--hidden-import", "jinja2.ext", "--hidden-import", "zstandard.backend_c",
+        ]
+        for mod in EXCLUDES:
+            args += ["--exclude-module", mod]
+        PyInstaller.__main__.run(args)
+        built = work / "dist" / STUB_NAME
+        final = out_dir / STUB_NAME
+        tmp = out_dir / (STUB_NAME + ".tmp")
+        shutil.copy2(built, tmp)
+        os.replace(tmp, final)
+        return final
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def archive_binaries(stub: Path, into: Path) -> list[Path]:
+    """Extract the shared libraries PyInstaller put in the stub (to check their glibc needs)."""
+    from PyInstaller.archive.readers import CArchiveReader
+
+    reader = CArchiveReader(str(stub))
+    out = []
+    for name, (*_, typecode) in reader.toc.items():
+        if typecode in ("b", "x", "d") or name.endswith(".so") or ".so." in name:
+            data = reader.extract(name)
+            if data and data[:4] == b"\x7fELF":
+                p = into / name.replace("/", "_")
+                p.write_bytes(data)
+                out.append(p)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="Build the bundle runtime stub for this platform.")
+    ap.add_argument("--force", action="store_true", help="rebuild the stub even if nothing changed")
+    ap.add_argument("--cuda", action="store_true", help="also build the CUDA back end (not yet available)")
+    args = ap.parse_args()
+    if args.cuda:
+        sys.exit("build.py --cuda is not available yet (issue #5); the CPU stub is built without it")
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
+        sys.exit(f"build.py builds {TARGET} stubs only; this is {sys.platform}/{os.uname().machine}")
+    out_dir = ROOT / "stubs" / TARGET
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    wheel = ensure_wheel(LLAMA_CPP_PYTHON, CPU_FLAGS)
+    ensure_installed(wheel)
+
+    meta_path = out_dir / "stub.json"
+    digest = inputs_digest(wheel)
+    if not args.force and meta_path.exists() and (out_dir / STUB_NAME).exists() and (out_dir / NATIVE_NAME).exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("inputs") == digest:
+            log(f"stub up to date: {out_dir / STUB_NAME}")
+            return 0
+
+    t0 = time.time()
+    files = native_files(wheel)
+    native = pack_native(files, out_dir / NATIVE_NAME)
+    log(f"native libraries: {len(files)} files, {native['unpacked_size'] / 2**20:.1f} MiB -> "
+        f"{native['size'] / 2**20:.1f} MiB zstd ({', '.join(native['cpu_variants'])})")
+    log("running PyInstaller")
+    stub = run_pyinstaller(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpdir = Path(tmp)
+        libs = []
+        for name, data in files.items():
+            p = tmpdir / name
+            p.write_bytes(data)
+            libs.append(p)
+        libs += archive_binaries(stub, tmpdir)
+        glibc = glibc_needed([stub] + libs)
+    import PyInstaller
+
+    from runtime import __version__ as runtime_version
+    from runtime.payload import FORMAT_VERSION
+
+    meta = {
+        "target": TARGET,
+        "stub": STUB_NAME,
+        "stub_sha256": hashlib.sha256(stub.read_bytes()).hexdigest(),
+        "stub_size": stub.stat().st_size,
+        "runtime_version": runtime_version,
+        "format_version": FORMAT_VERSION,
+        "llama_cpp_python": LLAMA_CPP_PYTHON,
+        "build_flags": CPU_FLAGS,
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "pyinstaller": PyInstaller.__version__,
+        "glibc_min": glibc,
+        "native": {"cpu": native},
+        "inputs": digest,
+    }
+    tmp = meta_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, meta_path)
+    log(f"stub: {stub} ({stub.stat().st_size / 2**20:.1f} MiB, needs glibc >= {glibc}) in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

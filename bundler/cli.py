@@ -1,0 +1,261 @@
+"""The `bundle` command: build, inspect, verify. Thin commands over bundler's modules; one error
+boundary in main()."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from runtime.errors import UsageError as SettingsError
+from runtime.payload import PayloadError, read_payload
+from runtime.settings import Settings
+from runtime.template import PRESETS
+
+from . import __version__
+from .errors import BundleError, UsageError
+
+TEMPLATE_CHOICES = ["auto", *PRESETS]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def resolve_template(choice: str, gguf_template: str | None) -> tuple[str, str | None]:
+    """--template value -> (name stored in the manifest, Jinja source)."""
+    from runtime.template import ChatTemplate, TemplateError
+
+    if choice == "auto":
+        name, source = ("auto", gguf_template) if gguf_template else ("chatml", PRESETS["chatml"][0])
+    elif choice in PRESETS:
+        name, source = choice, PRESETS[choice][0]
+    elif choice.endswith((".jinja", ".j2", ".jinja2")) or os.path.sep in choice:
+        path = Path(choice)
+        try:
+            source = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UsageError(f"template file {choice} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read template file {choice}: {exc}") from None
+        name = f"file:{path.name}"
+    else:
+        raise UsageError(
+            f"unknown template {choice!r}; choose one of {', '.join(TEMPLATE_CHOICES)} or pass a .jinja file"
+        )
+    try:
+        ChatTemplate(source, name)
+    except TemplateError as exc:
+        raise UsageError(str(exc)) from None
+    return name, source
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bundle")
+def cli():
+    """Turn a GGUF model into one executable file."""
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(), help="where to write the bundle (default: dist/<model stem>)")
+@click.option("--name", help="the bundle's display name (default: the output file name)")
+@click.option("--template", default="auto", show_default=True,
+              help=f"chat template: {'|'.join(TEMPLATE_CHOICES)} or a FILE.jinja")
+@click.option("--system", help="default system prompt")
+@click.option("--ctx", type=int, help="default context length in tokens")
+@click.option("--temp", type=float, help="default temperature")
+@click.option("--top-p", type=float, help="default top-p")
+@click.option("--top-k", type=int, help="default top-k")
+@click.option("--repeat-penalty", type=float, help="default repeat penalty")
+@click.option("--max-tokens", type=int, help="default most tokens per answer (-1: no limit)")
+@click.option("--target", help="platform of the executable (default: this one)")
+@click.option("--stub", type=click.Path(), help="use this runtime stub instead of stubs/<target>/")
+@click.option("--force", is_flag=True, help="replace an existing file at the output path even if it is not a bundle")
+def build(model, output, name, template, system, ctx, temp, top_p, top_k, repeat_penalty, max_tokens, target, stub, force):
+    """Build one executable from MODEL (a .gguf path or hf://owner/repo/file.gguf)."""
+    from . import gguf, hub, stubs, writer
+
+    t0 = time.perf_counter()
+    model_path = hub.fetch(model) if hub.is_hub_ref(model) else Path(model)
+    info = gguf.read_gguf(str(model_path))
+    template_name, template_source = resolve_template(template, info.chat_template)
+    stub_info = stubs.find_stub(target, stub)
+    stem = Path(model_path.name).stem if not hub.is_hub_ref(model) else Path(model.rsplit("/", 1)[-1]).stem
+    out = Path(output) if output else Path("dist") / stem
+    writer.check_output(out, model_path, force)
+
+    default_ctx = min(Settings.ctx, info.context_length) if info.context_length else Settings.ctx
+    settings = Settings(ctx=default_ctx, template=template_name).merged(
+        {"system": system, "ctx": ctx, "temp": temp, "top_p": top_p, "top_k": top_k,
+         "repeat_penalty": repeat_penalty, "max_tokens": max_tokens},
+        "bundle build",
+    )
+    summary = info.summary()
+    summary["file"] = model_path.name
+    manifest = {
+        "name": name or out.name,
+        "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "bundler_version": __version__,
+        "model": summary,
+        "template_name": template_name,
+        "template": template_source,
+        "settings": settings.to_manifest(),
+        "stub": stub_info.manifest_info(),
+    }
+    err = click.get_text_stream("stderr")
+    click.echo(
+        f"{manifest['name']}: {info.architecture}, {info.size_label} parameters, {info.quantization}, "
+        f"trained context {info.context_length}, template {template_name}, {_human(info.file_size)}",
+        err=True,
+    )
+    show_bar = err.isatty()
+    with click.progressbar(length=info.file_size, label="writing", file=err, show_eta=True,
+                           hidden=not show_bar) as bar:
+        result = writer.write_bundle(model_path, stub_info, out, manifest, progress=bar.update)
+    seconds = time.perf_counter() - t0
+    click.echo(
+        f"wrote {out} ({_human(result['size'])}, {stub_info.target}, needs glibc ≥ "
+        f"{stub_info.meta.get('glibc_min', '?')}) in {seconds:.2f} s",
+        err=True,
+    )
+    click.echo(f"run it: ./{out} -p \"Hello\"   or   ./{out} --cli", err=True)
+
+
+@cli.command()
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def inspect(path, as_json):
+    """Describe a .gguf model or a bundle."""
+    data = describe(path)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    else:
+        click.echo(format_description(data))
+
+
+def describe(path: str) -> dict:
+    from . import gguf
+
+    p = Path(path)
+    if p.is_dir():
+        raise BundleError(f"{path} is a directory; pass a .gguf file or a bundle")
+    if not p.exists():
+        raise BundleError(f"{path} does not exist; check the path")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        info = gguf.read_gguf(path)
+        meta = {k: v for k, v in info.metadata.items() if not isinstance(v, dict) and k != "tokenizer.chat_template"}
+        return {"kind": "gguf", "path": path, "model": info.summary(), "template": info.chat_template, "metadata": meta}
+    payload = read_payload(path)
+    m = payload.manifest
+    return {
+        "kind": "bundle",
+        "path": path,
+        "format_version": payload.version,
+        "file_size": payload.file_size,
+        "name": m.get("name"),
+        "built": m.get("built"),
+        "model": m.get("model", {}),
+        "template_name": m.get("template_name"),
+        "template": m.get("template"),
+        "settings": m.get("settings", {}),
+        "stub": m.get("stub", {}),
+        "entries": [
+            {"name": e.name, "offset": payload.payload_start + e.offset, "size": e.size,
+             "compression": e.compression, "sha256": e.sha256}
+            for e in payload.entries.values()
+        ],
+    }
+
+
+def format_description(d: dict) -> str:
+    m = d["model"]
+    lines = []
+    if d["kind"] == "bundle":
+        lines.append(f"bundle:      {d['path']} ({_human(d['file_size'])}, format {d['format_version']})")
+        lines.append(f"name:        {d['name']} (built {d['built']})")
+    else:
+        lines.append(f"gguf:        {d['path']} ({_human(m['file_size'])}, GGUF v{m['gguf_version']})")
+    lines.append(
+        f"model:       {m.get('name')} · {m.get('architecture')} · {m.get('size_label')} · {m.get('quantization')}"
+        f" · trained context {m.get('context_length')}"
+    )
+    if d["kind"] == "bundle":
+        s = d["settings"]
+        lines.append(f"template:    {d['template_name']}")
+        lines.append("settings:    " + ", ".join(f"{k}={v}" for k, v in s.items()))
+        st = d["stub"]
+        lines.append(
+            f"stub:        {st.get('target')} · runtime {st.get('runtime_version')} · llama-cpp-python "
+            f"{st.get('llama_cpp_python')} · needs glibc ≥ {st.get('glibc_min')}"
+        )
+        lines.append("entries:")
+        for e in d["entries"]:
+            lines.append(
+                f"  {e['name']:<22} {_human(e['size']):>10}  at {e['offset']:<10} {e['compression']:<5} sha256 {e['sha256']}"
+            )
+    else:
+        lines.append(f"template:    {'embedded Jinja template' if d['template'] else 'none (ChatML will be used)'}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+def verify(bundle):
+    """Recompute every hash in BUNDLE; exit 0 when intact, 1 with what is wrong."""
+    payload = read_payload(bundle)
+    total = sum(e.size for e in payload.entries.values())
+    err = click.get_text_stream("stderr")
+    with click.progressbar(length=total, label="verifying", file=err, hidden=not err.isatty()) as bar:
+        problems = payload.verify(progress=bar.update)
+    if problems:
+        for p in problems:
+            click.echo(f"damaged: {p}", err=True)
+        raise BundleError(f"{bundle} is damaged ({len(problems)} problem(s) above); build or copy it again")
+    click.echo(f"ok: {bundle} is intact ({len(payload.entries)} entries, {_human(payload.file_size)})")
+
+
+def main(argv=None) -> int:
+    debug = os.environ.get("BUNDLE_DEBUG", "") not in ("", "0")
+    try:
+        cli.main(args=argv, prog_name="bundle", standalone_mode=False)
+        return 0
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    except click.exceptions.UsageError as exc:
+        exc.show()
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except (UsageError, SettingsError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    except (BundleError, PayloadError) as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        click.echo(f"error: unexpected {type(exc).__name__}: {exc}; run again with BUNDLE_DEBUG=1 and report it", err=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Reading and checking GGUF files (metadata only; tensor data is never read).
+
+GGUF layout (little-endian): magic "GGUF", uint32 version, uint64 tensor_count, uint64 kv_count,
+then kv_count key/value pairs, then tensor_count tensor infos (name, n_dims, dims, type, offset),
+then padding to `general.alignment` (default 32), then the tensor data.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+
+from .errors import BundleError
+
+GGUF_MAGIC = b"GGUF"
+
+# value types
+_SCALARS = {
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
+}
+_STRING, _ARRAY = 8, 9
+
+# ggml type id -> (name, elements per block, bytes per block); from ggml.h / ggml.c type_traits.
+GGML_TYPES = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 36),
+    10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292), 16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2),
+    26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17),
+}
+
+# llama_ftype (general.file_type) -> name
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+    17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
+    23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M",
+    30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
+}
+
+# Arrays longer than this (token lists, merges) are counted, not kept.
+_KEEP_ARRAY = 64
+
+
+class GGUFError(BundleError):
+    pass
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple
+    type_id: int
+    offset: int
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def n_bytes(self) -> int | None:
+        t = GGML_TYPES.get(self.type_id)
+        if t is None:
+            return None
+        return self.n_elements // t[1] * t[2]
+
+
+@dataclass
+class GGUFInfo:
+    path: str
+    version: int
+    metadata: dict
+    tensors: list[TensorInfo] = field(default_factory=list)
+    data_offset: int = 0
+    file_size: int = 0
+
+    def get(self, key, default=None):
+        return self.metadata.get(key, default)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.get("general.architecture", "unknown"))
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+    @property
+    def size_label(self) -> str:
+        label = self.get("general.size_label")
+        if label:
+            return str(label)
+        n = self.n_params
+        for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+            if n >= div:
+                return f"{n / div:.1f}{unit}".replace(".0", "")
+        return str(n)
+
+    @property
+    def quantization(self) -> str:
+        ft = self.get("general.file_type")
+        if isinstance(ft, int) and ft in FILE_TYPES:
+            return FILE_TYPES[ft]
+        counts: dict[str, int] = {}
+        for t in self.tensors:
+            name = GGML_TYPES.get(t.type_id, (f"type{t.type_id}",))[0]
+            counts[name] = counts.get(name, 0) + t.n_elements
+        return max(counts, key=counts.get) if counts else "unknown"
+
+    @property
+    def context_length(self) -> int | None:
+        value = self.get(f"{self.architecture}.context_length")
+        return int(value) if isinstance(value, int) else None
+
+    @property
+    def chat_template(self) -> str | None:
+        value = self.get("tokenizer.chat_template")
+        return value if isinstance(value, str) else None
+
+    @property
+    def name(self) -> str:
+        return str(self.get("general.name") or os.path.splitext(os.path.basename(self.path))[0])
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "architecture": self.architecture,
+            "parameters": self.n_params,
+            "size_label": self.size_label,
+            "quantization": self.quantization,
+            "context_length": self.context_length,
+            "gguf_version": self.version,
+            "tensors": len(self.tensors),
+            "has_chat_template": self.chat_template is not None,
+            "file_size": self.file_size,
+        }
+
+
+class _Reader:
+    def __init__(self, f, path, file_size):
+        self.f, self.path, self.file_size = f, path, file_size
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        if len(data) != n:
+            raise GGUFError(
+                f"{self.path} is truncated: its GGUF header ends early at byte {self.f.tell()} of "
+                f"{self.file_size}; download or copy the model again"
+            )
+        return data
+
+    def unpack(self, fmt: str):
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        if n > self.file_size:
+            raise GGUFError(f"{self.path} is damaged: a metadata string claims {n} bytes; download the model again")
+        return self.read(n).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int):
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            itype = self.unpack("<I")
+            count = self.unpack("<Q")
+            if count > self.file_size:
+                raise GGUFError(f"{self.path} is damaged: an array claims {count} items; download the model again")
+            if itype in _SCALARS and count > _KEEP_ARRAY:
+                # skip fixed-size arrays without decoding them
+                self.read(struct.calcsize(_SCALARS[itype]) * count)
+                return {"array_of": itype, "count": count}
+            items = [self.value(itype) for _ in range(count)]
+            return items if count <= _KEEP_ARRAY else {"array_of": itype, "count": count}
+        raise GGUFError(f"{self.path} is damaged: unknown metadata value type {vtype}; download the model again")
+
+
+def read_gguf(path: str) -> GGUFInfo:
+    """Read a GGUF's metadata and tensor table, and check the file holds all its tensor data."""
+    if os.path.isdir(path):
+        raise GGUFError(f"{path} is a directory; pass the .gguf file inside it")
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise GGUFError(f"{path} does not exist; check the path") from None
+    except PermissionError:
+        raise GGUFError(f"{path} is not readable (permission denied); fix its permissions or copy it") from None
+    except OSError as exc:
+        raise GGUFError(f"cannot open {path}: {exc.strerror}") from None
+    with f:
+        file_size = os.fstat(f.fileno()).st_size
+        if file_size == 0:
+            raise GGUFError(f"{path} is empty (0 bytes); download or copy the model again")
+        magic = f.read(4)
+        if magic != GGUF_MAGIC:
+            hint = ""
+            if magic[:2] == b"PK":
+                hint = "; it is a zip archive: unzip it and pass the .gguf inside"
+            elif magic[:4] == b"\x89HDF" or magic[:2] == b"\x80\x02" or path.endswith((".bin", ".safetensors", ".pt")):
+                hint = "; convert it to GGUF first (llama.cpp's convert_hf_to_gguf.py)"
+            elif len(magic) < 4:
+                hint = "; it is too short to be a model"
+            raise GGUFError(f"{path} is not a GGUF file (it starts with {magic!r}){hint or '; pass a .gguf model'}")
+        r = _Reader(f, path, file_size)
+        version = r.unpack("<I")
+        if version not in (2, 3):
+            raise GGUFError(f"{path} is GGUF version {version}, which is not supported (2 or 3); re-convert the model")
+        n_tensors = r.unpack("<Q")
+        n_kv = r.unpack("<Q")
+        if n_tensors > file_size or n_kv > file_size:
+            raise GGUFError(f"{path} is damaged: its header counts are impossible; download the model again")
+        metadata = {}
+        for _ in range(n_kv):
+            key = r.string()
+            metadata[key] = r.value(r.unpack("<I"))
+        tensors = []
+        for _ in range(n_tensors):
+            name = r.string()
+            n_dims = r.unpack("<I")
+            if n_dims > 8:
+                raise GGUFError(f"{path} is damaged: tensor {name} has {n_dims} dimensions; download the model again")
+            shape = tuple(r.unpack("<Q") for _ in range(n_dims))
+            type_id = r.unpack("<I")
+            offset = r.unpack("<Q")
+            tensors.append(TensorInfo(name, shape, type_id, offset))
+        alignment = metadata.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment <= 0:
+            alignment = 32
+        data_offset = (f.tell() + alignment - 1) // alignment * alignment
+    needed = data_offset
+    for t in tensors:
+        end = data_offset + t.offset + (t.n_bytes or 1)
+        needed = max(needed, end)
+    if needed > file_size:
+        raise GGUFError(
+            f"{path} is truncated: it holds {file_size} of the {needed} bytes its tensors need; "
+            "download or copy the model again"
+        )
+    if not tensors:
+        raise GGUFError(f"{path} holds no tensors; it is not a usable model")
+    return GGUFInfo(path, version, metadata, tensors, data_offset, file_size)

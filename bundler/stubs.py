@@ -1,0 +1,75 @@
+"""Finding the prebuilt runtime stub for a target: stubs/<target>/ (or --stub PATH)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BundleError
+
+TARGETS = ("linux-x86_64", "linux-aarch64", "windows-x86_64", "macos-arm64")
+STUB_NAMES = {"windows-x86_64": "bundle-runtime.exe"}
+NATIVE_CPU = "native-cpu.tar.zst"
+
+
+def host_target() -> str:
+    system = {"Linux": "linux", "Windows": "windows", "Darwin": "macos"}.get(platform.system(), platform.system().lower())
+    machine = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "arm64", "aarch64": "aarch64"}.get(
+        platform.machine().lower(), platform.machine().lower()
+    )
+    return f"{system}-{machine}"
+
+
+def stubs_root() -> Path:
+    env = os.environ.get("BUNDLE_STUBS_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "stubs"
+
+
+@dataclass
+class Stub:
+    target: str
+    folder: Path
+    exe: Path
+    native_cpu: Path
+    meta: dict
+
+    def manifest_info(self) -> dict:
+        keys = ("target", "runtime_version", "format_version", "llama_cpp_python", "glibc_min",
+                "python", "pyinstaller", "stub_sha256", "build_flags")
+        return {k: self.meta.get(k) for k in keys if k in self.meta}
+
+
+def find_stub(target: str | None = None, stub_path: str | None = None) -> Stub:
+    target = target or host_target()
+    if target not in TARGETS:
+        raise BundleError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    if stub_path:
+        exe = Path(stub_path)
+        if not exe.is_file():
+            raise BundleError(f"--stub {stub_path} is not a file; pass the bundle-runtime executable built by build.py")
+        folder = exe.parent
+    else:
+        folder = stubs_root() / target
+        exe = folder / STUB_NAMES.get(target, "bundle-runtime")
+        if not exe.is_file():
+            how = (
+                "run `python build.py` (or `make stub`) to build it"
+                if target == host_target()
+                else f"build it with build.py on a {target} machine (PyInstaller does not cross-compile) "
+                f"or download it from the project's CI artifacts, and put it in {folder}/"
+            )
+            raise BundleError(f"no runtime stub for {target} in {folder}/; {how}")
+    meta_file = folder / "stub.json"
+    native = folder / NATIVE_CPU
+    if not meta_file.is_file() or not native.is_file():
+        raise BundleError(
+            f"the stub folder {folder}/ lacks stub.json or {NATIVE_CPU}; rebuild it with `python build.py`"
+        )
+    try:
+        meta = json.loads(meta_file.read_text())
+    except ValueError:
+        raise BundleError(f"{meta_file} is not valid JSON; rebuild the stub with `python build.py`") from None
+    return Stub(target, folder, exe, native, meta)

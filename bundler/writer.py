@@ -1,0 +1,150 @@
+"""Writing a bundle: a copy of the stub with the payload spliced in before PyInstaller's archive.
+
+Nothing is compiled or packaged here: building a bundle is a file copy (hashed on the way) plus
+a few KiB of headers, so it runs at disk speed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from runtime.payload import (
+    CHUNK,
+    MODEL_ENTRY,
+    NotABundleError,
+    PayloadError,
+    PayloadWriter,
+    align_up,
+    find_archive_start,
+    read_payload,
+)
+
+from .elf import patch_for_insert
+from .errors import BundleError
+from .stubs import Stub
+
+NATIVE_CPU_ENTRY = "native/cpu.tar.zst"
+# Room for the TOC, headers and alignment on top of the entries when checking free space.
+SLACK = 4 * 1024 * 1024
+
+
+def is_bundle(path: Path) -> bool:
+    try:
+        read_payload(str(path))
+        return True
+    except NotABundleError:
+        return False
+    except PayloadError:
+        return True  # a damaged or cut bundle is still a bundle: replacing it loses nothing
+
+
+def check_output(output: Path, model: Path, force: bool) -> None:
+    if output.exists() or output.is_symlink():
+        if output.is_dir():
+            raise BundleError(f"the output {output} is a directory; pass a file path with -o")
+        try:
+            if model.exists() and output.samefile(model):
+                raise BundleError(f"the output {output} is the model itself; choose another path with -o")
+        except OSError:
+            pass
+        if not force and not is_bundle(output):
+            raise BundleError(
+                f"{output} exists and is not a bundle; choose another path with -o or pass --force to replace it"
+            )
+    parent = output.parent
+    if parent.exists() and not parent.is_dir():
+        raise BundleError(f"the output folder {parent} is a file; choose another path with -o")
+
+
+def _chunks(path: Path):
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(CHUNK)
+            if not data:
+                return
+            yield data
+
+
+def write_bundle(
+    model: Path,
+    stub: Stub,
+    output: Path,
+    manifest: dict,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Write the bundle at output (via a temporary file in the same folder). Returns figures."""
+    stub_bytes = stub.exe.read_bytes()
+    archive_start = find_archive_start_bytes(stub_bytes)
+    head, tail = stub_bytes[:archive_start], stub_bytes[archive_start:]
+    payload_start = align_up(archive_start)
+    native_size = stub.native_cpu.stat().st_size
+    model_size = model.stat().st_size
+    needed = payload_start + native_size + model_size + len(tail) + SLACK
+
+    folder = output.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BundleError(f"cannot create the output folder {folder}: {exc.strerror}; choose another with -o") from None
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise BundleError(
+            f"not enough free space in {folder}: the bundle needs {needed / 2**20:.0f} MiB, "
+            f"{free / 2**20:.0f} MiB are free; free some space or choose another folder with -o"
+        )
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise BundleError(f"cannot write to {folder}: {exc.strerror}; choose a writable folder with -o") from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(head)
+            writer = PayloadWriter(f, payload_start)
+            native_meta = stub.meta.get("native", {}).get("cpu", {})
+            writer.add_stream(
+                NATIVE_CPU_ENTRY, _chunks(stub.native_cpu), "zstd", native_meta.get("unpacked_size")
+            )
+            model_entry = writer.add_stream(MODEL_ENTRY, _chunks(model), "none", progress=progress)
+            manifest = dict(manifest)
+            manifest.setdefault("model", {})["sha256"] = model_entry.sha256
+            toc = writer.toc_bytes(manifest)
+            payload_size = writer.size_with(toc)
+            file_size = payload_start + payload_size + len(tail)
+            writer.finish(toc, file_size)
+            new_head, new_tail = patch_for_insert(head, tail, archive_start, payload_start + payload_size - archive_start)
+            f.seek(payload_start + payload_size)
+            f.write(new_tail)
+            f.seek(0)
+            f.write(new_head[:4096])  # the ELF header (e_shoff) is all that changed in the head
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, output)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == 28:  # ENOSPC
+            raise BundleError(f"the disk holding {folder} is full; free some space or choose another folder with -o") from None
+        raise BundleError(f"cannot write {output}: {exc.strerror}; check the folder and free space") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {
+        "path": str(output),
+        "size": file_size,
+        "model_offset": payload_start + model_entry.offset,
+        "model_sha256": model_entry.sha256,
+    }
+
+
+def find_archive_start_bytes(stub_bytes: bytes) -> int:
+    import io
+
+    start = find_archive_start(io.BytesIO(stub_bytes), len(stub_bytes))
+    if start is None:
+        raise BundleError("the stub has no PyInstaller archive; rebuild it with python build.py")
+    return start

@@ -1,0 +1,8 @@
+"""Entry point of the bundle executable (PyInstaller runs this file as a script)."""
+
+import sys
+
+from runtime.app import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""The model and its generation loop, on llama.cpp's own C API (through llama-cpp-python's
+low-level ctypes bindings; the high-level `Llama` class costs ~20% of decode speed in Python
+work per token and only takes a path).
+
+The model is loaded with llama_model_load_from_file_ptr from the bundle file itself, at the
+payload offset, memory-mapped (DESIGN.md #4): no copy of the model is ever written.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import importlib.util
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import ModelLoadError, RuntimeFailure
+
+# llama-bench's defaults: prompts are decoded in batches of up to 2048, 512 at a time.
+N_BATCH = 2048
+N_UBATCH = 512
+PENALTY_LAST_N = 64
+
+
+def import_bindings(libdir: Path):
+    """Import llama_cpp.llama_cpp (the ctypes bindings) without llama_cpp/__init__.py.
+
+    The package's __init__ imports the high-level Llama class and with it numpy (40 MB we keep
+    out of the stub, DESIGN.md #8). Registering the package module unexecuted lets Python find
+    its submodules without running __init__.
+    """
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(libdir)
+    if "llama_cpp.llama_cpp" in sys.modules:
+        return sys.modules["llama_cpp.llama_cpp"]
+    if "llama_cpp" not in sys.modules:
+        spec = importlib.util.find_spec("llama_cpp")
+        if spec is None:
+            raise RuntimeFailure("llama_cpp is missing from this runtime; rebuild the stub (python build.py)")
+        sys.modules["llama_cpp"] = importlib.util.module_from_spec(spec)
+    import llama_cpp.llama_cpp as C
+
+    return C
+
+
+_libc = None
+
+
+def _fopen(path: str, offset: int):
+    """A C FILE* positioned at offset (llama_model_load_from_file_ptr reads from there)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None)
+        _libc.fopen.restype = ctypes.c_void_p
+        _libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+        _libc.fseeko.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+        _libc.fclose.argtypes = [ctypes.c_void_p]
+    fp = _libc.fopen(os.fsencode(path), b"rb")
+    if not fp:
+        raise ModelLoadError(f"cannot open {path} to load the model")
+    if _libc.fseeko(fp, offset, 0) != 0:
+        _libc.fclose(fp)
+        raise ModelLoadError(f"cannot seek to the model inside {path}")
+    return fp
+
+
+@dataclass
+class Sampling:
+    temp: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    repeat_penalty: float = 1.1
+    seed: int = -1
+    max_tokens: int = 1024
+    stop: list = field(default_factory=list)
+
+
+@dataclass
+class Result:
+    text: str = ""
+    finish_reason: str = "stop"  # "stop" (model or stop string), "length", "cancelled"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    first_token_seconds: float = 0.0
+
+
+_log_callback = None  # module-level on purpose: C keeps the pointer for the process's life
+
+
+def set_logging(C, verbose: bool) -> None:
+    """Keep llama.cpp's and ggml's thousands of log lines off stderr unless asked (DESIGN.md
+    #8). Called before the back ends load, so their messages are caught too."""
+    global _log_callback
+
+    def log(level, text, user_data):
+        if verbose:
+            sys.stderr.write(text.decode("utf-8", "replace"))
+
+    _log_callback = C.llama_log_callback(log)
+    C.llama_log_set(_log_callback, None)
+
+
+class Engine:
+    """One model, one context. Not thread-safe: callers serialise generate()."""
+
+    def __init__(self, C, model_path: str, offset: int, ctx: int, threads: int):
+        self.C = C
+        C.llama_backend_init()
+        params = C.llama_model_default_params()
+        params.n_gpu_layers = 0
+        params.use_mmap = True
+        fp = _fopen(model_path, offset)
+        t0 = time.perf_counter()
+        try:
+            self.model = C.llama_model_load_from_file_ptr(fp, params)
+        finally:
+            _libc.fclose(fp)  # the mapping stays valid after the FILE is closed
+        self.load_seconds = time.perf_counter() - t0
+        if not self.model:
+            raise ModelLoadError("llama.cpp could not load the model")
+        self.vocab = C.llama_model_get_vocab(self.model)
+        self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = C.llama_model_n_ctx_train(self.model)
+        self.threads = threads
+        cparams = C.llama_context_default_params()
+        cparams.n_ctx = min(ctx, self.n_ctx_train) if self.n_ctx_train > 0 else ctx
+        cparams.n_batch = min(N_BATCH, cparams.n_ctx)
+        cparams.n_ubatch = min(N_UBATCH, cparams.n_batch)
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        # No abort_callback: ggml calls it for every graph node, and a Python callback there
+        # costs more than the whole decode of a small model. Cancellation is checked between
+        # llama_decode calls instead.
+        self.ctx = C.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            C.llama_model_free(self.model)
+            raise ModelLoadError(
+                f"llama.cpp could not create a context of {cparams.n_ctx} tokens; try a smaller --ctx"
+            )
+        self.n_ctx = C.llama_n_ctx(self.ctx)
+        self.n_batch = cparams.n_batch
+        self.memory = C.llama_get_memory(self.ctx)
+        self.kv_tokens: list[int] = []  # what the KV cache holds, to reuse a shared prefix
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._one = (C.llama_token * 1)()
+        self.bos_text = self.token_text(C.llama_vocab_bos(self.vocab))
+        self.eos_text = self.token_text(C.llama_vocab_eos(self.vocab))
+
+    # -- metadata ---------------------------------------------------------------------------
+    def token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        text = self.C.llama_vocab_get_text(self.vocab, token)
+        return text.decode("utf-8", "replace") if text else ""
+
+    def chat_template(self) -> str | None:
+        value = self.C.llama_model_chat_template(self.model, None)
+        return value.decode("utf-8", "replace") if value else None
+
+    def description(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        self.C.llama_model_desc(self.model, buf, 256)
+        return buf.value.decode("utf-8", "replace")
+
+    # -- tokens -----------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (self.C.llama_token * n_max)()
+        n = self.C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            buf = (self.C.llama_token * -n)()
+            n = self.C.llama_tokenize(self.vocab, data, len(data), buf, -n, add_special, parse_special)
+        return list(buf[:n])
+
+    def tokenize_prompt(self, text: str) -> list[int]:
+        """A rendered chat prompt: special tokens parsed; BOS added unless the template wrote it."""
+        add_bos = not (self.bos_text and text.startswith(self.bos_text))
+        return self.tokenize(text, add_special=add_bos, parse_special=True)
+
+    def piece(self, token: int) -> bytes:
+        n = self.C.llama_token_to_piece(self.vocab, token, self._piece_buf, 256, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self.C.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            return buf.raw[:n]
+        return self._piece_buf.raw[:n]
+
+    # -- generation -------------------------------------------------------------------------
+    def _sampler(self, s: Sampling, history: list[int]):
+        C = self.C
+        chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+        if s.repeat_penalty != 1.0:
+            C.llama_sampler_chain_add(
+                chain, C.llama_sampler_init_penalties(self.n_vocab, PENALTY_LAST_N, s.repeat_penalty, 0.0, 0.0)
+            )
+        if s.temp <= 0:
+            C.llama_sampler_chain_add(chain, C.llama_sampler_init_greedy())
+        else:
+            if s.top_k > 0:
+                C.llama_sampler_chain_add(chain, C.llama_sampler_init_top_k(s.top_k))
+            if s.top_p < 1.0:
+                C.llama_sampler_chain_add(chain, C.llama_sampler_init_top_p(s.top_p, 1))
+            C.llama_sampler_chain_add(chain, C.llama_sampler_init_temp(s.temp))
+            seed = s.seed if s.seed >= 0 else random.SystemRandom().randrange(2**32 - 1)
+            C.llama_sampler_chain_add(chain, C.llama_sampler_init_dist(seed))
+        if s.repeat_penalty != 1.0:
+            for tok in history[-PENALTY_LAST_N:]:
+                C.llama_sampler_accept(chain, tok)
+        return chain
+
+    def _decode(self, tokens: list[int], cancelled=lambda: False) -> None:
+        C = self.C
+        for i in range(0, len(tokens), self.n_batch):
+            if cancelled():
+                raise KeyboardInterrupt
+            chunk = tokens[i : i + self.n_batch]
+            arr = (C.llama_token * len(chunk))(*chunk)
+            rc = C.llama_decode(self.ctx, C.llama_batch_get_one(arr, len(chunk)))
+            if rc != 0:
+                self._forget_from(len(self.kv_tokens))
+                raise RuntimeFailure(f"llama_decode failed ({rc}); the context may be full, try a larger --ctx")
+            self.kv_tokens.extend(chunk)
+
+    def _forget_from(self, n_keep: int) -> None:
+        self.C.llama_memory_seq_rm(self.memory, 0, n_keep, -1)
+        del self.kv_tokens[n_keep:]
+
+    def reset(self) -> None:
+        self.C.llama_memory_clear(self.memory, True)
+        self.kv_tokens = []
+
+    def check_fits(self, n_prompt: int) -> None:
+        if n_prompt >= self.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt is {n_prompt} tokens, longer than the context ({self.n_ctx} tokens); "
+                "shorten it, /reset the chat, or raise --ctx"
+            )
+
+    def generate(
+        self,
+        prompt: list[int],
+        sampling: Sampling,
+        on_text: Callable[[str], None] | None = None,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> Result:
+        """Decode prompt (reusing the KV cache's shared prefix), then sample until a stop.
+
+        Text is passed to on_text as it becomes final: a piece that might begin a stop string
+        is held back until it is known not to.
+        """
+        C = self.C
+        self.check_fits(len(prompt))
+        result = Result(prompt_tokens=len(prompt))
+        t0 = time.perf_counter()
+        # Reuse what the cache already holds; at least the last prompt token is decoded so
+        # there are fresh logits to sample from.
+        keep = 0
+        limit = min(len(self.kv_tokens), len(prompt) - 1)
+        while keep < limit and self.kv_tokens[keep] == prompt[keep]:
+            keep += 1
+        self._forget_from(keep)
+        try:
+            self._decode(prompt[keep:], cancelled)
+        except KeyboardInterrupt:
+            result.finish_reason = "cancelled"
+            return result
+        t1 = time.perf_counter()
+        result.prompt_seconds = t1 - t0
+        chain = self._sampler(sampling, prompt)
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        stops = [s for s in sampling.stop if s]
+        hold = max((len(s) for s in stops), default=1) - 1
+        pending = ""  # text not yet passed on (may be the start of a stop string)
+        out: list[str] = []
+        max_tokens = sampling.max_tokens if sampling.max_tokens > 0 else 1 << 30
+        one = self._one
+        vocab, ctx = self.vocab, self.ctx
+        sample, is_eog, decode, batch_one = C.llama_sampler_sample, C.llama_vocab_is_eog, C.llama_decode, C.llama_batch_get_one
+        n = 0
+        try:
+            while True:
+                if n >= max_tokens:
+                    result.finish_reason = "length"
+                    break
+                if cancelled():
+                    result.finish_reason = "cancelled"
+                    break
+                tok = sample(chain, ctx, -1)
+                if is_eog(vocab, tok):
+                    break
+                n += 1
+                if n == 1:
+                    result.first_token_seconds = time.perf_counter() - t0
+                pending += utf8.decode(self.piece(tok))
+                if stops:
+                    cut = _find_stop(pending, stops)
+                    if cut is not None:
+                        pending = pending[:cut]
+                        break
+                    if len(pending) > hold:
+                        ready, pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
+                        out.append(ready)
+                        if on_text:
+                            on_text(ready)
+                elif pending:
+                    out.append(pending)
+                    if on_text:
+                        on_text(pending)
+                    pending = ""
+                if len(self.kv_tokens) >= self.n_ctx:
+                    result.finish_reason = "length"
+                    break
+                one[0] = tok
+                rc = decode(ctx, batch_one(one, 1))
+                if rc != 0:
+                    raise RuntimeFailure(f"llama_decode failed ({rc}) while generating")
+                self.kv_tokens.append(tok)
+        except KeyboardInterrupt:
+            result.finish_reason = "cancelled"
+        finally:
+            C.llama_sampler_free(chain)
+        pending += utf8.decode(b"", final=True)
+        if pending:
+            out.append(pending)
+            if on_text:
+                on_text(pending)
+        result.text = "".join(out)
+        result.completion_tokens = n
+        result.decode_seconds = time.perf_counter() - t1
+        return result
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self.C.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            self.C.llama_model_free(self.model)
+            self.model = None
+
+
+class ContextOverflowError(RuntimeFailure):
+    pass
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    best = None
+    for s in stops:
+        i = text.find(s)
+        if i >= 0 and (best is None or i < best):
+            best = i
+    return best

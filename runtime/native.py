@@ -1,0 +1,186 @@
+"""The native llama.cpp/ggml libraries: extracted once into a per-user cache, then loaded.
+
+They travel in the payload as one zstd-compressed tar (DESIGN.md #6, #8): extracted on the first
+launch into <cache>/native/<hash>/ and reused by every later launch of any bundle carrying the
+same libraries. Extraction follows pex's atomic_directory: check, take a blocking lock, check
+again, work in a sibling folder, rename into place. A killed launch leaves only a work folder
+that the next one removes; never a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+
+from .errors import RuntimeFailure
+
+COMPLETE_MARKER = ".complete"
+
+
+def cache_root(environ=None) -> Path:
+    environ = os.environ if environ is None else environ
+    if environ.get("BUNDLE_CACHE_DIR"):
+        return Path(environ["BUNDLE_CACHE_DIR"])
+    if sys.platform == "win32" and environ.get("LOCALAPPDATA"):
+        return Path(environ["LOCALAPPDATA"]) / "bundle" / "cache"
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bundle"
+
+
+class _HashingReader:
+    """A file-like view of one payload entry that hashes what is read through it."""
+
+    def __init__(self, f, size: int):
+        self.f, self.left, self.digest = f, size, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0 or n > self.left:
+            n = self.left
+        data = self.f.read(n)
+        self.left -= len(data)
+        self.digest.update(data)
+        return data
+
+
+def _lock(path: Path, say):
+    f = open(path, "a+b")
+    if sys.platform == "win32":  # pragma: no cover - Windows stub
+        import msvcrt
+
+        msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
+        return f
+    import fcntl
+
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        say("waiting for another launch to finish unpacking the runtime…")
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    return f
+
+
+def extract_entry(payload, name: str, root: Path | None = None, say=lambda msg: None) -> Path:
+    """Extract a tar.zst payload entry once; return the folder holding its files."""
+    entry = payload.entries[name]
+    root = (root or cache_root()) / "native"
+    key = entry.sha256[:24]
+    target = root / key
+    if (target / COMPLETE_MARKER).exists():
+        return target
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = _lock(root / f"{key}.lock", say)
+    except OSError as exc:
+        raise RuntimeFailure(
+            f"cannot write the runtime cache {root}: {exc.strerror}; set BUNDLE_CACHE_DIR to a writable folder"
+        ) from None
+    try:
+        if (target / COMPLETE_MARKER).exists():
+            return target
+        # Work folders left by killed launches (we hold the lock, so none is in use).
+        for stale in root.glob(f".work-{key}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if target.exists():  # no marker: an old, broken folder
+            shutil.rmtree(target, ignore_errors=True)
+        work = root / f".work-{key}-{os.getpid()}"
+        work.mkdir()
+        try:
+            _unpack(payload, entry, work)
+            (work / COMPLETE_MARKER).write_text(entry.sha256)
+            os.rename(work, target)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        return target
+    except OSError as exc:
+        raise RuntimeFailure(
+            f"cannot unpack the runtime into {root}: {exc.strerror}; free some disk space or set "
+            "BUNDLE_CACHE_DIR to another folder"
+        ) from None
+    finally:
+        lock.close()
+
+
+def _unpack(payload, entry, work: Path) -> None:
+    import zstandard
+
+    with open(payload.path, "rb") as f:
+        f.seek(payload.payload_start + entry.offset)
+        raw = _HashingReader(f, entry.size)
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(raw) as stream:
+                with tarfile.open(fileobj=stream, mode="r|") as tar:
+                    tar.extractall(work, filter="data")
+        except (zstandard.ZstdError, tarfile.TarError, EOFError):
+            raise RuntimeFailure(
+                f"{payload.path}: the runtime libraries inside it are damaged; copy the file again"
+            ) from None
+        raw.read()  # hash any tail the tar reader did not need
+        if raw.digest.hexdigest() != entry.sha256:
+            raise RuntimeFailure(
+                f"{payload.path}: the runtime libraries inside it are damaged; copy the file again"
+            )
+
+
+def load_backends(libdir: Path, variant: str | None = None):
+    """Load ggml and its best CPU variant (or the one named) from libdir.
+
+    Called through libggml.so.0, the file libllama links against: loading through a second
+    copy of ggml gives a registry libllama never sees (DESIGN.md #5b).
+    """
+    ggml = ctypes.CDLL(str(libdir / "libggml.so.0"), mode=ctypes.RTLD_GLOBAL)
+    if variant:
+        path = libdir / f"libggml-cpu-{variant}.so"
+        if not path.exists():
+            choices = sorted(p.name[len("libggml-cpu-"):-3] for p in libdir.glob("libggml-cpu-*.so"))
+            raise RuntimeFailure(f"no CPU variant {variant!r}; this bundle has: {', '.join(choices)}")
+        ggml.ggml_backend_load.restype = ctypes.c_void_p
+        ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
+        if not ggml.ggml_backend_load(str(path).encode()):
+            raise RuntimeFailure(f"the CPU variant {variant!r} does not run on this processor")
+    else:
+        ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+        ggml.ggml_backend_load_all_from_path(str(libdir).encode())
+    return ggml
+
+
+def loaded_cpu_variant() -> str | None:
+    """Which libggml-cpu-*.so this process mapped (read from /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                name = line.rsplit("/", 1)[-1].strip()
+                if name.startswith("libggml-cpu-") and name.endswith(".so"):
+                    return name[len("libggml-cpu-"):-3]
+    except OSError:
+        pass
+    return None
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use (threads beyond them slow llama.cpp down)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        allowed = set(range(os.cpu_count() or 1))
+    cores = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = phys = None
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "processor":
+                    cpu, phys = int(value), "0"
+                elif key == "physical id":
+                    phys = value
+                elif key == "core id" and cpu in allowed:
+                    cores.add((phys, value))
+    except (OSError, ValueError):
+        pass
+    return max(1, len(cores) or len(allowed))

@@ -1,0 +1,350 @@
+"""The bundle payload format: the one module that both the writer (bundler) and the reader
+(runtime) use.
+
+Where the payload sits in a Linux bundle (see DESIGN.md, facts 1-3)::
+
+    0                PyInstaller bootloader (ELF program, its loadable segments)
+    payload_start    payload, aligned to ENTRY_ALIGN (64 KiB)
+    archive_start    PyInstaller's CArchive, ending in its cookie ("MEI\\014\\013\\012\\013\\016")
+    ...              ELF section header table (e_shoff patched by the writer)
+
+The bootloader finds its archive by scanning backwards from the end of the file for the
+cookie, so everything placed *before* the archive costs nothing at launch (appending 200 MB
+after it cost 2.5 s per launch).
+
+The payload itself::
+
+    +0               HEADER (64 bytes, magic HEADER_MAGIC)
+    +ENTRY_ALIGN...  entry data; every entry starts on a 64 KiB boundary, so the GGUF's tensor
+                     data lands on a 32-byte aligned file offset and can be memory-mapped
+    +toc_offset      table of contents: UTF-8 JSON {"format", "entries": [...], "manifest": {...}}
+    +size-64         TRAILER (64 bytes, same layout as HEADER, magic TRAILER_MAGIC)
+
+The trailer is found from the end of the payload (just before the archive); the header is a
+copy found from the front, so that a file cut short (an interrupted copy) can still say how
+many bytes it should have. Offsets inside the payload are relative to payload_start and 64-bit.
+
+    struct header {             // little-endian, 64 bytes
+        char     magic[8];      // "BNDLHEAD" or "BNDLTAIL"
+        uint32_t version;       // FORMAT_VERSION; readers refuse a newer one
+        uint32_t flags;         // reserved, 0
+        uint64_t payload_size;  // header start to trailer end
+        uint64_t file_size;     // size of the complete bundle file
+        uint64_t toc_offset;    // relative to payload start
+        uint64_t toc_size;
+        uint8_t  toc_sha256[16];// first 16 bytes of sha256(toc)
+    };
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterator
+
+FORMAT_VERSION = 1
+HEADER_MAGIC = b"BNDLHEAD"
+TRAILER_MAGIC = b"BNDLTAIL"
+HEADER_FORMAT = "<8sIIQQQQ16s"
+HEADER_SIZE = struct.calcsize(HEADER_FORMAT)
+assert HEADER_SIZE == 64
+
+ENTRY_ALIGN = 64 * 1024
+CHUNK = 1024 * 1024
+
+# PyInstaller's CArchive cookie: magic, pkg_len, toc_offset, toc_len, pyver, pylib (DESIGN.md #1).
+PYI_COOKIE_MAGIC = b"MEI\014\013\012\013\016"
+PYI_COOKIE_FORMAT = "!8sIIii64s"
+PYI_COOKIE_SIZE = struct.calcsize(PYI_COOKIE_FORMAT)
+# The cookie sits just before the ELF section header table, a few KiB from the end.
+COOKIE_SEARCH = 256 * 1024
+# How far from the front the header of a damaged file is looked for (the bootloader is ~1 MiB).
+HEADER_SEARCH = 64 * 1024 * 1024
+
+MODEL_ENTRY = "model.gguf"
+
+
+class PayloadError(Exception):
+    """The file is not a bundle, or its payload is damaged. The message says what to do."""
+
+
+class NotABundleError(PayloadError):
+    pass
+
+
+class IncompleteError(PayloadError):
+    pass
+
+
+class NewerFormatError(PayloadError):
+    pass
+
+
+def align_up(value: int, alignment: int = ENTRY_ALIGN) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    offset: int  # relative to payload start
+    size: int  # stored bytes
+    compression: str  # "none" or "zstd"
+    sha256: str  # of the stored bytes
+    unpacked_size: int | None = None
+
+    def to_json(self) -> dict:
+        data = {
+            "name": self.name,
+            "offset": self.offset,
+            "size": self.size,
+            "compression": self.compression,
+            "sha256": self.sha256,
+        }
+        if self.unpacked_size is not None:
+            data["unpacked_size"] = self.unpacked_size
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Entry":
+        return cls(
+            name=str(data["name"]),
+            offset=int(data["offset"]),
+            size=int(data["size"]),
+            compression=str(data.get("compression", "none")),
+            sha256=str(data["sha256"]),
+            unpacked_size=data.get("unpacked_size"),
+        )
+
+
+@dataclass
+class Payload:
+    """A payload as read from a file: where it is and what it holds."""
+
+    path: str
+    payload_start: int
+    payload_size: int
+    file_size: int
+    version: int
+    entries: dict[str, Entry]
+    manifest: dict = field(default_factory=dict)
+
+    def absolute_offset(self, name: str) -> int:
+        return self.payload_start + self.entries[name].offset
+
+    def open_entry(self, name: str) -> Iterator[bytes]:
+        """Stream an entry's stored bytes in chunks."""
+        entry = self.entries[name]
+        with open(self.path, "rb") as f:
+            f.seek(self.payload_start + entry.offset)
+            left = entry.size
+            while left:
+                chunk = f.read(min(CHUNK, left))
+                if not chunk:
+                    raise IncompleteError(
+                        f"{self.path}: entry {name} ends early; this file is incomplete, copy it again"
+                    )
+                left -= len(chunk)
+                yield chunk
+
+    def read_entry(self, name: str) -> bytes:
+        return b"".join(self.open_entry(name))
+
+    def verify(self, progress=None) -> list[str]:
+        """Recompute every hash. Returns a list of problems (empty when intact)."""
+        problems = []
+        actual = os.path.getsize(self.path)
+        if actual != self.file_size:
+            problems.append(incomplete_message(self.path, actual, self.file_size))
+        for entry in self.entries.values():
+            digest = hashlib.sha256()
+            try:
+                for chunk in self.open_entry(entry.name):
+                    digest.update(chunk)
+                    if progress:
+                        progress(len(chunk))
+            except IncompleteError:
+                problems.append(f"{entry.name}: cut short (expected {entry.size} bytes)")
+                continue
+            if digest.hexdigest() != entry.sha256:
+                problems.append(
+                    f"{entry.name}: damaged (sha256 {digest.hexdigest()[:16]}…, "
+                    f"expected {entry.sha256[:16]}…)"
+                )
+        return problems
+
+
+def incomplete_message(path: str, actual: int, expected: int) -> str:
+    return (
+        f"this file is incomplete: {actual} of {expected} bytes ({path}); copy it again"
+    )
+
+
+def pack_header(magic: bytes, payload_size: int, file_size: int, toc_offset: int, toc: bytes) -> bytes:
+    return struct.pack(
+        HEADER_FORMAT,
+        magic,
+        FORMAT_VERSION,
+        0,
+        payload_size,
+        file_size,
+        toc_offset,
+        len(toc),
+        hashlib.sha256(toc).digest()[:16],
+    )
+
+
+def unpack_header(data: bytes) -> tuple:
+    return struct.unpack(HEADER_FORMAT, data)
+
+
+def find_archive_start(f: BinaryIO, file_size: int) -> int | None:
+    """Offset of PyInstaller's archive, from its cookie near the end; None if not found."""
+    start = max(0, file_size - COOKIE_SEARCH)
+    f.seek(start)
+    tail = f.read(file_size - start)
+    pos = tail.rfind(PYI_COOKIE_MAGIC)
+    if pos < 0 or pos + PYI_COOKIE_SIZE > len(tail):
+        return None
+    _, pkg_len, *_ = struct.unpack(PYI_COOKIE_FORMAT, tail[pos : pos + PYI_COOKIE_SIZE])
+    archive_start = start + pos + PYI_COOKIE_SIZE - pkg_len
+    return archive_start if archive_start >= 0 else None
+
+
+def _find_header_from_front(f: BinaryIO, file_size: int) -> tuple | None:
+    """Look for the payload header on 64 KiB boundaries near the front (for damaged files)."""
+    offset = ENTRY_ALIGN
+    limit = min(file_size, HEADER_SEARCH)
+    while offset + HEADER_SIZE <= limit:
+        f.seek(offset)
+        data = f.read(HEADER_SIZE)
+        if data[:8] == HEADER_MAGIC:
+            return offset, unpack_header(data)
+        offset += ENTRY_ALIGN
+    return None
+
+
+def read_payload(path: str) -> Payload:
+    """Read and check a bundle's payload table. Raises a PayloadError subclass."""
+    try:
+        file_size = os.path.getsize(path)
+        f = open(path, "rb")
+    except IsADirectoryError:
+        raise NotABundleError(f"{path} is a directory, not a bundle") from None
+    except OSError as exc:
+        raise PayloadError(f"cannot read {path}: {exc.strerror}") from None
+    with f:
+        archive_start = find_archive_start(f, file_size)
+        trailer = None
+        if archive_start is not None and archive_start >= HEADER_SIZE:
+            f.seek(archive_start - HEADER_SIZE)
+            data = f.read(HEADER_SIZE)
+            if data[:8] == TRAILER_MAGIC:
+                trailer = unpack_header(data)
+        if trailer is None:
+            # No trailer where it belongs: either not a bundle, or the end was cut off.
+            found = _find_header_from_front(f, file_size)
+            if found is None:
+                raise NotABundleError(f"{path} is not a bundle (no bundle payload found)")
+            _, header = found
+            _check_version(path, header[1])
+            raise IncompleteError(incomplete_message(path, file_size, header[4]))
+        _, version, _, payload_size, expected_size, toc_offset, toc_size, toc_digest = trailer
+        _check_version(path, version)
+        if file_size != expected_size:
+            raise IncompleteError(incomplete_message(path, file_size, expected_size))
+        payload_start = archive_start - payload_size
+        if payload_start < 0 or toc_offset + toc_size > payload_size:
+            raise PayloadError(f"{path}: the bundle's table of contents is damaged; copy the file again")
+        f.seek(payload_start + toc_offset)
+        toc = f.read(toc_size)
+        if hashlib.sha256(toc).digest()[:16] != toc_digest:
+            raise PayloadError(f"{path}: the bundle's table of contents is damaged; copy the file again")
+        try:
+            data = json.loads(toc.decode("utf-8"))
+            entries = {e["name"]: Entry.from_json(e) for e in data["entries"]}
+        except (ValueError, KeyError, TypeError):
+            raise PayloadError(f"{path}: the bundle's table of contents is unreadable; copy the file again") from None
+        for entry in entries.values():
+            if entry.offset + entry.size > toc_offset:
+                raise PayloadError(f"{path}: entry {entry.name} lies outside the payload; copy the file again")
+        return Payload(
+            path=path,
+            payload_start=payload_start,
+            payload_size=payload_size,
+            file_size=expected_size,
+            version=version,
+            entries=entries,
+            manifest=data.get("manifest", {}),
+        )
+
+
+def _check_version(path: str, version: int) -> None:
+    if version > FORMAT_VERSION:
+        raise NewerFormatError(
+            f"{path} uses bundle format {version}, newer than this program understands "
+            f"({FORMAT_VERSION}); use a newer bundle/runtime to read it"
+        )
+
+
+class PayloadWriter:
+    """Writes a payload into an open file at a 64 KiB-aligned offset.
+
+    Usage: add_stream()/add_bytes() for each entry, then finish(manifest, file_size) which writes
+    the TOC and trailer and, finally, the header at the front.
+    """
+
+    def __init__(self, f: BinaryIO, payload_start: int):
+        if payload_start % ENTRY_ALIGN:
+            raise ValueError("payload must start on a 64 KiB boundary")
+        self.f = f
+        self.start = payload_start
+        self.pos = ENTRY_ALIGN  # the header occupies the first block
+        self.entries: list[Entry] = []
+
+    def _seek_next(self) -> int:
+        offset = align_up(self.pos)
+        self.f.seek(self.start + offset)
+        return offset
+
+    def add_stream(self, name: str, chunks, compression: str = "none", unpacked_size=None, progress=None) -> Entry:
+        offset = self._seek_next()
+        digest = hashlib.sha256()
+        size = 0
+        for chunk in chunks:
+            self.f.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+            if progress:
+                progress(len(chunk))
+        entry = Entry(name, offset, size, compression, digest.hexdigest(), unpacked_size)
+        self.entries.append(entry)
+        self.pos = offset + size
+        return entry
+
+    def add_bytes(self, name: str, data: bytes, compression: str = "none", unpacked_size=None) -> Entry:
+        return self.add_stream(name, [data], compression, unpacked_size)
+
+    def toc_bytes(self, manifest: dict) -> bytes:
+        return json.dumps(
+            {"format": FORMAT_VERSION, "entries": [e.to_json() for e in self.entries], "manifest": manifest},
+            indent=1,
+            ensure_ascii=False,
+        ).encode("utf-8")
+
+    def size_with(self, toc: bytes) -> int:
+        """Payload size once the TOC and trailer are written (ends on a 64 KiB boundary)."""
+        return align_up(self.pos + len(toc) + HEADER_SIZE)
+
+    def finish(self, toc: bytes, file_size: int) -> int:
+        payload_size = self.size_with(toc)
+        toc_offset = payload_size - HEADER_SIZE - len(toc)
+        self.f.seek(self.start + toc_offset)
+        self.f.write(toc)
+        self.f.write(pack_header(TRAILER_MAGIC, payload_size, file_size, toc_offset, toc))
+        self.f.seek(self.start)
+        self.f.write(pack_header(HEADER_MAGIC, payload_size, file_size, toc_offset, toc))
+        return payload_size
