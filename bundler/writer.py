@@ -1,4 +1,5 @@
-"""Writing a bundle: a copy of the stub with the payload spliced in before PyInstaller's archive.
+"""Writing a bundle: a copy of the stub, then the payload, then the tail (runtime/payload.py
+has the layout and why).
 
 Nothing is compiled or packaged here: building a bundle is a file copy (hashed on the way) plus
 a few KiB of headers, so it runs at disk speed.
@@ -19,11 +20,12 @@ from runtime.payload import (
     PayloadError,
     PayloadWriter,
     align_up,
-    find_archive_start,
+    PYI_COOKIE_SIZE,
+    find_cookie,
+    make_tail,
     read_payload,
 )
 
-from .elf import patch_for_insert
 from .errors import BundleError
 from .stubs import Stub
 
@@ -75,15 +77,16 @@ def write_bundle(
     output: Path,
     manifest: dict,
     progress: Callable[[int], None] | None = None,
+    tail_mode: str = "auto",
 ) -> dict:
     """Write the bundle at output (via a temporary file in the same folder). Returns figures."""
     stub_bytes = stub.exe.read_bytes()
-    archive_start = find_archive_start_bytes(stub_bytes)
-    head, tail = stub_bytes[:archive_start], stub_bytes[archive_start:]
-    payload_start = align_up(archive_start)
+    cookie_pos, archive_start = find_stub_archive(stub_bytes)
+    stub_archive = stub_bytes[archive_start : cookie_pos + PYI_COOKIE_SIZE]
+    payload_start = align_up(len(stub_bytes))
     native_size = stub.native_cpu.stat().st_size
     model_size = model.stat().st_size
-    needed = payload_start + native_size + model_size + len(tail) + SLACK
+    needed = payload_start + native_size + model_size + len(stub_archive) + SLACK
 
     folder = output.parent
     try:
@@ -103,7 +106,7 @@ def write_bundle(
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(head)
+            f.write(stub_bytes)
             writer = PayloadWriter(f, payload_start)
             native_meta = stub.meta.get("native", {}).get("cpu", {})
             writer.add_stream(
@@ -113,14 +116,14 @@ def write_bundle(
             manifest = dict(manifest)
             manifest.setdefault("model", {})["sha256"] = model_entry.sha256
             toc = writer.toc_bytes(manifest)
-            payload_size = writer.size_with(toc)
-            file_size = payload_start + payload_size + len(tail)
+            payload_end = payload_start + writer.size_with(toc)
+            tail = make_tail(stub_archive, payload_end + PYI_COOKIE_SIZE, archive_start)
+            if tail_mode == "archive":  # tests use this to cover the >4 GiB layout with a small model
+                tail = stub_archive
+            file_size = payload_end + len(tail)
             writer.finish(toc, file_size)
-            new_head, new_tail = patch_for_insert(head, tail, archive_start, payload_start + payload_size - archive_start)
-            f.seek(payload_start + payload_size)
-            f.write(new_tail)
-            f.seek(0)
-            f.write(new_head[:4096])  # the ELF header (e_shoff) is all that changed in the head
+            f.seek(payload_end)
+            f.write(tail)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o755)
@@ -141,10 +144,11 @@ def write_bundle(
     }
 
 
-def find_archive_start_bytes(stub_bytes: bytes) -> int:
+def find_stub_archive(stub_bytes: bytes) -> tuple[int, int]:
+    """(cookie offset, archive start) of the stub's PyInstaller archive."""
     import io
 
-    start = find_archive_start(io.BytesIO(stub_bytes), len(stub_bytes))
-    if start is None:
+    found = find_cookie(io.BytesIO(stub_bytes), len(stub_bytes))
+    if found is None or found[0] + PYI_COOKIE_SIZE - found[1] < 0:
         raise BundleError("the stub has no PyInstaller archive; rebuild it with python build.py")
-    return start
+    return found[0], found[0] + PYI_COOKIE_SIZE - found[1]

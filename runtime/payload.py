@@ -1,16 +1,24 @@
 """The bundle payload format: the one module that both the writer (bundler) and the reader
 (runtime) use.
 
-Where the payload sits in a Linux bundle (see DESIGN.md, facts 1-3)::
+A Linux bundle is the stub, unchanged, followed by the payload and a tail::
 
-    0                PyInstaller bootloader (ELF program, its loadable segments)
-    payload_start    payload, aligned to ENTRY_ALIGN (64 KiB)
+    0                PyInstaller bootloader (ELF program)
     archive_start    PyInstaller's CArchive, ending in its cookie ("MEI\\014\\013\\012\\013\\016")
-    ...              ELF section header table (e_shoff patched by the writer)
+    ...              ELF section header table: the stub ends here, a complete ELF file
+    payload_start    payload, on the next 64 KiB boundary
+    ...              tail: a copy of the cookie, with pkg_len stretched to reach back to the
+                     archive (TAIL_COOKIE); or, when that distance does not fit the cookie's
+                     32-bit pkg_len (payloads over ~4 GiB), a copy of the whole archive and
+                     cookie (TAIL_ARCHIVE).
 
-The bootloader finds its archive by scanning backwards from the end of the file for the
-cookie, so everything placed *before* the archive costs nothing at launch (appending 200 MB
-after it cost 2.5 s per launch).
+Why this layout (DESIGN.md facts 1-3): PyInstaller's bootloader finds its archive by scanning
+backwards from the end of the file for the cookie. The tail puts a cookie in the last bytes, so
+launching costs no scan however large the model (appending 200 MB with no cookie after it cost
+2.5 s per launch). A copy cut short (an interrupted USB copy) loses the tail: the bootloader
+then scans back to the stub's own cookie, still runs, and the runtime says "this file is
+incomplete: N of M bytes" instead of the bootloader failing with no explanation. The ELF
+headers are never touched (readelf reads a bundle like the stub).
 
 The payload itself::
 
@@ -20,9 +28,9 @@ The payload itself::
     +toc_offset      table of contents: UTF-8 JSON {"format", "entries": [...], "manifest": {...}}
     +size-64         TRAILER (64 bytes, same layout as HEADER, magic TRAILER_MAGIC)
 
-The trailer is found from the end of the payload (just before the archive); the header is a
-copy found from the front, so that a file cut short (an interrupted copy) can still say how
-many bytes it should have. Offsets inside the payload are relative to payload_start and 64-bit.
+The trailer is found from the end of the file (just before the tail); the header from the
+front (right after the stub's ELF), so a damaged file can still tell how big it should be.
+Offsets inside the payload are relative to payload_start and 64-bit.
 
     struct header {             // little-endian, 64 bytes
         char     magic[8];      // "BNDLHEAD" or "BNDLTAIL"
@@ -59,10 +67,11 @@ CHUNK = 1024 * 1024
 PYI_COOKIE_MAGIC = b"MEI\014\013\012\013\016"
 PYI_COOKIE_FORMAT = "!8sIIii64s"
 PYI_COOKIE_SIZE = struct.calcsize(PYI_COOKIE_FORMAT)
-# The cookie sits just before the ELF section header table, a few KiB from the end.
-COOKIE_SEARCH = 256 * 1024
-# How far from the front the header of a damaged file is looked for (the bootloader is ~1 MiB).
-HEADER_SEARCH = 64 * 1024 * 1024
+# The cookie (copy) ends a bundle; in a bare stub it sits before the ELF section headers.
+COOKIE_SEARCH = 64 * 1024
+# How far from the front the header of a damaged file is looked for, when the ELF headers do
+# not say where the stub ends.
+HEADER_SEARCH = 1024 * 1024 * 1024
 
 MODEL_ENTRY = "model.gguf"
 
@@ -201,8 +210,8 @@ def unpack_header(data: bytes) -> tuple:
     return struct.unpack(HEADER_FORMAT, data)
 
 
-def find_archive_start(f: BinaryIO, file_size: int) -> int | None:
-    """Offset of PyInstaller's archive, from its cookie near the end; None if not found."""
+def find_cookie(f: BinaryIO, file_size: int) -> tuple[int, int] | None:
+    """(cookie offset, pkg_len) of the last PyInstaller cookie near the end, or None."""
     start = max(0, file_size - COOKIE_SEARCH)
     f.seek(start)
     tail = f.read(file_size - start)
@@ -210,20 +219,62 @@ def find_archive_start(f: BinaryIO, file_size: int) -> int | None:
     if pos < 0 or pos + PYI_COOKIE_SIZE > len(tail):
         return None
     _, pkg_len, *_ = struct.unpack(PYI_COOKIE_FORMAT, tail[pos : pos + PYI_COOKIE_SIZE])
-    archive_start = start + pos + PYI_COOKIE_SIZE - pkg_len
+    return start + pos, pkg_len
+
+
+def find_archive_start(f: BinaryIO, file_size: int) -> int | None:
+    """Offset of the PyInstaller archive the bootloader would use; None if there is none."""
+    found = find_cookie(f, file_size)
+    if found is None:
+        return None
+    archive_start = found[0] + PYI_COOKIE_SIZE - found[1]
     return archive_start if archive_start >= 0 else None
 
 
+def elf_end(f: BinaryIO) -> int | None:
+    """Where an ELF file's section header table ends (the end of a PyInstaller stub)."""
+    f.seek(0)
+    head = f.read(64)
+    if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2:
+        return None
+    e = "<" if head[5] == 1 else ">"
+    (e_shoff,) = struct.unpack_from(e + "Q", head, 0x28)
+    e_shentsize, e_shnum = struct.unpack_from(e + "HH", head, 0x3A)
+    return e_shoff + e_shentsize * e_shnum
+
+
+def _read_at(f: BinaryIO, offset: int, n: int) -> bytes:
+    if offset < 0:
+        return b""
+    f.seek(offset)
+    return f.read(n)
+
+
+def _find_trailer(f: BinaryIO, file_size: int) -> tuple[int, tuple] | None:
+    """(payload end, trailer fields) from the tail; None when the tail is missing."""
+    found = find_cookie(f, file_size)
+    if found is None:
+        return None
+    cookie_pos, pkg_len = found
+    # TAIL_COOKIE: the trailer is right before the cookie copy.
+    # TAIL_ARCHIVE: the trailer is right before the archive copy.
+    for end in (cookie_pos, cookie_pos + PYI_COOKIE_SIZE - pkg_len):
+        data = _read_at(f, end - HEADER_SIZE, HEADER_SIZE)
+        if data[:8] == TRAILER_MAGIC:
+            return end, unpack_header(data)
+    return None
+
+
 def _find_header_from_front(f: BinaryIO, file_size: int) -> tuple | None:
-    """Look for the payload header on 64 KiB boundaries near the front (for damaged files)."""
-    offset = ENTRY_ALIGN
-    limit = min(file_size, HEADER_SEARCH)
-    while offset + HEADER_SIZE <= limit:
-        f.seek(offset)
-        data = f.read(HEADER_SIZE)
+    """The payload header of a file whose tail is gone: right after the stub's ELF data, or
+    failing that on a 64 KiB boundary near the front."""
+    end = elf_end(f)
+    candidates = [align_up(end)] if end else []
+    candidates += range(ENTRY_ALIGN, min(file_size, HEADER_SEARCH), ENTRY_ALIGN)
+    for offset in candidates:
+        data = _read_at(f, offset, HEADER_SIZE)
         if data[:8] == HEADER_MAGIC:
             return offset, unpack_header(data)
-        offset += ENTRY_ALIGN
     return None
 
 
@@ -237,37 +288,33 @@ def read_payload(path: str) -> Payload:
     except OSError as exc:
         raise PayloadError(f"cannot read {path}: {exc.strerror}") from None
     with f:
-        archive_start = find_archive_start(f, file_size)
-        trailer = None
-        if archive_start is not None and archive_start >= HEADER_SIZE:
-            f.seek(archive_start - HEADER_SIZE)
-            data = f.read(HEADER_SIZE)
-            if data[:8] == TRAILER_MAGIC:
-                trailer = unpack_header(data)
-        if trailer is None:
-            # No trailer where it belongs: either not a bundle, or the end was cut off.
-            found = _find_header_from_front(f, file_size)
-            if found is None:
+        found = _find_trailer(f, file_size)
+        if found is None:
+            # No trailer: not a bundle, or its end was cut off.
+            front = _find_header_from_front(f, file_size)
+            if front is None:
                 raise NotABundleError(f"{path} is not a bundle (no bundle payload found)")
-            _, header = found
-            _check_version(path, header[1])
-            raise IncompleteError(incomplete_message(path, file_size, header[4]))
+            _check_version(path, front[1][1])
+            if file_size < front[1][4]:
+                raise IncompleteError(incomplete_message(path, file_size, front[1][4]))
+            raise PayloadError(f"{path}: the end of this bundle is damaged; copy the file again")
+        payload_end, trailer = found
         _, version, _, payload_size, expected_size, toc_offset, toc_size, toc_digest = trailer
         _check_version(path, version)
         if file_size != expected_size:
             raise IncompleteError(incomplete_message(path, file_size, expected_size))
-        payload_start = archive_start - payload_size
+        payload_start = payload_end - payload_size
+        damaged = f"{path}: the bundle's table of contents is damaged; copy the file again"
         if payload_start < 0 or toc_offset + toc_size > payload_size:
-            raise PayloadError(f"{path}: the bundle's table of contents is damaged; copy the file again")
-        f.seek(payload_start + toc_offset)
-        toc = f.read(toc_size)
+            raise PayloadError(damaged)
+        toc = _read_at(f, payload_start + toc_offset, toc_size)
         if hashlib.sha256(toc).digest()[:16] != toc_digest:
-            raise PayloadError(f"{path}: the bundle's table of contents is damaged; copy the file again")
+            raise PayloadError(damaged)
         try:
             data = json.loads(toc.decode("utf-8"))
             entries = {e["name"]: Entry.from_json(e) for e in data["entries"]}
         except (ValueError, KeyError, TypeError):
-            raise PayloadError(f"{path}: the bundle's table of contents is unreadable; copy the file again") from None
+            raise PayloadError(damaged) from None
         for entry in entries.values():
             if entry.offset + entry.size > toc_offset:
                 raise PayloadError(f"{path}: entry {entry.name} lies outside the payload; copy the file again")
@@ -280,6 +327,20 @@ def read_payload(path: str) -> Payload:
             entries=entries,
             manifest=data.get("manifest", {}),
         )
+
+
+def make_tail(stub_archive: bytes, cookie_end_in_bundle: int, archive_start: int) -> bytes:
+    """The bytes that end a bundle (see the layout above).
+
+    stub_archive is the stub's archive from its start to the end of its cookie; the tail goes
+    at cookie_end_in_bundle - PYI_COOKIE_SIZE (TAIL_COOKIE) if the stretched pkg_len fits in
+    32 bits, else it is the archive copied whole (TAIL_ARCHIVE)."""
+    cookie = bytearray(stub_archive[-PYI_COOKIE_SIZE:])
+    stretched = cookie_end_in_bundle - archive_start
+    if stretched < 2**32:
+        struct.pack_into("!I", cookie, 8, stretched)
+        return bytes(cookie)
+    return stub_archive
 
 
 def _check_version(path: str, version: int) -> None:
