@@ -44,18 +44,18 @@ def resolve_template(choice: str, gguf_template: str | None) -> tuple[str, str |
         try:
             source = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise UsageError(f"template file {choice} does not exist") from None
+            raise BundleError(f"template file {choice} does not exist; check the path") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read template file {choice}: {exc}") from None
+            raise BundleError(f"cannot read template file {choice}: {exc}") from None
         name = f"file:{path.name}"
     else:
-        raise UsageError(
+        raise BundleError(
             f"unknown template {choice!r}; choose one of {', '.join(TEMPLATE_CHOICES)} or pass a .jinja file"
         )
     try:
         ChatTemplate(source, name)
     except TemplateError as exc:
-        raise UsageError(str(exc)) from None
+        raise BundleError(str(exc)) from None
     return name, source
 
 
@@ -93,6 +93,7 @@ def build(model, output, name, template, system, ctx, temp, top_p, top_k, repeat
     stem = Path(model_path.name).stem if not hub.is_hub_ref(model) else Path(model.rsplit("/", 1)[-1]).stem
     out = Path(output) if output else Path("dist") / stem
     writer.check_output(out, model_path, force)
+    writer.check_space(out, model_path, stub_info)
 
     default_ctx = min(Settings.ctx, info.context_length) if info.context_length else Settings.ctx
     settings = Settings(ctx=default_ctx, template=template_name).merged(

@@ -161,8 +161,10 @@ class _Reader:
 
     def string(self) -> str:
         n = self.unpack("<Q")
-        if n > self.file_size:
-            raise GGUFError(f"{self.path} is damaged: a metadata string claims {n} bytes; download the model again")
+        if n > self.file_size - self.f.tell():
+            raise GGUFError(
+                f"{self.path} is truncated or damaged: a metadata string claims {n} bytes; download the model again"
+            )
         return self.read(n).decode("utf-8", errors="replace")
 
     def value(self, vtype: int):
@@ -173,8 +175,11 @@ class _Reader:
         if vtype == _ARRAY:
             itype = self.unpack("<I")
             count = self.unpack("<Q")
-            if count > self.file_size:
-                raise GGUFError(f"{self.path} is damaged: an array claims {count} items; download the model again")
+            if count > self.file_size - self.f.tell():
+                raise GGUFError(
+                    f"{self.path} is truncated or damaged: an array claims {count} items but only "
+                    f"{self.file_size - self.f.tell()} bytes follow; download or copy the model again"
+                )
             if itype in _SCALARS and count > _KEEP_ARRAY:
                 # skip fixed-size arrays without decoding them
                 self.read(struct.calcsize(_SCALARS[itype]) * count)

@@ -45,7 +45,12 @@ def is_bundle(path: Path) -> bool:
 
 
 def check_output(output: Path, model: Path, force: bool) -> None:
-    if output.exists() or output.is_symlink():
+    """Refuse what would lose the user's data or fail later, before anything is written."""
+    try:
+        exists = output.exists() or output.is_symlink()
+    except PermissionError:
+        raise BundleError(f"cannot reach {output} (permission denied); choose a writable folder with -o") from None
+    if exists:
         if output.is_dir():
             raise BundleError(f"the output {output} is a directory; pass a file path with -o")
         try:
@@ -57,9 +62,26 @@ def check_output(output: Path, model: Path, force: bool) -> None:
             raise BundleError(
                 f"{output} exists and is not a bundle; choose another path with -o or pass --force to replace it"
             )
-    parent = output.parent
-    if parent.exists() and not parent.is_dir():
-        raise BundleError(f"the output folder {parent} is a file; choose another path with -o")
+    folder = output.parent
+    while not folder.exists() and folder != folder.parent:  # the nearest folder that exists
+        folder = folder.parent
+    if not folder.is_dir():
+        raise BundleError(f"the output folder {folder} is a file; choose another path with -o")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BundleError(f"cannot write to {folder} (permission denied); choose a writable folder with -o")
+
+
+def check_space(output: Path, model: Path, stub: Stub) -> None:
+    folder = output.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    needed = stub.exe.stat().st_size * 2 + stub.native_cpu.stat().st_size + model.stat().st_size + SLACK
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise BundleError(
+            f"not enough free space in {folder}: the bundle needs {needed / 2**20:.0f} MiB, "
+            f"{free / 2**20:.0f} MiB are free; free some space or choose another folder with -o"
+        )
 
 
 def _chunks(path: Path):
@@ -84,21 +106,12 @@ def write_bundle(
     cookie_pos, archive_start = find_stub_archive(stub_bytes)
     stub_archive = stub_bytes[archive_start : cookie_pos + PYI_COOKIE_SIZE]
     payload_start = align_up(len(stub_bytes))
-    native_size = stub.native_cpu.stat().st_size
-    model_size = model.stat().st_size
-    needed = payload_start + native_size + model_size + len(stub_archive) + SLACK
-
     folder = output.parent
+    check_space(output, model, stub)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BundleError(f"cannot create the output folder {folder}: {exc.strerror}; choose another with -o") from None
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise BundleError(
-            f"not enough free space in {folder}: the bundle needs {needed / 2**20:.0f} MiB, "
-            f"{free / 2**20:.0f} MiB are free; free some space or choose another folder with -o"
-        )
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:

@@ -1,0 +1,89 @@
+"""Shared fixtures: the real demo model, the real stub, real bundles built once per session.
+
+`make test` builds the stub (python build.py) and fetches the demo model before pytest runs;
+nothing here compiles anything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.gguf"
+STUB_DIR = ROOT / "stubs" / "linux-x86_64"
+BUNDLE_CMD = [str(Path(sys.executable).parent / "bundle")]  # the installed command, as users run it
+QUESTION = "What is the capital of France? Answer in one word."
+
+
+@pytest.fixture(autouse=True)
+def isolated_user_dirs(tmp_path, monkeypatch):
+    """Every user/cache folder points at a temporary one (also inherited by subprocesses)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("BUNDLE_CACHE_DIR", str(home / "cache" / "bundle"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / "cache"))
+    monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for var in ("BUNDLE_TEMP", "BUNDLE_CTX", "BUNDLE_SYSTEM", "BUNDLE_MAX_TOKENS", "BUNDLE_DEBUG", "BUNDLE_TOP_K",
+                "BUNDLE_TOP_P", "BUNDLE_SEED", "BUNDLE_THREADS", "BUNDLE_REPEAT_PENALTY", "BUNDLE_CPU_VARIANT"):
+        monkeypatch.delenv(var, raising=False)
+    yield home
+
+
+@pytest.fixture(scope="session")
+def model() -> Path:
+    if not MODEL.exists():
+        pytest.fail(f"the demo model is missing: run `make model` (expected {MODEL})")
+    return MODEL
+
+
+@pytest.fixture(scope="session")
+def stub() -> Path:
+    exe = STUB_DIR / "bundle-runtime"
+    if not exe.exists():
+        pytest.fail("the runtime stub is missing: run `make stub` (python build.py)")
+    return exe
+
+
+def run_bundle_cmd(*args, cwd=None, env=None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*BUNDLE_CMD, *map(str, args)], cwd=cwd or ROOT, env=env, capture_output=True, text=True, **kw
+    )
+
+
+@pytest.fixture(scope="session")
+def built_bundle(tmp_path_factory, model, stub) -> Path:
+    """One real bundle of the demo model, built with the real `bundle build`."""
+    out = tmp_path_factory.mktemp("dist") / "SmolLM2-135M-Instruct"
+    r = run_bundle_cmd("build", model, "-o", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture
+def bundle_copy(built_bundle, tmp_path) -> Path:
+    """A private copy of the bundle a test may damage."""
+    dest = tmp_path / "copy" / built_bundle.name
+    dest.parent.mkdir()
+    shutil.copy2(built_bundle, dest)
+    return dest
+
+
+def run_exe(exe: Path, *args, input=None, timeout=120, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(exe), *map(str, args)], input=input, capture_output=True, text=True, timeout=timeout,
+        env=env, stdin=None if input is not None else subprocess.DEVNULL,
+    )
+
+
+def as_nobody() -> list[str]:
+    """A prefix that runs a command as an unprivileged user (root ignores file permissions)."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
