@@ -247,10 +247,10 @@ def chat(rt: Runtime) -> int:
         stop_flag["stop"] = True
 
     def respond(messages, write):
-        tokens = engine.tokenize_prompt(tmpl.render(messages))
         stop_flag["stop"] = False
         previous = signal.signal(signal.SIGINT, on_sigint)
         try:
+            tokens = engine.tokenize_prompt(tmpl.render(messages))
             result = engine.generate(
                 tokens, rt.sampling(tmpl.stop), on_text=write, cancelled=lambda: stop_flag["stop"]
             )

@@ -86,7 +86,10 @@ def run_chat(
                 write(f"unknown command {command}; /help lists the commands\n")
             continue
         session.history.append({"role": "user", "content": text})
-        reply, stopped = respond(session.messages(), write)
+        try:
+            reply, stopped = respond(session.messages(), write)
+        except KeyboardInterrupt:  # Ctrl-C before the reply began
+            reply, stopped = "", True
         write("\n")
         if stopped:
             write("(stopped)\n")

@@ -1,0 +1,124 @@
+"""The terminal chat: the loop with scripted input, and the real executable in a pipe and a pty."""
+
+import os
+import pty
+import select
+import subprocess
+import time
+
+from conftest import QUESTION
+from runtime.chat import ChatSession, read_message, run_chat
+
+
+def scripted(lines):
+    it = iter(lines)
+
+    def read_line(prompt):
+        try:
+            item = next(it)
+        except StopIteration:
+            raise EOFError
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    return read_line
+
+
+def drive(lines, system=None):
+    out, turns = [], []
+
+    def respond(messages, write):
+        turns.append([dict(m) for m in messages])
+        write("reply")
+        return "reply", False
+
+    session = ChatSession(system)
+    run_chat(session, scripted(lines), out.append, respond)
+    return "".join(out), turns, session
+
+
+def test_multi_turn_history_and_commands():
+    text, turns, session = drive(["hello", "again", "/reset", "fresh", "/system Be terse.", "x", "/help", "/exit", "never"])
+    assert [m["content"] for m in turns[1]] == ["hello", "reply", "again"]
+    assert [m["content"] for m in turns[2]] == ["fresh"]
+    assert turns[3] == [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "x"}]
+    assert "conversation cleared" in text and "/system TEXT" in text
+    assert len(turns) == 4  # nothing after /exit
+
+
+def test_ctrl_d_leaves_and_ctrl_c_at_prompt_keeps_going():
+    text, turns, _ = drive([KeyboardInterrupt(), "hi"])
+    assert "Ctrl-D or /exit" in text and len(turns) == 1
+
+
+def test_multi_line_input():
+    assert read_message(scripted(["first \\", "second"])) == "first \nsecond"
+    assert read_message(scripted(['"""', "a", "b", '"""'])) == "a\nb"
+
+
+def test_unknown_command():
+    text, turns, _ = drive(["/frobnicate"])
+    assert "unknown command /frobnicate" in text and turns == []
+
+
+def test_stopped_reply_is_kept_and_marked():
+    out = []
+
+    def respond(messages, write):
+        write("partial")
+        return "partial", True
+
+    session = ChatSession()
+    run_chat(session, scripted(["tell me"]), out.append, respond)
+    assert "(stopped)" in "".join(out)
+    assert session.history[-1] == {"role": "assistant", "content": "partial"}
+
+
+def test_real_chat_through_a_pipe(built_bundle):
+    script = f"{QUESTION}\nAnd of Germany? Answer in one word.\n/reset\n/exit\n"
+    r = subprocess.run([str(built_bundle), "--cli", "--temp", "0"], input=script, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "Berlin" in r.stdout  # the second turn saw the first
+    assert "conversation cleared" in r.stdout
+
+
+def read_until(fd, needle, timeout=60):
+    buf = b""
+    deadline = time.time() + timeout
+    while needle.encode() not in buf and time.time() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                buf += os.read(fd, 4096)
+            except OSError:
+                break
+    return buf.decode("utf-8", "replace")
+
+
+def test_ctrl_c_stops_the_reply_and_keeps_the_chat(built_bundle):
+    """In a real terminal: no arguments starts the chat; Ctrl-C stops a long reply; Ctrl-D leaves."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(str(built_bundle), [str(built_bundle), "--temp", "0", "-n", "-1"])
+    try:
+        assert "Type a message" in read_until(fd, ">>> ")
+        os.write(fd, b"Write a very long essay about the history of Europe.\r")
+        read_until(fd, "Europe.\r\n", timeout=10)  # the echo of what was typed
+        assert len(read_until(fd, "\n", timeout=60)) > 0  # the reply is streaming
+        os.write(fd, b"\x03")
+        after = read_until(fd, ">>> ", timeout=30)
+        assert "(stopped)" in after
+        os.write(fd, QUESTION.encode() + b"\r")
+        assert "Paris" in read_until(fd, ">>> ", timeout=60)
+        os.write(fd, b"\x04")
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+        os.close(fd)

@@ -1,0 +1,124 @@
+"""The generation loop on the real model, in-process: sampling settings and stop conditions.
+
+The native libraries come out of a real bundle (extracted like the runtime does); the model is
+loaded from inside the bundle at its payload offset.
+"""
+
+import pytest
+
+from runtime import native
+from runtime.engine import ContextOverflowError, Engine, Sampling, import_bindings, set_logging
+from runtime.payload import MODEL_ENTRY, read_payload
+from runtime.template import load_template
+
+
+@pytest.fixture(scope="session")
+def engine(built_bundle, tmp_path_factory):
+    payload = read_payload(str(built_bundle))
+    libdir = native.extract_entry(payload, "native/cpu.tar.zst", root=tmp_path_factory.mktemp("cache"))
+    C = import_bindings(libdir)
+    set_logging(C, False)
+    native.load_backends(libdir)
+    e = Engine(C, str(built_bundle), payload.absolute_offset(MODEL_ENTRY), ctx=512, threads=2)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="session")
+def prompt_for(engine):
+    tmpl = load_template("auto", engine.chat_template(), engine.bos_text, engine.eos_text)
+
+    def make(text):
+        return engine.tokenize_prompt(tmpl.render([{"role": "user", "content": text}]))
+
+    return make
+
+
+QUESTION = "What is the capital of France? Answer in one word."
+STORY = "Write a short story about a cat."
+
+
+def greedy(**kw):
+    return Sampling(temp=0, repeat_penalty=1.0, **kw)
+
+
+def test_greedy_answer_and_determinism(engine, prompt_for):
+    a = engine.generate(prompt_for(QUESTION), greedy())
+    b = engine.generate(prompt_for(QUESTION), greedy())
+    assert "Paris" in a.text and a.text == b.text
+    assert a.finish_reason == "stop" and a.completion_tokens > 0
+
+
+def test_max_tokens_ends_with_length(engine, prompt_for):
+    r = engine.generate(prompt_for(STORY), greedy(max_tokens=7))
+    assert r.finish_reason == "length" and r.completion_tokens == 7
+
+
+def test_stop_string_cuts_before_it(engine, prompt_for):
+    full = engine.generate(prompt_for(STORY), greedy(max_tokens=40)).text
+    words = full.split()
+    stop = " " + words[len(words) // 2]
+    cut = engine.generate(prompt_for(STORY), greedy(max_tokens=40, stop=[stop]))
+    assert cut.finish_reason == "stop"
+    assert cut.text == full[: full.index(stop)]
+
+
+def test_streamed_pieces_add_up_to_the_text(engine, prompt_for):
+    pieces = []
+    r = engine.generate(prompt_for(STORY), greedy(max_tokens=30, stop=["\n\n\n"]), on_text=pieces.append)
+    assert "".join(pieces) == r.text and len(pieces) > 5
+
+
+def test_seed_makes_sampling_repeatable(engine, prompt_for):
+    s = dict(temp=1.0, top_k=0, top_p=1.0, repeat_penalty=1.0, max_tokens=30)
+    a = engine.generate(prompt_for(STORY), Sampling(seed=42, **s)).text
+    b = engine.generate(prompt_for(STORY), Sampling(seed=42, **s)).text
+    others = {engine.generate(prompt_for(STORY), Sampling(seed=n, **s)).text for n in (1, 2, 3)}
+    assert a == b
+    assert len(others | {a}) > 1
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(engine, prompt_for):
+    g = engine.generate(prompt_for(STORY), greedy(max_tokens=25)).text
+    k1 = engine.generate(prompt_for(STORY), Sampling(temp=1.5, top_k=1, top_p=1.0, repeat_penalty=1.0,
+                                                    seed=7, max_tokens=25)).text
+    p0 = engine.generate(prompt_for(STORY), Sampling(temp=1.5, top_k=0, top_p=0.001, repeat_penalty=1.0,
+                                                    seed=7, max_tokens=25)).text
+    assert k1 == g and p0 == g
+
+
+def test_temperature_and_repeat_penalty_change_the_output(engine, prompt_for):
+    g = engine.generate(prompt_for(STORY), greedy(max_tokens=60)).text
+    hot = engine.generate(prompt_for(STORY), Sampling(temp=1.5, top_k=0, top_p=1.0, repeat_penalty=1.0,
+                                                     seed=3, max_tokens=60)).text
+    pen = engine.generate(prompt_for(STORY), Sampling(temp=0, repeat_penalty=1.8, max_tokens=60)).text
+    assert hot != g and pen != g
+
+
+def test_prefix_reuse_gives_the_same_answer(engine, prompt_for):
+    first = prompt_for(QUESTION)
+    engine.generate(first, greedy(max_tokens=10))
+    longer = prompt_for(QUESTION + " Then name its river.")
+    warm = engine.generate(longer, greedy(max_tokens=20)).text
+    engine.reset()
+    cold = engine.generate(longer, greedy(max_tokens=20)).text
+    assert warm == cold
+
+
+def test_cancel_stops_between_tokens(engine, prompt_for):
+    seen = []
+    r = engine.generate(prompt_for(STORY), greedy(max_tokens=100), on_text=seen.append,
+                        cancelled=lambda: len(seen) >= 3)
+    assert r.finish_reason == "cancelled" and r.completion_tokens <= 5
+
+
+def test_prompt_longer_than_context(engine):
+    with pytest.raises(ContextOverflowError, match="longer than the context"):
+        engine.generate(list(range(100, 700)), greedy())
+
+
+def test_generation_stops_when_context_is_full(engine, prompt_for):
+    p = prompt_for("Count from one to one thousand, in words.")
+    r = engine.generate(p, greedy(max_tokens=-1, stop=[]))
+    assert r.finish_reason in ("length", "stop")
+    assert len(p) + r.completion_tokens <= engine.n_ctx

@@ -1,0 +1,53 @@
+import pytest
+
+from bundler.gguf import read_gguf
+from runtime.template import PRESETS, ChatTemplate, TemplateError, load_template
+
+CONVO = [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
+         {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}]
+
+
+def test_chatml_preset_exact():
+    t = load_template("chatml", None)
+    assert t.render(CONVO) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU1<|im_end|>\n"
+        "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nU2<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert "<|im_end|>" in t.stop
+
+
+def test_llama3_preset_exact():
+    t = load_template("llama3", None, bos_token="<|begin_of_text|>")
+    assert t.render(CONVO[1:2]) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nU1<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_renders_every_turn(name):
+    text = load_template(name, None, bos_token="<s>", eos_token="</s>").render(CONVO)
+    for part in ("U1", "A1", "U2", "S"):
+        assert part in text, (name, text)
+    assert text.index("U1") < text.index("A1") < text.index("U2")
+
+
+def test_gguf_template_with_its_default_system_prompt(model):
+    t = load_template("auto", read_gguf(str(model)).chat_template)
+    text = t.render([{"role": "user", "content": "hi"}])
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert "<|im_end|>" in t.stop
+
+
+def test_sandbox_blocks_python_internals():
+    t = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(TemplateError):
+        t.render(CONVO)
+
+
+def test_raise_exception_and_syntax_errors():
+    with pytest.raises(TemplateError, match="refused the conversation: no system"):
+        ChatTemplate("{{ raise_exception('no system') }}").render(CONVO)
+    with pytest.raises(TemplateError, match="not valid Jinja"):
+        ChatTemplate("{% for %}")
