@@ -49,7 +49,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     mode.add_argument("--cli", action="store_true", help="chat in the terminal")
     mode.add_argument("--info", action="store_true", help="show the model, settings, back end and hardware")
     mode.add_argument("--verify", action="store_true", help="check every byte of this file against its hashes")
-    mode.add_argument("--json", action="store_true", help="with --info: print JSON")
+    mode.add_argument("--bench", action="store_true",
+                      help="measure prompt (512 tokens) and generation (128 tokens) speed on this machine")
+    mode.add_argument("--json", action="store_true", help="with --info or --bench: print JSON")
     g = p.add_argument_group("generation")
     g.add_argument("-n", "--max-tokens", type=int, dest="max_tokens", help="most tokens to generate (-1: no limit)")
     g.add_argument("--temp", type=float, help="temperature (0: greedy)")
@@ -291,6 +293,8 @@ def run(argv) -> int:
         else:
             print(_format_info(data))
         return 0
+    if args.bench:
+        return bench(rt, args.json)
     prompt = _read_prompt(args)
     if prompt is not None:
         if not prompt.strip():
@@ -299,6 +303,24 @@ def run(argv) -> int:
     if args.cli or sys.stdin.isatty():
         return chat(rt)
     raise UsageError("nothing to do: pass -p PROMPT, -f FILE or --cli (see --help)")
+
+
+def bench(rt: Runtime, as_json: bool) -> int:
+    t0 = time.perf_counter()
+    engine = rt.load_model()
+    load = time.perf_counter() - t0
+    say(rt.banner())
+    say("measuring: a 512-token prompt, then 128 generated tokens, 3 times…")
+    r = engine.benchmark(reps=int(os.environ.get("BUNDLE_BENCH_REPS", "3")))
+    r.update({"backend": "CPU", "cpu_variant": rt.variant, "load_seconds": load,
+              "model": rt.manifest.get("model", {}).get("name")})
+    if as_json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f"prompt   {r['n_prompt']:>4} tokens: {r['prompt_tps']:8.1f} tokens/s")
+        print(f"generate {r['n_gen']:>4} tokens: {r['decode_tps']:8.1f} tokens/s")
+        print(f"back end: CPU ({rt.variant}), {r['threads']} threads; model loaded in {load:.2f} s")
+    return 0
 
 
 def verify(path: str) -> int:

@@ -77,6 +77,7 @@ class Sampling:
     seed: int = -1
     max_tokens: int = 1024
     stop: list = field(default_factory=list)
+    ignore_eog: bool = False  # benchmarks: keep generating past end-of-generation tokens
 
 
 @dataclass
@@ -284,6 +285,7 @@ class Engine:
         one = self._one
         vocab, ctx = self.vocab, self.ctx
         sample, is_eog, decode, batch_one = C.llama_sampler_sample, C.llama_vocab_is_eog, C.llama_decode, C.llama_batch_get_one
+        ignore_eog = sampling.ignore_eog
         n = 0
         try:
             while True:
@@ -294,7 +296,7 @@ class Engine:
                     result.finish_reason = "cancelled"
                     break
                 tok = sample(chain, ctx, -1)
-                if is_eog(vocab, tok):
+                if is_eog(vocab, tok) and not ignore_eog:
                     break
                 n += 1
                 if n == 1:
@@ -336,6 +338,34 @@ class Engine:
         result.completion_tokens = n
         result.decode_seconds = time.perf_counter() - t1
         return result
+
+    def benchmark(self, n_prompt: int = 512, n_gen: int = 128, reps: int = 3) -> dict:
+        """llama-bench's two tests, through this engine's own paths: a prompt of n_prompt random
+        tokens decoded from an empty cache (pp), and n_gen tokens from the generation loop (tg)."""
+        rng = random.Random(1234)
+        n_prompt = min(n_prompt, self.n_ctx - 1)
+        n_gen = min(n_gen, self.n_ctx - 2)
+        tokens = [rng.randrange(100, max(101, self.n_vocab - 100)) for _ in range(n_prompt)]
+        bos = self.C.llama_vocab_bos(self.vocab)
+        start = [bos if bos >= 0 else tokens[0]]
+        greedy = Sampling(temp=0, repeat_penalty=1.0, max_tokens=n_gen, ignore_eog=True)
+        self.reset()
+        self._decode(tokens[:16])  # warm-up, as llama-bench does
+        pp, tg = [], []
+        for _ in range(reps):
+            self.reset()
+            t0 = time.perf_counter()
+            self._decode(tokens)
+            pp.append(n_prompt / (time.perf_counter() - t0))
+            self.reset()
+            r = self.generate(start, greedy)
+            tg.append(r.completion_tokens / r.decode_seconds)
+        self.reset()
+        pp.sort()
+        tg.sort()
+        return {"n_prompt": n_prompt, "n_gen": n_gen, "reps": reps, "threads": self.threads,
+                "prompt_tps": pp[len(pp) // 2], "decode_tps": tg[len(tg) // 2],
+                "prompt_tps_all": pp, "decode_tps_all": tg}
 
     def close(self) -> None:
         if getattr(self, "ctx", None):

@@ -1,0 +1,214 @@
+"""Benchmarks, side by side in one run (not tests: nothing here asserts a timing).
+
+    python -m bench [--quick] [--json] [--model PATH] [--rounds N]
+
+Each measure alternates the bundle and its reference, round after round, so that drift on a
+noisy machine hits both; the table shows medians and their ratio:
+
+    decode_vs_native    decode tok/s (128 tokens), the bundle's --bench / llama-bench (-march=native)
+    prefill_vs_native   prompt tok/s (512 tokens), same contenders
+    launch_vs_direct    launch -> first answer byte: the bundle / llama-cpp-python's Llama on the .gguf
+    cold_vs_warm        the bundle's launch on an empty cache (unpacks its libraries) / a warm one
+    build_vs_cp         `bundle build` / `cp` of the same .gguf
+    direct_decode_vs_bundle  llama-cpp-python's create_completion decode tok/s / the bundle's
+    variant_gain        decode tok/s with the CPU variant ggml chose / with the baseline x64 forced
+    rss_over_model_mib  peak RSS of the bundle minus the model's size, MiB
+    stub_mib            what a bundle adds to its model (runtime + libraries), MiB
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.gguf"
+QUESTION = "What is the capital of France? Answer in one word."
+BUNDLE = [str(Path(sys.executable).parent / "bundle")]
+
+
+def err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def wall(cmd, env=None) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    return time.perf_counter() - t0
+
+
+def first_byte(cmd, env=None) -> tuple[float, str]:
+    """Seconds from spawn to the first byte on stdout; and all of stdout."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    first = p.stdout.read(1)
+    t = time.perf_counter() - t0
+    rest = p.stdout.read()
+    p.wait()
+    if p.returncode != 0 or not first:
+        raise RuntimeError(f"{cmd[0]} failed ({p.returncode})")
+    return t, (first + rest).decode("utf-8", "replace")
+
+
+def run_json(cmd, env=None) -> tuple[dict, int]:
+    """Run, parse stdout as JSON; also the peak RSS (KiB) of the process tree (wait4)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({p.returncode})")
+    return json.loads(out), usage.ru_maxrss
+
+
+def llama_bench(tool: Path, model: Path, threads: int) -> dict:
+    out = subprocess.run([str(tool), "-m", str(model), "-p", "512", "-n", "128", "-r", "1", "-t", str(threads),
+                          "-o", "json"], check=True, capture_output=True, text=True).stdout
+    rows = json.loads(out)
+    res = {}
+    for row in rows:
+        if row.get("n_prompt") == 512 and row.get("n_gen") == 0:
+            res["prompt_tps"] = row["avg_ts"]
+        if row.get("n_gen") == 128 and row.get("n_prompt") == 0:
+            res["decode_tps"] = row["avg_ts"]
+    return res
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds (finishes in a few minutes)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--rounds", type=int, help="rounds per measure (default 5, 3 with --quick)")
+    ap.add_argument("--no-native", action="store_true", help="skip llama-bench (it is compiled on first use)")
+    args = ap.parse_args()
+    rounds = args.rounds or (3 if args.quick else 5)
+    model = args.model
+    if not model.exists():
+        sys.exit(f"no model at {model}; run `make model` or pass --model")
+    sys.path.insert(0, str(ROOT))
+    from runtime.native import physical_cores
+
+    threads = physical_cores()
+    work = Path(tempfile.mkdtemp(prefix="bundle-bench-"))
+    env = dict(os.environ, BUNDLE_CACHE_DIR=str(work / "cache"))
+    results: dict = {"model": model.name, "model_mib": model.stat().st_size / 2**20, "threads": threads,
+                     "rounds": rounds}
+    raw: dict[str, list] = {}
+
+    def add(key, value):
+        raw.setdefault(key, []).append(value)
+
+    try:
+        bundle = work / "model-bundle"
+        subprocess.run(BUNDLE + ["build", str(model), "-o", str(bundle)], check=True, capture_output=True)
+        native = None
+        if not args.no_native:
+            from bench.native import ensure_tools
+
+            native = ensure_tools()["llama-bench"]
+
+        err(f"build vs cp ({rounds} rounds)")
+        for _ in range(rounds):
+            add("build_s", wall(BUNDLE + ["build", str(model), "-o", str(work / "b2")]))
+            add("cp_s", wall(["cp", str(model), str(work / "c2")]))
+            (work / "c2").unlink()
+
+        err(f"launch to first token ({rounds} rounds)")
+        first_byte([str(bundle), "-p", QUESTION, "--temp", "0", "-n", "8"], env)  # warm the cache
+        for i in range(rounds):
+            t, out = first_byte([str(bundle), "-p", QUESTION, "--temp", "0", "-n", "8"], env)
+            add("launch_bundle_s", t)
+            t, _ = first_byte([sys.executable, str(ROOT / "bench" / "direct.py"), "first-token", str(model), QUESTION])
+            add("launch_direct_s", t)
+            cold_env = dict(env, BUNDLE_CACHE_DIR=str(work / f"cold{i}"))
+            t, _ = first_byte([str(bundle), "-p", QUESTION, "--temp", "0", "-n", "8"], cold_env)
+            add("launch_cold_s", t)
+
+        err(f"decode and prompt speed ({rounds} rounds)")
+        bench_env = dict(env, BUNDLE_BENCH_REPS="1")
+        for _ in range(rounds):
+            b, rss = run_json([str(bundle), "--bench", "--json", "-t", str(threads)], bench_env)
+            add("bundle_decode_tps", b["decode_tps"])
+            add("bundle_prompt_tps", b["prompt_tps"])
+            add("rss_kib", rss)
+            results["cpu_variant"] = b["cpu_variant"]
+            if native:
+                n = llama_bench(native, model, threads)
+                add("native_decode_tps", n["decode_tps"])
+                add("native_prompt_tps", n["prompt_tps"])
+            x, _ = run_json([str(bundle), "--bench", "--json", "-t", str(threads)], dict(bench_env, BUNDLE_CPU_VARIANT="x64"))
+            add("x64_decode_tps", x["decode_tps"])
+            d, _ = run_json([sys.executable, str(ROOT / "bench" / "direct.py"), "decode", str(model), "128"])
+            add("direct_decode_tps", d["decode_tps"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    m = {k: med(v) for k, v in raw.items()}
+    stub_dir = ROOT / "stubs" / "linux-x86_64"
+    overhead = (stub_dir / "bundle-runtime").stat().st_size + (stub_dir / "native-cpu.tar.zst").stat().st_size
+    results.update({
+        "decode_vs_native": m["bundle_decode_tps"] / m["native_decode_tps"] if "native_decode_tps" in m else None,
+        "prefill_vs_native": m["bundle_prompt_tps"] / m["native_prompt_tps"] if "native_prompt_tps" in m else None,
+        "launch_vs_direct": m["launch_bundle_s"] / m["launch_direct_s"],
+        "cold_vs_warm": m["launch_cold_s"] / m["launch_bundle_s"],
+        "build_vs_cp": m["build_s"] / m["cp_s"],
+        "direct_decode_vs_bundle": m["direct_decode_tps"] / m["bundle_decode_tps"],
+        "variant_gain": m["bundle_decode_tps"] / m["x64_decode_tps"],
+        "rss_over_model_mib": m["rss_kib"] / 1024 - results["model_mib"],
+        "stub_mib": overhead / 2**20,
+        "stub_exe_mib": (stub_dir / "bundle-runtime").stat().st_size / 2**20,
+        "medians": m,
+    })
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(format_table(results))
+    return 0
+
+
+def format_table(r: dict) -> str:
+    m = r["medians"]
+
+    def row(name, a, b, unit, ratio, key):
+        ratio_s = f"{ratio:6.2f}" if ratio is not None else "   n/a"
+        b_s = f"{b:10.3f}" if b == b else "       n/a"
+        return f"{name:<34}{a:10.3f} {b_s}  {unit:<6}{ratio_s}  {key}"
+
+    lines = [
+        f"model {r['model']} ({r['model_mib']:.1f} MiB), {r['threads']} threads, CPU variant {r.get('cpu_variant')}, "
+        f"medians of {r['rounds']} alternating rounds",
+        f"{'measure':<34}{'bundle':>10} {'reference':>10}  {'unit':<6}{'ratio':>6}  key",
+        row("decode 128 (vs llama-bench)", m["bundle_decode_tps"], m.get("native_decode_tps", float("nan")), "tok/s",
+            r["decode_vs_native"], "decode_vs_native"),
+        row("prompt 512 (vs llama-bench)", m["bundle_prompt_tps"], m.get("native_prompt_tps", float("nan")), "tok/s",
+            r["prefill_vs_native"], "prefill_vs_native"),
+        row("launch -> first token (vs direct)", m["launch_bundle_s"], m["launch_direct_s"], "s", r["launch_vs_direct"],
+            "launch_vs_direct"),
+        row("cold launch (vs warm)", m["launch_cold_s"], m["launch_bundle_s"], "s", r["cold_vs_warm"], "cold_vs_warm"),
+        row("bundle build (vs cp)", m["build_s"], m["cp_s"], "s", r["build_vs_cp"], "build_vs_cp"),
+        row("direct llama-cpp-python decode", m["direct_decode_tps"], m["bundle_decode_tps"], "tok/s",
+            r["direct_decode_vs_bundle"], "direct_decode_vs_bundle"),
+        row(f"decode, {r.get('cpu_variant')} (vs x64 forced)", m["bundle_decode_tps"], m["x64_decode_tps"], "tok/s",
+            r["variant_gain"], "variant_gain"),
+        f"{'peak RSS over model size':<34}{r['rss_over_model_mib']:10.1f} MiB{'':>18}rss_over_model_mib",
+        f"{'runtime + libraries per bundle':<34}{r['stub_mib']:10.1f} MiB (stub executable {r['stub_exe_mib']:.1f})  stub_mib",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

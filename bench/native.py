@@ -1,0 +1,66 @@
+"""The native reference: llama.cpp's own llama-bench and llama-server, built with -march=native
+from the llama.cpp source vendored in the same llama-cpp-python sdist the runtime is built from.
+
+Built once into ~/.cache/bundle/bench/<version>-native/ (never committed); later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from build import LLAMA_CPP_PYTHON, cache_dir, log, run_with_progress  # noqa: E402
+
+TOOLS = ("llama-bench", "llama-server")
+CMAKE_FLAGS = [
+    "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
+]
+
+
+def tools_dir() -> Path:
+    return cache_dir().parent / "bench" / f"llama.cpp-{LLAMA_CPP_PYTHON}-native"
+
+
+def ensure_tools() -> dict[str, Path]:
+    folder = tools_dir()
+    paths = {t: folder / t for t in TOOLS}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    folder.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".work-", dir=folder))
+    try:
+        log(f"reference: fetching llama-cpp-python {LLAMA_CPP_PYTHON} source for its vendored llama.cpp")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(work)], check=True)
+        sdist = next(work.glob("llama_cpp_python-*.tar.gz"))
+        with tarfile.open(sdist) as tar:
+            tar.extractall(work, filter="data")
+        src = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
+        build = work / "build"
+        log("reference: configuring llama.cpp (-march=native)")
+        subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja" if shutil.which("ninja") else "Unix Makefiles",
+                        *CMAKE_FLAGS], check=True, stdout=subprocess.DEVNULL)
+        log("reference: compiling llama-bench and llama-server (about 6 minutes on 2 cores)")
+        t0 = time.time()
+        run_with_progress(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *TOOLS],
+                          dict(os.environ), folder / "build.log")
+        for t in TOOLS:
+            os.replace(build / "bin" / t, paths[t])
+        log(f"reference: built in {time.time() - t0:.0f} s -> {folder}")
+        return paths
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    print(ensure_tools())
