@@ -7,7 +7,9 @@ BUNDLE := dist/SmolLM2-135M-Instruct
 STUB   := stubs/linux-x86_64/bundle-runtime
 QUESTION := What is the capital of France? Answer in one word.
 
-.PHONY: all venv stub model demo test bench clean distclean
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all venv stub model chromium demo test bench clean distclean
 
 all: demo
 
@@ -36,7 +38,12 @@ demo: $(BUNDLE)
 	@echo "\$$ ./$(BUNDLE) -p \"$(QUESTION)\" --temp 0"
 	@./$(BUNDLE) -p "$(QUESTION)" --temp 0
 
-test: stub $(MODEL)
+# The page tests drive Debian's Chromium (Playwright's own browser download is not used).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
+
+test: stub $(MODEL) chromium
 	$(PY) -m pytest tests
 
 bench: stub $(MODEL)

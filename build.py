@@ -41,6 +41,9 @@ CPU_FLAGS = [
     "-DGGML_CPU_ALL_VARIANTS=ON",
     "-DLLAVA_BUILD=OFF",  # the runtime has no use for the multimodal library; saves build time
 ]
+# The chat page's Markdown renderer and sanitiser, fetched from the npm registry at build time
+# (never committed) and shipped inside the stub with their licences.
+WEB_VENDOR = {"marked": ("18.2.1", "lib/marked.umd.js"), "dompurify": ("3.5.0", "dist/purify.min.js")}
 TARGET = "linux-x86_64"
 STUB_NAME = "bundle-runtime"
 NATIVE_NAME = "native-cpu.tar.zst"
@@ -50,13 +53,15 @@ ZSTD_LEVEL = 19
 SYSTEM_LIBS = ["libgomp.so.1", "libstdc++.so.6", "libgcc_s.so.1"]
 SYSTEM_LIB_DIRS = ["/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib64", "/lib64", "/usr/lib"]
 # Modules the runtime never imports; keeping them out keeps launch fast (DESIGN.md #8).
+# (ssl stays: uvicorn imports it at module level.)
 EXCLUDES = [
     "numpy", "llama_cpp.llama", "llama_cpp.server", "llama_cpp.llama_chat_format",
     "llama_cpp.llava_cpp", "llama_cpp.mtmd_cpp", "llama_cpp.llama_speculative",
     "llama_cpp.llama_cache", "llama_cpp.llama_tokenizer", "llama_cpp.llama_grammar",
-    "tkinter", "sqlite3", "ssl", "_ssl", "unittest", "pydoc", "doctest", "lib2to3",
+    "tkinter", "sqlite3", "unittest", "pydoc", "doctest", "lib2to3",
     "zstandard.backend_cffi", "cffi", "_cffi_backend", "bundler", "pytest",
-    "multiprocessing", "xmlrpc", "setuptools", "pkg_resources",
+    "xmlrpc", "setuptools", "pkg_resources", "websockets", "wsproto",
+    "uvloop", "httptools", "watchfiles", "yaml", "dotenv",
 ]
 
 
@@ -210,6 +215,36 @@ def glibc_needed(paths: list[Path]) -> str:
     return f"{best[0]}.{best[1]}"
 
 
+def ensure_web_vendor() -> Path:
+    """marked and DOMPurify from the npm registry, cached; returns the folder to ship."""
+    folder = cache_dir() / ("web-vendor-" + "-".join(f"{n}{v}" for n, (v, _) in sorted(WEB_VENDOR.items())))
+    if (folder / ".complete").exists():
+        return folder
+    if not shutil.which("npm"):
+        sys.exit("npm is needed to fetch the chat page's libraries (marked, DOMPurify); install Node.js/npm")
+    work = Path(tempfile.mkdtemp(prefix=".work-", dir=cache_dir()))
+    try:
+        out = work / "vendor"
+        out.mkdir()
+        for name, (version, member) in WEB_VENDOR.items():
+            log(f"fetching {name}@{version} from the npm registry")
+            tgz = subprocess.run(["npm", "pack", "--silent", f"{name}@{version}"], cwd=work, check=True,
+                                 capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            with tarfile.open(work / tgz) as tar:
+                tar.extractall(work / name, filter="data")
+            pkg = work / name / "package"
+            shutil.copy(pkg / member, out / Path(member).name)
+            lic = next(p for p in pkg.iterdir() if p.name.upper().startswith("LICENSE"))
+            shutil.copy(lic, out / f"LICENSE.{name}.txt")
+        (out / ".complete").write_text("")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(out, folder)
+        return folder
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def inputs_digest(wheel: Path) -> str:
     h = hashlib.sha256()
     for p in sorted((ROOT / "runtime").rglob("*")):
@@ -218,6 +253,7 @@ def inputs_digest(wheel: Path) -> str:
             h.update(p.read_bytes())
     h.update(Path(__file__).read_bytes())
     h.update(wheel.name.encode())
+    h.update(json.dumps(WEB_VENDOR, sort_keys=True).encode())
     h.update(str(wheel.stat().st_size).encode())
     import PyInstaller
 
@@ -225,7 +261,7 @@ def inputs_digest(wheel: Path) -> str:
     return h.hexdigest()
 
 
-def run_pyinstaller(out_dir: Path) -> Path:
+def run_pyinstaller(out_dir: Path, web_vendor: Path) -> Path:
     import PyInstaller.__main__
 
     work = Path(tempfile.mkdtemp(prefix="bundle-pyi-"))
@@ -238,6 +274,11 @@ def run_pyinstaller(out_dir: Path) -> Path:
             "--additional-hooks-dir", str(ROOT / "build_hooks"),
             "--hidden-import", "runtime.app", "--hidden-import", "llama_cpp.llama_cpp",
             "--hidden-import", "jinja2.ext", "--hidden-import", "zstandard.backend_c",
+            "--hidden-import", "runtime.server", "--hidden-import", "runtime.modes",
+            "--hidden-import", "uvicorn.protocols.http.h11_impl", "--hidden-import", "uvicorn.loops.asyncio",
+            "--hidden-import", "uvicorn.lifespan.off",
+            "--add-data", f"{ROOT / 'runtime' / 'web'}{os.pathsep}runtime/web",
+            "--add-data", f"{web_vendor}{os.pathsep}runtime/web/vendor",
         ]
         for mod in EXCLUDES:
             args += ["--exclude-module", mod]
@@ -283,6 +324,7 @@ def main() -> int:
     wheel = ensure_wheel(LLAMA_CPP_PYTHON, CPU_FLAGS)
     ensure_installed(wheel)
 
+    web_vendor = ensure_web_vendor()
     meta_path = out_dir / "stub.json"
     digest = inputs_digest(wheel)
     if not args.force and meta_path.exists() and (out_dir / STUB_NAME).exists() and (out_dir / NATIVE_NAME).exists():
@@ -297,7 +339,7 @@ def main() -> int:
     log(f"native libraries: {len(files)} files, {native['unpacked_size'] / 2**20:.1f} MiB -> "
         f"{native['size'] / 2**20:.1f} MiB zstd ({', '.join(native['cpu_variants'])})")
     log("running PyInstaller")
-    stub = run_pyinstaller(out_dir)
+    stub = run_pyinstaller(out_dir, web_vendor)
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
         libs = []

@@ -10,10 +10,8 @@ import argparse
 import json
 import os
 import platform
-import signal
 import sys
 import time
-from pathlib import Path
 
 from . import __version__
 from .errors import RuntimeFailure, UsageError
@@ -43,15 +41,21 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         prog=prog,
         description="Chat with the model inside this file. With no arguments in a terminal: a chat.",
     )
-    mode = p.add_argument_group("what to do")
+    mode = p.add_argument_group("what to do (no arguments: chat in a terminal, plus the web chat)")
     mode.add_argument("-p", "--prompt", help="answer PROMPT once, print the answer on stdout, exit")
     mode.add_argument("-f", "--file", metavar="FILE", help="read the prompt from FILE (- for stdin)")
     mode.add_argument("--cli", action="store_true", help="chat in the terminal")
+    mode.add_argument("--server", action="store_true", help="serve the web chat and an OpenAI-compatible API")
     mode.add_argument("--info", action="store_true", help="show the model, settings, back end and hardware")
     mode.add_argument("--verify", action="store_true", help="check every byte of this file against its hashes")
     mode.add_argument("--bench", action="store_true",
                       help="measure prompt (512 tokens) and generation (128 tokens) speed on this machine")
     mode.add_argument("--json", action="store_true", help="with --info or --bench: print JSON")
+    w = p.add_argument_group("web server")
+    w.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
+    w.add_argument("--port", type=int, help="port to listen on (default 8080; 0: any free port)")
+    w.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API")
+    w.add_argument("--no-browser", action="store_true", help="do not open the web chat in a browser")
     g = p.add_argument_group("generation")
     g.add_argument("-n", "--max-tokens", type=int, dest="max_tokens", help="most tokens to generate (-1: no limit)")
     g.add_argument("--temp", type=float, help="temperature (0: greedy)")
@@ -147,6 +151,14 @@ class Runtime:
         ]
         return " · ".join(p for p in parts if p)
 
+    def server_info(self) -> dict:
+        return {
+            "name": self.manifest.get("name"),
+            "model": self.manifest.get("model", {}),
+            "backend": {"name": "CPU", "cpu_variant": self.variant, "threads": self.threads()},
+            "created": int(time.time()),
+        }
+
     def info(self) -> dict:
         from .native import cache_root, physical_cores
 
@@ -212,70 +224,9 @@ def _read_prompt(args) -> str | None:
     return args.prompt
 
 
-def one_shot(rt: Runtime, prompt: str) -> int:
-    engine = rt.load_model()
-    say(rt.banner())
-    tmpl = rt.template()
-    messages = ([{"role": "system", "content": rt.settings.system}] if rt.settings.system else [])
-    messages.append({"role": "user", "content": prompt})
-    tokens = engine.tokenize_prompt(tmpl.render(messages))
-    out = sys.stdout
-
-    def emit(text):
-        out.write(text)
-        out.flush()
-
-    result = engine.generate(tokens, rt.sampling(tmpl.stop), on_text=emit)
-    out.write("\n")
-    out.flush()
-    if rt.verbose:
-        rate = result.completion_tokens / result.decode_seconds if result.decode_seconds else 0
-        say(f"{result.prompt_tokens} prompt tokens, {result.completion_tokens} generated, {rate:.1f} tok/s")
-    return 0
-
-
-def chat(rt: Runtime) -> int:
-    from .chat import ChatSession, run_chat
-
-    engine = rt.load_model()
-    tmpl = rt.template()
-    try:
-        import readline  # noqa: F401  (line editing and history where available)
-    except ImportError:
-        pass
-    stop_flag = {"stop": False}
-
-    def on_sigint(signum, frame):
-        stop_flag["stop"] = True
-
-    def respond(messages, write):
-        stop_flag["stop"] = False
-        previous = signal.signal(signal.SIGINT, on_sigint)
-        try:
-            tokens = engine.tokenize_prompt(tmpl.render(messages))
-            result = engine.generate(
-                tokens, rt.sampling(tmpl.stop), on_text=write, cancelled=lambda: stop_flag["stop"]
-            )
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        return result.text, result.finish_reason == "cancelled"
-
-    def write(text):
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    def respond_safely(messages, write_):
-        try:
-            return respond(messages, write_)
-        except RuntimeFailure as exc:  # e.g. the conversation outgrew the context
-            write_(f"\n[{exc}]")
-            return "", True
-
-    run_chat(ChatSession(rt.settings.system), input, write, respond_safely, banner=rt.banner())
-    return 0
-
-
 def run(argv) -> int:
+    from . import modes
+
     prog = os.path.basename(sys.argv[0]) if getattr(sys, "frozen", False) else "runtime"
     args = build_parser(prog).parse_args(argv)
     if getattr(sys, "frozen", False):
@@ -284,56 +235,68 @@ def run(argv) -> int:
         claim_and_sweep()
     path = self_path()
     if args.verify:
-        return verify(path)
+        return modes.verify(path)
     rt = Runtime(path, args)
     if args.info:
         data = rt.info()
-        if args.json:
-            print(json.dumps(data, indent=2))
-        else:
-            print(_format_info(data))
+        print(json.dumps(data, indent=2) if args.json else _format_info(data))
         return 0
     if args.bench:
-        return bench(rt, args.json)
+        return modes.bench(rt, args.json)
     prompt = _read_prompt(args)
     if prompt is not None:
         if not prompt.strip():
             raise UsageError("the prompt is empty; pass some text with -p or -f")
-        return one_shot(rt, prompt)
-    if args.cli or sys.stdin.isatty():
-        return chat(rt)
-    raise UsageError("nothing to do: pass -p PROMPT, -f FILE or --cli (see --help)")
+        return modes.one_shot(rt, prompt)
+    if args.server:
+        return modes.serve(rt, open_page=True)
+    if args.cli:
+        return modes.chat(rt)
+    if sys.stdin.isatty():
+        return modes.chat_with_server(rt)
+    # No terminal: started from a file manager (double-click). Serve, and open the page.
+    return modes.serve(rt, open_page=True)
 
 
-def bench(rt: Runtime, as_json: bool) -> int:
-    t0 = time.perf_counter()
-    engine = rt.load_model()
-    load = time.perf_counter() - t0
-    say(rt.banner())
-    say("measuring: a 512-token prompt, then 128 generated tokens, 3 times…")
-    r = engine.benchmark(reps=int(os.environ.get("BUNDLE_BENCH_REPS", "3")))
-    r.update({"backend": "CPU", "cpu_variant": rt.variant, "load_seconds": load,
-              "model": rt.manifest.get("model", {}).get("name")})
-    if as_json:
-        print(json.dumps(r, indent=2))
-    else:
-        print(f"prompt   {r['n_prompt']:>4} tokens: {r['prompt_tps']:8.1f} tokens/s")
-        print(f"generate {r['n_gen']:>4} tokens: {r['decode_tps']:8.1f} tokens/s")
-        print(f"back end: CPU ({rt.variant}), {r['threads']} threads; model loaded in {load:.2f} s")
-    return 0
+def started_in_own_window() -> bool:
+    """True when a terminal window was opened just for this program (double-click "run in
+    terminal", Windows Explorer): such a window closes the moment we exit, so errors would
+    vanish unread. Seen as: a terminal, and no shell among our ancestors."""
+    if os.environ.get("BUNDLE_NO_PAUSE"):
+        return False
+    if sys.platform == "win32":  # pragma: no cover - Windows stub
+        try:
+            import ctypes
+
+            return ctypes.windll.kernel32.GetConsoleProcessList((ctypes.c_uint * 4)(), 4) <= 2
+        except Exception:
+            return False
+    if not (sys.stdin and sys.stdin.isatty()):
+        return False
+    shells = {"bash", "sh", "zsh", "fish", "dash", "ksh", "tcsh", "csh", "nu", "xonsh", "tmux", "screen",
+              "sshd", "su", "sudo", "login", "python", "python3", "make", "env", "timeout", "script"}
+    pid = os.getppid()
+    for _ in range(4):  # the PyInstaller bootloader, then whoever started it
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            return False
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        if comm in shells or comm.startswith("python"):
+            return False
+        if comm != os.path.basename(sys.executable)[:15]:
+            return True  # a terminal emulator or file manager started us directly
+        pid = int(stat[stat.rindex(")") + 2 :].split()[1])
+    return False
 
 
-def verify(path: str) -> int:
-    payload = read_payload(path)
-    say(f"checking {len(payload.entries)} entries in {path}…")
-    problems = payload.verify()
-    if problems:
-        for p in problems:
-            say(f"damaged: {p}")
-        say("this file is damaged; copy it again")
-        return 1
-    print(f"ok: {path} is intact ({payload.file_size} bytes, {len(payload.entries)} entries)")
-    return 0
+def pause_if_own_window() -> None:
+    if started_in_own_window():
+        try:
+            input("Press Enter to close this window.")
+        except (EOFError, KeyboardInterrupt):
+            pass
 
 
 def _format_info(d: dict) -> str:
@@ -363,11 +326,13 @@ def main(argv=None) -> int:
         return run(sys.argv[1:] if argv is None else argv)
     except UsageError as exc:
         say(f"error: {exc}")
+        pause_if_own_window()
         return 2
     except (RuntimeFailure, PayloadError, TemplateError) as exc:
         if debug:
             raise
         say(f"error: {exc}")
+        pause_if_own_window()
         return 1
     except KeyboardInterrupt:
         say("")
@@ -383,4 +348,5 @@ def main(argv=None) -> int:
         if debug:
             raise
         say(f"error: unexpected {type(exc).__name__}: {exc}; run again with BUNDLE_DEBUG=1 and report it")
+        pause_if_own_window()
         return 1

@@ -78,6 +78,8 @@ class Sampling:
     max_tokens: int = 1024
     stop: list = field(default_factory=list)
     ignore_eog: bool = False  # benchmarks: keep generating past end-of-generation tokens
+    frequency_penalty: float = 0.0  # OpenAI's, applied by llama.cpp's penalties sampler
+    presence_penalty: float = 0.0
 
 
 @dataclass
@@ -198,10 +200,10 @@ class Engine:
     def _sampler(self, s: Sampling, history: list[int]):
         C = self.C
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
-        if s.repeat_penalty != 1.0:
-            C.llama_sampler_chain_add(
-                chain, C.llama_sampler_init_penalties(self.n_vocab, PENALTY_LAST_N, s.repeat_penalty, 0.0, 0.0)
-            )
+        penalize = s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty
+        if penalize:
+            C.llama_sampler_chain_add(chain, C.llama_sampler_init_penalties(
+                self.n_vocab, PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty, s.presence_penalty))
         if s.temp <= 0:
             C.llama_sampler_chain_add(chain, C.llama_sampler_init_greedy())
         else:
@@ -212,7 +214,7 @@ class Engine:
             C.llama_sampler_chain_add(chain, C.llama_sampler_init_temp(s.temp))
             seed = s.seed if s.seed >= 0 else random.SystemRandom().randrange(2**32 - 1)
             C.llama_sampler_chain_add(chain, C.llama_sampler_init_dist(seed))
-        if s.repeat_penalty != 1.0:
+        if penalize:
             for tok in history[-PENALTY_LAST_N:]:
                 C.llama_sampler_accept(chain, tok)
         return chain
@@ -278,7 +280,6 @@ class Engine:
         chain = self._sampler(sampling, prompt)
         utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         stops = [s for s in sampling.stop if s]
-        hold = max((len(s) for s in stops), default=1) - 1
         pending = ""  # text not yet passed on (may be the start of a stop string)
         out: list[str] = []
         max_tokens = sampling.max_tokens if sampling.max_tokens > 0 else 1 << 30
@@ -307,6 +308,7 @@ class Engine:
                     if cut is not None:
                         pending = pending[:cut]
                         break
+                    hold = _partial_stop(pending, stops)
                     if len(pending) > hold:
                         ready, pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
                         out.append(ready)
@@ -367,7 +369,44 @@ class Engine:
                 "prompt_tps": pp[len(pp) // 2], "decode_tps": tg[len(tg) // 2],
                 "prompt_tps_all": pp, "decode_tps_all": tg}
 
+    def embed(self, text: str) -> tuple[list[float], int]:
+        """Mean-pooled, L2-normalised embedding of text (a second context, made on first use)."""
+        C = self.C
+        if getattr(self, "_embed_ctx", None) is None:
+            p = C.llama_context_default_params()
+            p.n_ctx = min(self.n_ctx, 2048)
+            p.n_batch = p.n_ubatch = p.n_ctx  # a whole input in one batch: pooling needs it
+            p.n_threads = p.n_threads_batch = self.threads
+            p.embeddings = True
+            p.pooling_type = 1  # LLAMA_POOLING_TYPE_MEAN
+            p.no_perf = True
+            self._embed_ctx = C.llama_init_from_model(self.model, p)
+            if not self._embed_ctx:
+                raise RuntimeFailure("llama.cpp could not create an embeddings context")
+            self._embed_n_ctx = p.n_ctx
+        tokens = self.tokenize(text, add_special=True, parse_special=False)
+        if len(tokens) > self._embed_n_ctx:
+            raise ContextOverflowError(
+                f"the input is {len(tokens)} tokens, longer than the embedding context ({self._embed_n_ctx} tokens)"
+            )
+        if not tokens:
+            raise RuntimeFailure("the input is empty")
+        C.llama_memory_clear(C.llama_get_memory(self._embed_ctx), True)
+        arr = (C.llama_token * len(tokens))(*tokens)
+        if C.llama_decode(self._embed_ctx, C.llama_batch_get_one(arr, len(tokens))) != 0:
+            raise RuntimeFailure("llama_decode failed while embedding")
+        n_embd = C.llama_model_n_embd(self.model)
+        ptr = C.llama_get_embeddings_seq(self._embed_ctx, 0)
+        if not ptr:
+            raise RuntimeFailure("llama.cpp returned no embedding")
+        vec = ptr[:n_embd]
+        norm = sum(v * v for v in vec) ** 0.5 or 1.0
+        return [v / norm for v in vec], len(tokens)
+
     def close(self) -> None:
+        if getattr(self, "_embed_ctx", None):
+            self.C.llama_free(self._embed_ctx)
+            self._embed_ctx = None
         if getattr(self, "ctx", None):
             self.C.llama_free(self.ctx)
             self.ctx = None
@@ -378,6 +417,17 @@ class Engine:
 
 class ContextOverflowError(RuntimeFailure):
     pass
+
+
+def _partial_stop(text: str, stops: list[str]) -> int:
+    """Length of the longest end of text that could still grow into a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

@@ -38,6 +38,8 @@ class Settings:
     threads: int = 0  # 0: physical cores
     system: str | None = None  # None: the template's own default
     template: str = "auto"
+    host: str = "127.0.0.1"  # the web server: loopback unless asked
+    port: int = 8080
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -71,6 +73,8 @@ class Settings:
             problems.append(f"repeat_penalty={self.repeat_penalty} must be above 0")
         if self.max_tokens == 0 or self.max_tokens < -1:
             problems.append(f"max_tokens={self.max_tokens} must be -1 (no limit) or at least 1")
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port={self.port} must be between 0 and 65535")
         if self.threads < 0:
             problems.append(f"threads={self.threads} must be 0 (auto) or more")
         if problems:

@@ -1,7 +1,10 @@
 """The terminal chat: the loop with scripted input, and the real executable in a pipe and a pty."""
 
+import http.client
+import json
 import os
 import pty
+import re
 import select
 import subprocess
 import time
@@ -99,12 +102,20 @@ def read_until(fd, needle, timeout=60):
 
 
 def test_ctrl_c_stops_the_reply_and_keeps_the_chat(built_bundle):
-    """In a real terminal: no arguments starts the chat; Ctrl-C stops a long reply; Ctrl-D leaves."""
+    """In a real terminal: no arguments starts the chat (and the web chat beside it); Ctrl-C
+    stops a long reply; Ctrl-D leaves."""
+    env = dict(os.environ, BUNDLE_PORT="0")
     pid, fd = pty.fork()
     if pid == 0:
-        os.execv(str(built_bundle), [str(built_bundle), "--temp", "0", "-n", "-1"])
+        os.execve(str(built_bundle), [str(built_bundle), "--temp", "0", "-n", "-1"], env)
     try:
-        assert "Type a message" in read_until(fd, ">>> ")
+        start = read_until(fd, ">>> ")
+        assert "Type a message" in start
+        port = int(re.search(r"web chat: http://127\.0\.0\.1:(\d+)/", start).group(1))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": QUESTION}],
+                                                                 "temperature": 0}))
+        assert "Paris" in json.loads(conn.getresponse().read())["choices"][0]["message"]["content"]
         os.write(fd, b"Write a very long essay about the history of Europe.\r")
         read_until(fd, "Europe.\r\n", timeout=10)  # the echo of what was typed
         assert len(read_until(fd, "\n", timeout=60)) > 0  # the reply is streaming

@@ -1,0 +1,188 @@
+"""OpenAI-shaped requests and responses: validation of the fields we honour, clear 400s for the
+ones we cannot, and the response/chunk shapes. No web framework in here."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _num(body: dict, name: str, lo: float, hi: float, integer: bool = False):
+    value = body.get(name)
+    if value is None:
+        return None
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok:
+        kind = "an integer" if integer else "a number"
+        raise ApiError(400, f"'{name}' must be {kind}, got {type(value).__name__}", name, "invalid_type")
+    if not lo <= value <= hi:
+        raise ApiError(400, f"'{name}' must be between {lo} and {hi}, got {value}", name, "invalid_value")
+    return value
+
+
+@dataclass
+class GenParams:
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    seed: int | None
+    stop: list
+    stream: bool
+    include_usage: bool
+    frequency_penalty: float
+    presence_penalty: float
+
+
+# Fields OpenAI accepts that this server cannot honour: rejected with a 400, as OpenAI does for
+# values it does not support, rather than silently ignored.
+_UNSUPPORTED = {
+    "logprobs": lambda v: bool(v),
+    "top_logprobs": lambda v: v not in (None, 0),
+    "tools": lambda v: bool(v),
+    "functions": lambda v: bool(v),
+    "audio": lambda v: v is not None,
+    "prediction": lambda v: v is not None,
+    "best_of": lambda v: v not in (None, 1),
+    "echo": lambda v: bool(v),
+    "suffix": lambda v: bool(v),
+}
+
+
+def parse_common(body: dict) -> GenParams:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", None, "invalid_type")
+    for name, unsupported in _UNSUPPORTED.items():
+        if name in body and unsupported(body[name]):
+            raise ApiError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
+    n = _num(body, "n", 1, 128, integer=True)
+    if n not in (None, 1):
+        raise ApiError(400, "only n=1 is supported (one generation at a time)", "n", "unsupported_value")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise ApiError(400, "only response_format {'type': 'text'} is supported", "response_format", "unsupported_value")
+    max_tokens = _num(body, "max_completion_tokens", 1, 10**7, integer=True)
+    if max_tokens is None:
+        max_tokens = _num(body, "max_tokens", 1, 10**7, integer=True)
+    stop = body.get("stop")
+    if stop is None:
+        stops = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4:
+        stops = list(stop)
+    else:
+        raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", "stop", "invalid_type")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be a boolean", "stream", "invalid_type")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
+    return GenParams(
+        max_tokens=max_tokens,
+        temperature=_num(body, "temperature", 0, 2),
+        top_p=_num(body, "top_p", 0, 1),
+        seed=_num(body, "seed", -(2**63), 2**63 - 1, integer=True),
+        stop=stops,
+        stream=stream,
+        include_usage=bool(opts.get("include_usage")),
+        frequency_penalty=_num(body, "frequency_penalty", -2, 2) or 0.0,
+        presence_penalty=_num(body, "presence_penalty", -2, 2) or 0.0,
+    )
+
+
+def parse_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", "messages", "invalid_type")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ApiError(400, f"messages[{i}] must be an object with a 'role'", f"messages[{i}]", "invalid_type")
+        role = m["role"]
+        if role == "developer":
+            role = "system"
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ApiError(400, f"messages[{i}].role '{role}' is not one of system, user, assistant, tool",
+                           f"messages[{i}].role", "invalid_value")
+        content = m.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ApiError(400, f"messages[{i}].content: only text parts are supported by this model",
+                                   f"messages[{i}].content", "unsupported_content")
+                parts.append(part["text"])
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
+                           f"messages[{i}].content", "invalid_type")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def parse_prompt(body: dict) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "'prompt' must be a string (or a list of one string)", "prompt", "invalid_type")
+    return prompt
+
+
+def parse_embedding_input(body: dict) -> tuple[list[str], str]:
+    value = body.get("input")
+    if isinstance(value, str):
+        inputs = [value]
+    elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        inputs = value
+    else:
+        raise ApiError(400, "'input' must be a string or a non-empty list of strings", "input", "invalid_type")
+    if any(not v for v in inputs):
+        raise ApiError(400, "'input' must not contain empty strings", "input", "invalid_value")
+    fmt = body.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        raise ApiError(400, "'encoding_format' must be 'float' or 'base64'", "encoding_format", "invalid_value")
+    return inputs, fmt
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def timings(result) -> dict:
+    """llama-server's timings block; the chat page shows tokens/s from it."""
+    gen = result.completion_tokens
+    return {
+        "prompt_n": result.prompt_tokens,
+        "prompt_ms": result.prompt_seconds * 1000,
+        "predicted_n": gen,
+        "predicted_ms": result.decode_seconds * 1000,
+        "predicted_per_second": gen / result.decode_seconds if result.decode_seconds > 0 else 0.0,
+    }
+
+
+def finish_reason(result) -> str:
+    return "length" if result.finish_reason == "length" else "stop"

@@ -1,0 +1,185 @@
+"""What a launch does: answer once, chat in the terminal, serve the web chat, measure, verify."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+from .errors import RuntimeFailure
+from .payload import read_payload
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def one_shot(rt, prompt: str) -> int:
+    engine = rt.load_model()
+    say(rt.banner())
+    tmpl = rt.template()
+    messages = [{"role": "system", "content": rt.settings.system}] if rt.settings.system else []
+    messages.append({"role": "user", "content": prompt})
+    tokens = engine.tokenize_prompt(tmpl.render(messages))
+    out = sys.stdout
+
+    def emit(text):
+        out.write(text)
+        out.flush()
+
+    result = engine.generate(tokens, rt.sampling(tmpl.stop), on_text=emit)
+    out.write("\n")
+    out.flush()
+    if rt.verbose:
+        rate = result.completion_tokens / result.decode_seconds if result.decode_seconds else 0
+        say(f"{result.prompt_tokens} prompt tokens, {result.completion_tokens} generated, {rate:.1f} tok/s")
+    return 0
+
+
+def chat(rt, worker=None) -> int:
+    """The terminal chat. With a worker (the web server runs too), turns queue there."""
+    from .chat import ChatSession, run_chat
+    from .worker import EngineWorker
+
+    engine = rt.load_model()
+    worker = worker or EngineWorker(engine)
+    tmpl = rt.template()
+    try:
+        import readline  # noqa: F401  (line editing and history where available)
+    except ImportError:
+        pass
+    current = {"cancel": threading.Event()}
+
+    def on_sigint(signum, frame):
+        current["cancel"].set()
+
+    def write(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def respond(messages, write_):
+        cancel = threading.Event()
+        current["cancel"] = cancel
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            tokens = engine.tokenize_prompt(tmpl.render(messages))
+            sampling = rt.sampling(tmpl.stop)
+            job = worker.submit(
+                lambda eng, cancelled: eng.generate(tokens, sampling, on_text=write_, cancelled=cancelled), cancel
+            )
+            result = job.future.result()
+        except RuntimeFailure as exc:  # e.g. the conversation outgrew the context
+            write_(f"\n[{exc}]")
+            return "", True
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return result.text, result.finish_reason == "cancelled"
+
+    run_chat(ChatSession(rt.settings.system), input, write, respond, banner=rt.banner())
+    return 0
+
+
+def _display_available() -> bool:
+    if sys.platform in ("win32", "darwin"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def open_browser(url: str) -> bool:
+    if not _display_available():
+        return False
+    import webbrowser
+
+    try:
+        return webbrowser.open(url)
+    except webbrowser.Error:
+        return False
+
+
+def start_server(rt, worker, port: int | None = None, fallback_ports: int = 0):
+    """Bind and start the web server in a thread. Returns (server, url)."""
+    from .server import PortInUseError, ServerThread, allowed_hosts_for, bind, create_app
+
+    host = rt.settings.host
+    port = rt.settings.port if port is None else port
+    sock = None
+    for candidate in range(port, port + fallback_ports + 1):
+        try:
+            sock = bind(host, candidate)
+            break
+        except PortInUseError:
+            if candidate == port + fallback_ports:
+                raise
+    real_port = sock.getsockname()[1]
+    app = create_app(rt.settings, worker, template=rt.template(), info=rt.server_info(),
+                     api_key=rt.args.api_key or os.environ.get("BUNDLE_API_KEY") or None,
+                     allowed_hosts=allowed_hosts_for(host, real_port))
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{real_port}/"
+    return ServerThread(app, sock), url
+
+
+def serve(rt, open_page: bool) -> int:
+    """--server (or a launch without a terminal): the web chat and the API, in the foreground."""
+    from .worker import EngineWorker
+
+    engine = rt.load_model()
+    say(rt.banner())
+    server, url = start_server(rt, EngineWorker(engine))
+    say(f"web chat and OpenAI-compatible API: {url}  (API base {url}v1; Ctrl-C stops)")
+    if rt.settings.host not in ("127.0.0.1", "localhost", "::1"):
+        say(f"note: listening on {rt.settings.host}, reachable from other machines"
+            + ("" if rt.args.api_key else "; consider --api-key"))
+    if open_page and not rt.args.no_browser:
+        threading.Timer(0.3, open_browser, args=(url,)).start()
+    server.serve_forever()
+    return 0
+
+
+def chat_with_server(rt) -> int:
+    """No arguments in a terminal: the chat in the foreground, the web chat in the background."""
+    from .server import PortInUseError
+    from .worker import EngineWorker
+
+    worker = EngineWorker(rt.load_model())
+    try:
+        server, url = start_server(rt, worker, fallback_ports=10)
+        server.start()
+        say(f"web chat: {url}")
+    except (PortInUseError, RuntimeFailure) as exc:
+        say(f"(web chat not started: {exc})")
+    return chat(rt, worker)
+
+
+def bench(rt, as_json: bool) -> int:
+    t0 = time.perf_counter()
+    engine = rt.load_model()
+    load = time.perf_counter() - t0
+    say(rt.banner())
+    say("measuring: a 512-token prompt, then 128 generated tokens…")
+    r = engine.benchmark(reps=int(os.environ.get("BUNDLE_BENCH_REPS", "3")))
+    r.update({"backend": "CPU", "cpu_variant": rt.variant, "load_seconds": load,
+              "model": rt.manifest.get("model", {}).get("name")})
+    if as_json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f"prompt   {r['n_prompt']:>4} tokens: {r['prompt_tps']:8.1f} tokens/s")
+        print(f"generate {r['n_gen']:>4} tokens: {r['decode_tps']:8.1f} tokens/s")
+        print(f"back end: CPU ({rt.variant}), {r['threads']} threads; model loaded in {load:.2f} s")
+    return 0
+
+
+def verify(path: str) -> int:
+    payload = read_payload(path)
+    say(f"checking {len(payload.entries)} entries in {path}…")
+    problems = payload.verify()
+    if problems:
+        for p in problems:
+            say(f"damaged: {p}")
+        say("this file is damaged; copy it again")
+        return 1
+    print(f"ok: {path} is intact ({payload.file_size} bytes, {len(payload.entries)} entries)")
+    return 0

@@ -1,0 +1,335 @@
+"""The web server of a real bundle on 127.0.0.1, driven by real clients: the official openai
+package, raw HTTP for the error cases, many threads at once."""
+
+import http.client
+import json
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import QUESTION
+
+openai = pytest.importorskip("openai")
+
+
+class Server:
+    def __init__(self, exe: Path, *args, env=None):
+        self.proc = subprocess.Popen([str(exe), "--server", "--port", "0", "--no-browser", *args],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+        self.url = None
+        self.lines = []
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            m = re.search(r"(http://127\.0\.0\.1:(\d+)/)", line)
+            if m:
+                self.url, self.port = m.group(1), int(m.group(2))
+                break
+        assert self.url, "".join(self.lines)
+
+    def client(self, **kw):
+        return openai.OpenAI(base_url=self.url + "v1", api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
+
+    def request(self, method, path, body=None, headers=None, raw=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        h = {"Content-Type": "application/json", **(headers or {})}
+        conn.request(method, path, body=data, headers=h)
+        r = conn.getresponse()
+        payload = r.read()
+        conn.close()
+        try:
+            return r.status, json.loads(payload)
+        except ValueError:
+            return r.status, payload
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(built_bundle, tmp_path_factory):
+    env = dict(os.environ, BUNDLE_CACHE_DIR=str(tmp_path_factory.mktemp("srvcache")))
+    s = Server(built_bundle, env=env)
+    yield s
+    s.stop()
+
+
+CHAT = [{"role": "user", "content": QUESTION}]
+
+
+def test_chat_completion(server):
+    r = server.client().chat.completions.create(model="any", messages=CHAT, temperature=0)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0
+
+
+def test_chat_completion_streamed(server):
+    stream = server.client().chat.completions.create(model="any", messages=CHAT, temperature=0, stream=True,
+                                                     stream_options={"include_usage": True})
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    assert "Paris" in "".join(pieces) and len([p for p in pieces if p]) > 1
+    assert finish == "stop" and usage.completion_tokens > 0
+
+
+def test_stream_ends_with_done(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps({"messages": CHAT, "stream": True, "temperature": 0}),
+                 {"Content-Type": "application/json"})
+    text = conn.getresponse().read().decode()
+    assert text.rstrip().endswith("data: [DONE]")
+
+
+def test_completions_models_embeddings(server):
+    c = server.client()
+    r = c.completions.create(model="any", prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert "Paris" in r.choices[0].text
+    assert [m.id for m in c.models.list().data] == ["SmolLM2-135M-Instruct"]
+    e = c.embeddings.create(model="any", input=["Paris is in France.", "Bananas are yellow."])  # base64 by default
+    a, b = e.data[0].embedding, e.data[1].embedding
+    assert len(a) == len(b) == 576
+    assert abs(sum(x * x for x in a) - 1) < 1e-3
+    e2 = c.embeddings.create(model="any", input="Paris is in France.", encoding_format="float")
+    assert max(abs(x - y) for x, y in zip(e2.data[0].embedding, a)) < 1e-4
+    close = c.embeddings.create(model="any", input="Paris lies in France.").data[0].embedding
+    dot = lambda u, v: sum(x * y for x, y in zip(u, v))  # noqa: E731
+    assert dot(a, close) > dot(b, close)
+
+
+def test_health_page_and_static(server):
+    status, body = server.request("GET", "/health")
+    assert status == 200 and body["status"] == "ok"
+    conn = http.client.HTTPConnection("127.0.0.1", server.port)
+    conn.request("GET", "/")
+    r = conn.getresponse()
+    page = r.read().decode()
+    assert r.status == 200 and "<textarea" in page and "script-src 'self'" in r.getheader("Content-Security-Policy")
+    assert "https://" not in page  # nothing from the network
+    assert r.getheader("Access-Control-Allow-Origin") is None
+    status, _ = server.request("GET", "/static/vendor/purify.min.js")
+    assert status == 200
+    status, body = server.request("GET", "/static/../../etc/passwd")
+    assert status == 404
+
+
+@pytest.mark.parametrize("raw, needle, param", [
+    (b"{not json", "not valid JSON", None),
+    (json.dumps({"messages": "hi"}).encode(), "'messages' must be a non-empty list", "messages"),
+    (json.dumps({"messages": CHAT, "temperature": "hot"}).encode(), "'temperature' must be a number", "temperature"),
+    (json.dumps({"messages": CHAT, "max_tokens": 0}).encode(), "'max_tokens' must be between", "max_tokens"),
+    (json.dumps({"messages": CHAT, "n": 2}).encode(), "only n=1", "n"),
+    (json.dumps({"messages": CHAT, "logprobs": True}).encode(), "not supported", "logprobs"),
+    (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(), "is not one of", "messages[0].role"),
+    (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}).encode(),
+     "only text parts", "messages[0].content"),
+    (json.dumps([1, 2]).encode(), "must be a JSON object", None),
+])
+def test_bad_requests_get_openai_shaped_400s(server, raw, needle, param):
+    status, body = server.request("POST", "/v1/chat/completions", raw=raw)
+    assert status == 400
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert needle in err["message"] and err["param"] == param
+
+
+def test_prompt_longer_than_context(server):
+    long = "word " * 6000
+    status, body = server.request("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": long}]})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        server.client().completions.create(model="any", prompt=long, max_tokens=5)
+
+
+def test_host_header_and_body_cap_and_routes(server):
+    status, body = server.request("GET", "/health", headers={"Host": "attacker.example:8080"})
+    assert status == 403 and body["error"]["code"] == "invalid_host"
+    status, _ = server.request("GET", "/health", headers={"Host": f"localhost:{server.port}"})
+    assert status == 200
+    status, body = server.request("POST", "/v1/chat/completions", raw=b"x" * (9 * 1024 * 1024))
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    status, body = server.request("GET", "/v1/nothing")
+    assert status == 404 and "error" in body
+    status, body = server.request("GET", "/v1/chat/completions")
+    assert status == 405 and "error" in body
+
+
+def test_sixteen_concurrent_clients(server):
+    results, errors = [None] * 16, []
+
+    def ask(i):
+        try:
+            r = server.client(timeout=300).chat.completions.create(model="any", messages=CHAT, temperature=0)
+            results[i] = r.choices[0].message.content
+        except Exception as exc:  # noqa: BLE001 - collected and reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert errors == []
+    assert all(r and "Paris" in r for r in results), results
+
+
+def test_requests_are_served_in_arrival_order(server):
+    order, lock = [], threading.Lock()
+
+    def ask(i):
+        stream = server.client(timeout=120).chat.completions.create(
+            model="any", messages=[{"role": "user", "content": f"Count to {i + 5}."}], temperature=0,
+            max_tokens=12, stream=True)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                with lock:
+                    order.append(i)
+                break
+        for _ in stream:
+            pass
+
+    threads = []
+    for i in range(4):
+        t = threading.Thread(target=ask, args=(i,))
+        t.start()
+        threads.append(t)
+        time.sleep(0.15)
+    for t in threads:
+        t.join(120)
+    assert order == [0, 1, 2, 3]
+
+
+def test_client_that_disconnects_stops_its_generation(server):
+    _, before = server.request("GET", "/health")
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    body = json.dumps({"messages": [{"role": "user", "content": "Write a very long story about dragons."}],
+                       "stream": True, "max_tokens": 2000, "temperature": 0}).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    received = b""
+    while received.count(b"data: ") < 6:  # a few tokens streamed
+        received += sock.recv(4096)
+    sock.close()
+    # The next request is served at once: the abandoned generation stopped at its next token.
+    r = server.client().chat.completions.create(model="any", messages=CHAT, temperature=0)
+    assert "Paris" in r.choices[0].message.content
+    _, after = server.request("GET", "/health")
+    assert after["stats"]["cancelled"] == before["stats"]["cancelled"] + 1
+    assert after["stats"]["max_tokens_after_cancel"] <= 1
+
+
+def test_api_key(built_bundle):
+    s = Server(built_bundle, "--api-key", "sekret")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            s.client(api_key="wrong").models.list()
+        status, body = s.request("GET", "/v1/models")
+        assert status == 401 and body["error"]["code"] == "invalid_api_key" and "missing" in body["error"]["message"]
+        assert s.client(api_key="sekret").models.list().data
+        status, _ = s.request("GET", "/health")  # the health check and the page stay open
+        assert status == 200
+    finally:
+        s.stop()
+
+
+def test_port_in_use_names_the_port(built_bundle):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        r = subprocess.run([str(built_bundle), "--server", "--port", str(port), "--no-browser"],
+                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert r.returncode == 1
+        assert f"port {port} on 127.0.0.1 is already in use" in r.stderr and "--port" in r.stderr
+    finally:
+        busy.close()
+
+
+def opener(tmp_path):
+    log = tmp_path / "opened.txt"
+    script = tmp_path / "browser.sh"
+    script.write_text(f"#!/bin/sh\necho \"$1\" >> {log}\n")
+    script.chmod(0o755)
+    return script, log
+
+
+def test_opens_the_browser_when_there_is_a_display(built_bundle, tmp_path):
+    script, log = opener(tmp_path)
+    env = dict(os.environ, DISPLAY=":77", BROWSER=str(script))
+    proc = subprocess.Popen([str(built_bundle), "--server", "--port", "0"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = None
+        while not url:
+            m = re.search(r"(http://127\.0\.0\.1:\d+/)", proc.stderr.readline())
+            url = m and m.group(1)
+        deadline = time.time() + 10
+        while not log.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        assert log.read_text().strip() == url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_no_browser_without_display_or_with_flag(built_bundle, tmp_path):
+    script, log = opener(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    env["BROWSER"] = str(script)
+    s = Server(built_bundle, env=env)  # --no-browser
+    s.stop()
+    env["DISPLAY"] = ":77"
+    s = Server(built_bundle, env=env)  # --no-browser, with a display
+    s.stop()
+    env.pop("DISPLAY")
+    proc = subprocess.Popen([str(built_bundle), "--server", "--port", "0"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    proc.stderr.readline()
+    proc.stderr.readline()  # banner, URL
+    time.sleep(1)
+    proc.terminate()
+    proc.wait(10)
+    assert not log.exists()
+
+
+def test_launch_without_terminal_serves(built_bundle):
+    """Double-clicked from a file manager (no terminal, no arguments): the web chat starts."""
+    env = dict(os.environ, BUNDLE_PORT="0")
+    env.pop("DISPLAY", None)
+    proc = subprocess.Popen([str(built_bundle)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = None
+        for _ in range(5):
+            m = re.search(r"(http://127\.0\.0\.1:(\d+)/)", proc.stderr.readline())
+            if m:
+                url, port = m.group(1), int(m.group(2))
+                break
+        assert url
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
