@@ -9,7 +9,9 @@ noisy machine hits both; the table shows medians and their ratio:
     prefill_vs_native   prompt tok/s (512 tokens), same contenders
     launch_vs_direct    launch -> first answer byte: the bundle / llama-cpp-python's Llama on the .gguf
     cold_vs_warm        the bundle's launch on an empty cache (unpacks its libraries) / a warm one
-    build_vs_cp         `bundle build` / `cp` of the same .gguf
+    build_vs_cp         `bundle build` / `cp` of the same .gguf (the demo model: start-up costs dominate)
+    build_vs_cp_large   the same on a synthetic 1 GiB .gguf (and _sync_large: vs `cp && sync`, since
+                        a build fsyncs before it renames)
     direct_decode_vs_bundle  llama-cpp-python's create_completion decode tok/s / the bundle's
     variant_gain        decode tok/s with the CPU variant ggml chose / with the baseline x64 forced
     rss_over_model_mib  peak RSS of the bundle minus the model's size, MiB
@@ -83,6 +85,27 @@ def llama_bench(tool: Path, model: Path, threads: int) -> dict:
     return res
 
 
+def write_synthetic_gguf(path: Path, mib: int) -> None:
+    """A valid GGUF of about `mib` MiB (one F32 tensor of non-repeating-page data): big enough
+    to show how `bundle build` compares with `cp` once start-up costs stop mattering."""
+    import struct
+
+    n = mib * 2**20 // 4
+
+    def gstr(s):
+        b = s.encode()
+        return struct.pack("<Q", len(b)) + b
+
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + gstr("general.architecture") + struct.pack("<I", 8) + gstr("synthetic")
+    head += gstr("t") + struct.pack("<IQIQ", 1, n, 0, 0)
+    head += b"\0" * (-len(head) % 32)
+    block = bytes(range(256)) * 4096  # 1 MiB
+    with open(path, "wb") as f:
+        f.write(head)
+        for i in range(mib):
+            f.write(block[i % 256:] + block[: i % 256])
+
+
 def med(xs):
     return statistics.median(xs) if xs else float("nan")
 
@@ -94,8 +117,10 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--rounds", type=int, help="rounds per measure (default 5, 3 with --quick)")
     ap.add_argument("--no-native", action="store_true", help="skip llama-bench (it is compiled on first use)")
+    ap.add_argument("--large-mib", type=int, help="size of the synthetic model for the large build (default 1024, 512 with --quick)")
     args = ap.parse_args()
     rounds = args.rounds or (3 if args.quick else 5)
+    args.large_mib = args.large_mib or (512 if args.quick else 1024)
     model = args.model
     if not model.exists():
         sys.exit(f"no model at {model}; run `make model` or pass --model")
@@ -106,7 +131,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bundle-bench-"))
     env = dict(os.environ, BUNDLE_CACHE_DIR=str(work / "cache"))
     results: dict = {"model": model.name, "model_mib": model.stat().st_size / 2**20, "threads": threads,
-                     "rounds": rounds}
+                     "rounds": rounds, "large_mib": args.large_mib}
     raw: dict[str, list] = {}
 
     def add(key, value):
@@ -126,6 +151,17 @@ def main() -> int:
             add("build_s", wall(BUNDLE + ["build", str(model), "-o", str(work / "b2")]))
             add("cp_s", wall(["cp", str(model), str(work / "c2")]))
             (work / "c2").unlink()
+
+        big = work / "large.gguf"
+        write_synthetic_gguf(big, args.large_mib)
+        err(f"build vs cp, {args.large_mib} MiB model ({rounds} rounds)")
+        for _ in range(rounds):
+            add("build_large_s", wall(BUNDLE + ["build", str(big), "-o", str(work / "b3")]))
+            add("cp_large_s", wall(["cp", str(big), str(work / "c3")]))
+            add("cp_sync_large_s", wall(["sh", "-c", f"cp '{big}' '{work / 'c4'}' && sync '{work / 'c4'}'"]))
+            for p in ("b3", "c3", "c4"):
+                (work / p).unlink()
+        big.unlink()
 
         err(f"launch to first token ({rounds} rounds)")
         first_byte([str(bundle), "-p", QUESTION, "--temp", "0", "-n", "8"], env)  # warm the cache
@@ -166,6 +202,8 @@ def main() -> int:
         "launch_vs_direct": m["launch_bundle_s"] / m["launch_direct_s"],
         "cold_vs_warm": m["launch_cold_s"] / m["launch_bundle_s"],
         "build_vs_cp": m["build_s"] / m["cp_s"],
+        "build_vs_cp_large": m["build_large_s"] / m["cp_large_s"],
+        "build_vs_cp_sync_large": m["build_large_s"] / m["cp_sync_large_s"],
         "direct_decode_vs_bundle": m["direct_decode_tps"] / m["bundle_decode_tps"],
         "variant_gain": m["bundle_decode_tps"] / m["x64_decode_tps"],
         "rss_over_model_mib": m["rss_kib"] / 1024 - results["model_mib"],
@@ -200,6 +238,10 @@ def format_table(r: dict) -> str:
             "launch_vs_direct"),
         row("cold launch (vs warm)", m["launch_cold_s"], m["launch_bundle_s"], "s", r["cold_vs_warm"], "cold_vs_warm"),
         row("bundle build (vs cp)", m["build_s"], m["cp_s"], "s", r["build_vs_cp"], "build_vs_cp"),
+        row(f"bundle build, {r['large_mib']} MiB (vs cp)", m["build_large_s"], m["cp_large_s"], "s",
+            r["build_vs_cp_large"], "build_vs_cp_large"),
+        row(f"bundle build, {r['large_mib']} MiB (vs cp+sync)", m["build_large_s"], m["cp_sync_large_s"], "s",
+            r["build_vs_cp_sync_large"], "build_vs_cp_sync_large"),
         row("direct llama-cpp-python decode", m["direct_decode_tps"], m["bundle_decode_tps"], "tok/s",
             r["direct_decode_vs_bundle"], "direct_decode_vs_bundle"),
         row(f"decode, {r.get('cpu_variant')} (vs x64 forced)", m["bundle_decode_tps"], m["x64_decode_tps"], "tok/s",

@@ -42,6 +42,7 @@ FILE_TYPES = {
     30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
 }
 
+_U64 = struct.Struct("<Q")
 # Arrays longer than this (token lists, merges) are counted, not kept.
 _KEEP_ARRAY = 64
 
@@ -144,28 +145,78 @@ class GGUFInfo:
 
 
 class _Reader:
+    """Sequential reads over a buffer filled in large blocks: a GGUF's metadata holds ~100k
+    tokenizer strings, and a file read per field made parsing the slowest part of a build."""
+
+    BLOCK = 8 * 1024 * 1024
+
     def __init__(self, f, path, file_size):
         self.f, self.path, self.file_size = f, path, file_size
+        self.buf = b""
+        self.pos = 0
+        self.base = 0  # file offset of buf[0]
+
+    def tell(self) -> int:
+        return self.base + self.pos
+
+    def _need(self, n: int) -> None:
+        if self.pos + n <= len(self.buf):
+            return
+        rest = self.buf[self.pos:]
+        self.base += self.pos
+        more = self.f.read(max(n - len(rest), self.BLOCK))
+        self.buf, self.pos = rest + more, 0
+        if len(self.buf) < n:
+            raise GGUFError(
+                f"{self.path} is truncated: its GGUF header ends early at byte {self.file_size} of "
+                f"the {self.base + n} it needs; download or copy the model again"
+            )
 
     def read(self, n: int) -> bytes:
-        data = self.f.read(n)
-        if len(data) != n:
-            raise GGUFError(
-                f"{self.path} is truncated: its GGUF header ends early at byte {self.f.tell()} of "
-                f"{self.file_size}; download or copy the model again"
-            )
+        self._need(n)
+        data = self.buf[self.pos : self.pos + n]
+        self.pos += n
         return data
 
     def unpack(self, fmt: str):
-        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+        size = struct.calcsize(fmt)
+        self._need(size)
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += size
+        return value
+
+    def remaining(self) -> int:
+        return self.file_size - self.tell()
 
     def string(self) -> str:
         n = self.unpack("<Q")
-        if n > self.file_size - self.f.tell():
+        if n > self.remaining():
             raise GGUFError(
                 f"{self.path} is truncated or damaged: a metadata string claims {n} bytes; download the model again"
             )
         return self.read(n).decode("utf-8", errors="replace")
+
+    def skip_strings(self, count: int) -> None:
+        # The hot loop of parsing (tokenizer vocabularies): locals, no method calls, and the
+        # careful path only near the end of the buffer.
+        unpack, buf, pos, left = _U64.unpack_from, self.buf, self.pos, count
+        end = len(buf) - 8
+        while left and pos <= end:
+            n = unpack(buf, pos)[0]
+            if pos + 8 + n > len(buf):
+                break
+            pos += 8 + n
+            left -= 1
+        self.pos = pos
+        for _ in range(left):
+            self._need(8)
+            (n,) = struct.unpack_from("<Q", self.buf, self.pos)
+            if n > self.remaining():
+                raise GGUFError(
+                    f"{self.path} is truncated or damaged: a metadata string claims {n} bytes; download the model again"
+                )
+            self._need(8 + n)
+            self.pos += 8 + n
 
     def value(self, vtype: int):
         if vtype in _SCALARS:
@@ -175,17 +226,19 @@ class _Reader:
         if vtype == _ARRAY:
             itype = self.unpack("<I")
             count = self.unpack("<Q")
-            if count > self.file_size - self.f.tell():
+            if count > self.remaining():
                 raise GGUFError(
                     f"{self.path} is truncated or damaged: an array claims {count} items but only "
-                    f"{self.file_size - self.f.tell()} bytes follow; download or copy the model again"
+                    f"{self.remaining()} bytes follow; download or copy the model again"
                 )
-            if itype in _SCALARS and count > _KEEP_ARRAY:
-                # skip fixed-size arrays without decoding them
-                self.read(struct.calcsize(_SCALARS[itype]) * count)
-                return {"array_of": itype, "count": count}
-            items = [self.value(itype) for _ in range(count)]
-            return items if count <= _KEEP_ARRAY else {"array_of": itype, "count": count}
+            if count > _KEEP_ARRAY and itype in _SCALARS:
+                self.read(struct.calcsize(_SCALARS[itype]) * count)  # skipped, not decoded
+            elif count > _KEEP_ARRAY and itype == _STRING:
+                self.skip_strings(count)
+            else:
+                items = [self.value(itype) for _ in range(count)]
+                return items if count <= _KEEP_ARRAY else {"array_of": itype, "count": count}
+            return {"array_of": itype, "count": count}
         raise GGUFError(f"{self.path} is damaged: unknown metadata value type {vtype}; download the model again")
 
 
@@ -240,7 +293,7 @@ def read_gguf(path: str) -> GGUFInfo:
         alignment = metadata.get("general.alignment", 32)
         if not isinstance(alignment, int) or alignment <= 0:
             alignment = 32
-        data_offset = (f.tell() + alignment - 1) // alignment * alignment
+        data_offset = (r.tell() + alignment - 1) // alignment * alignment
     needed = data_offset
     for t in tensors:
         end = data_offset + t.offset + (t.n_bytes or 1)

@@ -125,7 +125,7 @@ def write_bundle(
             writer.add_stream(
                 NATIVE_CPU_ENTRY, _chunks(stub.native_cpu), "zstd", native_meta.get("unpacked_size")
             )
-            model_entry = writer.add_stream(MODEL_ENTRY, _chunks(model), "none", progress=progress)
+            model_entry = writer.add_file(MODEL_ENTRY, model, progress=progress)
             manifest = dict(manifest)
             manifest.setdefault("model", {})["sha256"] = model_entry.sha256
             toc = writer.toc_bytes(manifest)
