@@ -6,6 +6,7 @@ Each measure alternates the bundle and its reference, round after round, so that
 noisy machine hits both; the table shows medians and their ratio:
 
     decode_vs_native    decode tok/s (128 tokens), the bundle's --bench / llama-bench (-march=native)
+    oneshot_decode_vs_native  the same for a plain `-p` answer (tok/s as -v reports it)
     prefill_vs_native   prompt tok/s (512 tokens), same contenders
     launch_vs_direct    launch -> first answer byte: the bundle / llama-cpp-python's Llama on the .gguf
     cold_vs_warm        the bundle's launch on an empty cache (unpacks its libraries) / a warm one
@@ -70,6 +71,15 @@ def run_json(cmd, env=None) -> tuple[dict, int]:
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({p.returncode})")
     return json.loads(out), usage.ru_maxrss
+
+
+def oneshot_rate(bundle: Path, threads: int, env) -> float:
+    """Decode tok/s of a plain one-shot answer (-p), as the runtime reports it with -v."""
+    r = subprocess.run([str(bundle), "-p", "Write a long story about a lighthouse keeper.", "--temp", "0",
+                        "-n", "128", "-t", str(threads), "-v"], capture_output=True, text=True, env=env, check=True)
+    import re
+
+    return float(re.search(r"generated, ([0-9.]+) tok/s", r.stderr).group(1))
 
 
 def llama_bench(tool: Path, model: Path, threads: int) -> dict:
@@ -186,6 +196,7 @@ def main() -> int:
                 n = llama_bench(native, model, threads)
                 add("native_decode_tps", n["decode_tps"])
                 add("native_prompt_tps", n["prompt_tps"])
+            add("oneshot_decode_tps", oneshot_rate(bundle, threads, env))
             x, _ = run_json([str(bundle), "--bench", "--json", "-t", str(threads)], dict(bench_env, BUNDLE_CPU_VARIANT="x64"))
             add("x64_decode_tps", x["decode_tps"])
             d, _ = run_json([sys.executable, str(ROOT / "bench" / "direct.py"), "decode", str(model), "128"])
@@ -199,6 +210,8 @@ def main() -> int:
     results.update({
         "decode_vs_native": m["bundle_decode_tps"] / m["native_decode_tps"] if "native_decode_tps" in m else None,
         "prefill_vs_native": m["bundle_prompt_tps"] / m["native_prompt_tps"] if "native_prompt_tps" in m else None,
+        "oneshot_decode_vs_native": (m["oneshot_decode_tps"] / m["native_decode_tps"]
+                                     if "native_decode_tps" in m else None),
         "launch_vs_direct": m["launch_bundle_s"] / m["launch_direct_s"],
         "cold_vs_warm": m["launch_cold_s"] / m["launch_bundle_s"],
         "build_vs_cp": m["build_s"] / m["cp_s"],
@@ -234,6 +247,8 @@ def format_table(r: dict) -> str:
             r["decode_vs_native"], "decode_vs_native"),
         row("prompt 512 (vs llama-bench)", m["bundle_prompt_tps"], m.get("native_prompt_tps", float("nan")), "tok/s",
             r["prefill_vs_native"], "prefill_vs_native"),
+        row("decode, one-shot -p (vs llama-bench)", m["oneshot_decode_tps"], m.get("native_decode_tps", float("nan")),
+            "tok/s", r["oneshot_decode_vs_native"], "oneshot_decode_vs_native"),
         row("launch -> first token (vs direct)", m["launch_bundle_s"], m["launch_direct_s"], "s", r["launch_vs_direct"],
             "launch_vs_direct"),
         row("cold launch (vs warm)", m["launch_cold_s"], m["launch_bundle_s"], "s", r["cold_vs_warm"], "cold_vs_warm"),

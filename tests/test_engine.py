@@ -95,6 +95,20 @@ def test_temperature_and_repeat_penalty_change_the_output(engine, prompt_for):
     assert hot != g and pen != g
 
 
+def test_frequency_and_presence_penalties_change_the_output(engine, prompt_for):
+    g = engine.generate(prompt_for(STORY), greedy(max_tokens=60)).text
+    freq = engine.generate(prompt_for(STORY), greedy(max_tokens=60, frequency_penalty=1.5)).text
+    pres = engine.generate(prompt_for(STORY), greedy(max_tokens=60, presence_penalty=1.5)).text
+    assert freq != g and pres != g
+
+
+def test_end_of_generation_token_stops(engine, prompt_for):
+    r = engine.generate(prompt_for(QUESTION), greedy(max_tokens=200))
+    assert r.finish_reason == "stop" and r.completion_tokens < 200
+    forced = engine.generate(prompt_for(QUESTION), greedy(max_tokens=40, ignore_eog=True))
+    assert forced.completion_tokens == 40
+
+
 def test_prefix_reuse_gives_the_same_answer(engine, prompt_for):
     first = prompt_for(QUESTION)
     engine.generate(first, greedy(max_tokens=10))
