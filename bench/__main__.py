@@ -15,6 +15,9 @@ noisy machine hits both; the table shows medians and their ratio:
                         a build fsyncs before it renames)
     direct_decode_vs_bundle  llama-cpp-python's create_completion decode tok/s / the bundle's
     variant_gain        decode tok/s with the CPU variant ggml chose / with the baseline x64 forced
+    http_ttft_vs_direct, http_tps_vs_direct   a streamed chat completion through the bundle's
+                        server / llama-cpp-python's create_chat_completion in-process (model loaded)
+    http_ttft_vs_llama_server, http_tps_vs_llama_server   the same against llama.cpp's llama-server
     rss_over_model_mib  peak RSS of the bundle minus the model's size, MiB
     stub_mib            what a bundle adds to its model (runtime + libraries), MiB
 """
@@ -150,11 +153,12 @@ def main() -> int:
     try:
         bundle = work / "model-bundle"
         subprocess.run(BUNDLE + ["build", str(model), "-o", str(bundle)], check=True, capture_output=True)
-        native = None
+        native = server_ref = None
         if not args.no_native:
             from bench.native import ensure_tools
 
-            native = ensure_tools()["llama-bench"]
+            tools = ensure_tools()
+            native, server_ref = tools["llama-bench"], tools["llama-server"]
 
         err(f"build vs cp ({rounds} rounds)")
         for _ in range(rounds):
@@ -201,6 +205,12 @@ def main() -> int:
             add("x64_decode_tps", x["decode_tps"])
             d, _ = run_json([sys.executable, str(ROOT / "bench" / "direct.py"), "decode", str(model), "128"])
             add("direct_decode_tps", d["decode_tps"])
+
+        err(f"through HTTP: the bundle's server, llama-server, direct Python ({rounds} rounds)")
+        from bench.serving import measure as measure_http
+
+        for key, values in measure_http(bundle, model, threads, rounds, server_ref, env).items():
+            raw[key] = values
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -222,6 +232,10 @@ def main() -> int:
         "rss_over_model_mib": m["rss_kib"] / 1024 - results["model_mib"],
         "stub_mib": overhead / 2**20,
         "stub_exe_mib": (stub_dir / "bundle-runtime").stat().st_size / 2**20,
+        "http_ttft_vs_direct": m["http_ttft_s"] / m["direct_ttft_s"],
+        "http_tps_vs_direct": m["http_tps"] / m["direct_tps"],
+        "http_ttft_vs_llama_server": m["http_ttft_s"] / m["llama_server_ttft_s"] if "llama_server_ttft_s" in m else None,
+        "http_tps_vs_llama_server": m["http_tps"] / m["llama_server_tps"] if "llama_server_tps" in m else None,
         "medians": m,
     })
     if args.json:
@@ -237,12 +251,12 @@ def format_table(r: dict) -> str:
     def row(name, a, b, unit, ratio, key):
         ratio_s = f"{ratio:6.2f}" if ratio is not None else "   n/a"
         b_s = f"{b:10.3f}" if b == b else "       n/a"
-        return f"{name:<34}{a:10.3f} {b_s}  {unit:<6}{ratio_s}  {key}"
+        return f"{name:<42}{a:10.3f} {b_s}  {unit:<6}{ratio_s}  {key}"
 
     lines = [
         f"model {r['model']} ({r['model_mib']:.1f} MiB), {r['threads']} threads, CPU variant {r.get('cpu_variant')}, "
         f"medians of {r['rounds']} alternating rounds",
-        f"{'measure':<34}{'bundle':>10} {'reference':>10}  {'unit':<6}{'ratio':>6}  key",
+        f"{'measure':<42}{'bundle':>10} {'reference':>10}  {'unit':<6}{'ratio':>6}  key",
         row("decode 128 (vs llama-bench)", m["bundle_decode_tps"], m.get("native_decode_tps", float("nan")), "tok/s",
             r["decode_vs_native"], "decode_vs_native"),
         row("prompt 512 (vs llama-bench)", m["bundle_prompt_tps"], m.get("native_prompt_tps", float("nan")), "tok/s",
@@ -261,8 +275,16 @@ def format_table(r: dict) -> str:
             r["direct_decode_vs_bundle"], "direct_decode_vs_bundle"),
         row(f"decode, {r.get('cpu_variant')} (vs x64 forced)", m["bundle_decode_tps"], m["x64_decode_tps"], "tok/s",
             r["variant_gain"], "variant_gain"),
-        f"{'peak RSS over model size':<34}{r['rss_over_model_mib']:10.1f} MiB{'':>18}rss_over_model_mib",
-        f"{'runtime + libraries per bundle':<34}{r['stub_mib']:10.1f} MiB (stub executable {r['stub_exe_mib']:.1f})  stub_mib",
+        row("HTTP time to first token (vs direct)", m["http_ttft_s"], m["direct_ttft_s"], "s",
+            r["http_ttft_vs_direct"], "http_ttft_vs_direct"),
+        row("HTTP tokens/s (vs direct)", m["http_tps"], m["direct_tps"], "tok/s", r["http_tps_vs_direct"],
+            "http_tps_vs_direct"),
+        row("HTTP time to first token (vs llama-server)", m["http_ttft_s"], m.get("llama_server_ttft_s", float("nan")),
+            "s", r["http_ttft_vs_llama_server"], "http_ttft_vs_llama_server"),
+        row("HTTP tokens/s (vs llama-server)", m["http_tps"], m.get("llama_server_tps", float("nan")), "tok/s",
+            r["http_tps_vs_llama_server"], "http_tps_vs_llama_server"),
+        f"{'peak RSS over model size':<42}{r['rss_over_model_mib']:10.1f} MiB{'':>18}rss_over_model_mib",
+        f"{'runtime + libraries per bundle':<42}{r['stub_mib']:10.1f} MiB (stub executable {r['stub_exe_mib']:.1f})  stub_mib",
     ]
     return "\n".join(lines)
 
