@@ -80,8 +80,11 @@ def cli():
 @click.option("--max-tokens", type=int, help="default most tokens per answer (-1: no limit)")
 @click.option("--target", help="platform of the executable (default: this one)")
 @click.option("--stub", type=click.Path(), help="use this runtime stub instead of stubs/<target>/")
+@click.option("--gpu", type=click.Choice(["auto", "cuda", "none"]), default="auto", show_default=True,
+              help="carry the CUDA back end (auto: when the stub has one)")
 @click.option("--force", is_flag=True, help="replace an existing file at the output path even if it is not a bundle")
-def build(model, output, name, template, system, ctx, temp, top_p, top_k, repeat_penalty, max_tokens, target, stub, force):
+def build(model, output, name, template, system, ctx, temp, top_p, top_k, repeat_penalty, max_tokens, target, stub,
+          gpu, force):
     """Build one executable from MODEL (a .gguf path or hf://owner/repo/file.gguf)."""
     from . import gguf, hub, stubs, writer
 
@@ -92,8 +95,12 @@ def build(model, output, name, template, system, ctx, temp, top_p, top_k, repeat
     stub_info = stubs.find_stub(target, stub)
     stem = Path(model_path.name).stem if not hub.is_hub_ref(model) else Path(model.rsplit("/", 1)[-1]).stem
     out = Path(output) if output else Path("dist") / stem
+    if gpu == "cuda" and not stub_info.native_cuda:
+        raise BundleError(f"--gpu cuda: the stub in {stub_info.folder}/ has no CUDA back end; build one with "
+                          "`python build.py --cuda` or pass --gpu none")
+    with_cuda = gpu != "none" and stub_info.native_cuda is not None
     writer.check_output(out, model_path, force)
-    writer.check_space(out, model_path, stub_info)
+    writer.check_space(out, model_path, stub_info, with_cuda)
 
     default_ctx = min(Settings.ctx, info.context_length) if info.context_length else Settings.ctx
     settings = Settings(ctx=default_ctx, template=template_name).merged(
@@ -119,10 +126,14 @@ def build(model, output, name, template, system, ctx, temp, top_p, top_k, repeat
         f"trained context {info.context_length}, template {template_name}, {_human(info.file_size)}",
         err=True,
     )
+    if stub_info.native_cuda:
+        cuda_size = _human(stub_info.native_cuda.stat().st_size)
+        click.echo(f"CUDA back end: {'carried' if with_cuda else 'left out'} ({cuda_size}; "
+                   f"{'--gpu none leaves it out' if with_cuda else '--gpu cuda carries it'})", err=True)
     show_bar = err.isatty()
     with click.progressbar(length=info.file_size, label="writing", file=err, show_eta=True,
                            hidden=not show_bar) as bar:
-        result = writer.write_bundle(model_path, stub_info, out, manifest, progress=bar.update)
+        result = writer.write_bundle(model_path, stub_info, out, manifest, progress=bar.update, with_cuda=with_cuda)
     seconds = time.perf_counter() - t0
     click.echo(
         f"wrote {out} ({_human(result['size'])}, {stub_info.target}, needs glibc ≥ "

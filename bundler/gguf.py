@@ -129,6 +129,40 @@ class GGUFInfo:
     def name(self) -> str:
         return str(self.get("general.name") or os.path.splitext(os.path.basename(self.path))[0])
 
+    def layout(self) -> dict | None:
+        """What the runtime needs to plan a GPU offload: bytes per layer, KV widths, output."""
+        arch = self.architecture
+        n_layer = self.get(f"{arch}.block_count")
+        n_embd = self.get(f"{arch}.embedding_length")
+        n_head = self.get(f"{arch}.attention.head_count")
+        if not all(isinstance(v, int) and v > 0 for v in (n_layer, n_embd)):
+            return None
+        if isinstance(n_head, list):
+            n_head = max(n_head)
+        n_head = n_head if isinstance(n_head, int) and n_head > 0 else 1
+        n_head_kv = self.get(f"{arch}.attention.head_count_kv", n_head)
+        if isinstance(n_head_kv, list):  # per-layer counts (some hybrid models)
+            n_head_kv = max(n_head_kv)
+        key_len = self.get(f"{arch}.attention.key_length", n_embd // n_head)
+        value_len = self.get(f"{arch}.attention.value_length", key_len)
+        layer_bytes = [0] * n_layer
+        by_name = {}
+        for t in self.tensors:
+            size = t.n_bytes or 0
+            by_name[t.name] = size
+            parts = t.name.split(".")
+            if parts[0] == "blk" and len(parts) > 1 and parts[1].isdigit() and int(parts[1]) < n_layer:
+                layer_bytes[int(parts[1])] += size
+        # Tied embeddings: llama.cpp puts a copy of token_embd on the GPU as the output layer.
+        output = by_name.get("output.weight", by_name.get("token_embd.weight", 0)) + by_name.get("output_norm.weight", 0)
+        return {
+            "n_layer": n_layer,
+            "layer_bytes": layer_bytes,
+            "output_bytes": output,
+            "n_embd_k_gqa": int(n_head_kv) * int(key_len),
+            "n_embd_v_gqa": int(n_head_kv) * int(value_len),
+        }
+
     def summary(self) -> dict:
         return {
             "name": self.name,
@@ -141,6 +175,7 @@ class GGUFInfo:
             "tensors": len(self.tensors),
             "has_chat_template": self.chat_template is not None,
             "file_size": self.file_size,
+            "layout": self.layout(),
         }
 
 

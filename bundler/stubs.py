@@ -13,6 +13,7 @@ from .errors import BundleError
 TARGETS = ("linux-x86_64", "linux-aarch64", "windows-x86_64", "macos-arm64")
 STUB_NAMES = {"windows-x86_64": "bundle-runtime.exe"}
 NATIVE_CPU = "native-cpu.tar.zst"
+NATIVE_CUDA = "native-cuda.tar.zst"
 
 
 def host_target() -> str:
@@ -35,10 +36,11 @@ class Stub:
     exe: Path
     native_cpu: Path
     meta: dict
+    native_cuda: Path | None = None
 
     def manifest_info(self) -> dict:
         keys = ("target", "runtime_version", "format_version", "llama_cpp_python", "glibc_min",
-                "python", "pyinstaller", "stub_sha256", "build_flags")
+                "python", "pyinstaller", "stub_sha256", "build_flags", "cuda_version_min", "cuda_architectures")
         return {k: self.meta.get(k) for k in keys if k in self.meta}
 
 
@@ -72,4 +74,5 @@ def find_stub(target: str | None = None, stub_path: str | None = None) -> Stub:
         meta = json.loads(meta_file.read_text())
     except ValueError:
         raise BundleError(f"{meta_file} is not valid JSON; rebuild the stub with `python build.py`") from None
-    return Stub(target, folder, exe, native, meta)
+    cuda = folder / NATIVE_CUDA
+    return Stub(target, folder, exe, native, meta, cuda if cuda.is_file() and meta.get("native", {}).get("cuda") else None)

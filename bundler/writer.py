@@ -30,6 +30,7 @@ from .errors import BundleError
 from .stubs import Stub
 
 NATIVE_CPU_ENTRY = "native/cpu.tar.zst"
+NATIVE_CUDA_ENTRY = "native/cuda.tar.zst"
 # Room for the TOC, headers and alignment on top of the entries when checking free space.
 SLACK = 4 * 1024 * 1024
 
@@ -71,11 +72,13 @@ def check_output(output: Path, model: Path, force: bool) -> None:
         raise BundleError(f"cannot write to {folder} (permission denied); choose a writable folder with -o")
 
 
-def check_space(output: Path, model: Path, stub: Stub) -> None:
+def check_space(output: Path, model: Path, stub: Stub, with_cuda: bool = False) -> None:
     folder = output.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     needed = stub.exe.stat().st_size * 2 + stub.native_cpu.stat().st_size + model.stat().st_size + SLACK
+    if with_cuda and stub.native_cuda:
+        needed += stub.native_cuda.stat().st_size
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise BundleError(
@@ -100,6 +103,7 @@ def write_bundle(
     manifest: dict,
     progress: Callable[[int], None] | None = None,
     tail_mode: str = "auto",
+    with_cuda: bool = False,
 ) -> dict:
     """Write the bundle at output (via a temporary file in the same folder). Returns figures."""
     stub_bytes = stub.exe.read_bytes()
@@ -107,7 +111,7 @@ def write_bundle(
     stub_archive = stub_bytes[archive_start : cookie_pos + PYI_COOKIE_SIZE]
     payload_start = align_up(len(stub_bytes))
     folder = output.parent
-    check_space(output, model, stub)
+    check_space(output, model, stub, with_cuda)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -125,6 +129,9 @@ def write_bundle(
             writer.add_stream(
                 NATIVE_CPU_ENTRY, _chunks(stub.native_cpu), "zstd", native_meta.get("unpacked_size")
             )
+            if with_cuda and stub.native_cuda:
+                writer.add_file(NATIVE_CUDA_ENTRY, stub.native_cuda, "zstd",
+                                stub.meta["native"]["cuda"].get("unpacked_size"))
             model_entry = writer.add_file(MODEL_ENTRY, model, progress=progress)
             manifest = dict(manifest)
             manifest.setdefault("model", {})["sha256"] = model_entry.sha256

@@ -66,6 +66,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     g.add_argument("-c", "--ctx", type=int, help="context length in tokens")
     g.add_argument("-t", "--threads", type=int, help="CPU threads (default: physical cores)")
     g.add_argument("--system", help="system prompt")
+    g.add_argument("--gpu", choices=["auto", "off", "cuda"],
+                   help="auto (default): an NVIDIA GPU when it works, else the CPU; off: CPU only; cuda: fail without it")
+    g.add_argument("-ngl", "--gpu-layers", type=int, dest="gpu_layers", help="layers to put on the GPU (default: all that fit)")
     g.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's own log on stderr")
     p.add_argument("--version", action="version", version=f"bundle runtime {__version__} (format {FORMAT_VERSION})")
     return p
@@ -86,6 +89,7 @@ class Runtime:
         self.C = None
         self.engine = None
         self.variant = None
+        self.backend = None
 
     def threads(self) -> int:
         from .native import physical_cores
@@ -103,7 +107,19 @@ class Runtime:
         set_logging(self.C, self.verbose)
         native.load_backends(self.libdir, os.environ.get("BUNDLE_CPU_VARIANT") or None)
         self.variant = native.loaded_cpu_variant()
+        self.choose_backend()
         self.libs_seconds = time.perf_counter() - t0
+
+    def choose_backend(self) -> None:
+        from . import backend
+        from .engine import last_error
+
+        self.backend = backend.choose(self.payload, self.settings, self.libdir,
+                                      self.manifest.get("model", {}).get("layout"), say=say, last_log=last_error)
+        if self.backend.name == "CPU" and backend.CUDA_ENTRY in self.payload.entries and self.settings.gpu != "off":
+            say(f"running on the CPU: {self.backend.reason}")
+        if self.backend.note:
+            say(f"note: {self.backend.note}")
 
     def load_model(self):
         from .engine import Engine, ModelLoadError
@@ -118,7 +134,19 @@ class Runtime:
             if f.read(4) != b"GGUF":
                 raise RuntimeFailure(f"{self.path}: the model inside it is damaged; copy the file again")
         try:
-            self.engine = Engine(self.C, self.path, offset, self.settings.ctx, self.threads())
+            try:
+                self.engine = Engine(self.C, self.path, offset, self.settings.ctx, self.threads(),
+                                     self.backend.gpu_layers)
+            except ModelLoadError as exc:
+                if self.backend.gpu_layers == 0:
+                    raise
+                # The GPU could not take it (out of memory at load time, a driver fault): the CPU can.
+                if self.settings.gpu == "cuda":
+                    raise RuntimeFailure(f"--gpu cuda: loading the model onto the GPU failed ({exc})") from None
+                self.backend.name, self.backend.gpu_layers = "CPU", 0
+                self.backend.reason = f"loading the model onto the GPU failed ({exc}); running on the CPU"
+                say(f"running on the CPU: {self.backend.reason}")
+                self.engine = Engine(self.C, self.path, offset, self.settings.ctx, self.threads(), 0)
         except ModelLoadError as exc:
             # Name the damage if there is any: a hash check costs a read of the model, only on failure.
             problems = [p for p in self.payload.verify() if p.startswith(MODEL_ENTRY)]
@@ -145,7 +173,7 @@ class Runtime:
         parts = [
             self.manifest.get("name") or m.get("name") or "model",
             " ".join(x for x in (m.get("size_label"), m.get("quantization")) if x),
-            f"CPU ({self.variant or 'unknown variant'})",
+            self.backend.describe() if self.backend else f"CPU ({self.variant or 'unknown variant'})",
             f"{self.threads()} threads",
             f"ctx {e.n_ctx if e else self.settings.ctx}",
         ]
@@ -155,7 +183,7 @@ class Runtime:
         return {
             "name": self.manifest.get("name"),
             "model": self.manifest.get("model", {}),
-            "backend": {"name": "CPU", "cpu_variant": self.variant, "threads": self.threads()},
+            "backend": {**self.backend.to_json(), "threads": self.threads()},
             "created": int(time.time()),
         }
 
@@ -173,7 +201,7 @@ class Runtime:
             "model": self.manifest.get("model", {}),
             "template": self.manifest.get("template_name", "auto"),
             "settings": self.settings.to_manifest(),
-            "backend": {"name": "CPU", "cpu_variant": self.variant, "libraries": str(self.libdir)},
+            "backend": {**self.backend.to_json(), "libraries": str(self.libdir)},
             "threads": self.threads(),
             "context": self.settings.ctx,
             "hardware": _hardware(physical_cores()),
@@ -306,7 +334,8 @@ def _format_info(d: dict) -> str:
         f"name:        {d.get('name')}",
         f"model:       {m.get('name')} · {m.get('architecture')} · {m.get('size_label')} · {m.get('quantization')}",
         f"template:    {d.get('template')}",
-        f"back end:    {d['backend']['name']} ({d['backend']['cpu_variant']})",
+        f"back end:    {d['backend']['name']} ({d['backend']['device'] or d['backend']['cpu_variant']})"
+        + (f" — CPU because {d['backend']['cpu_reason']}" if d['backend'].get('cpu_reason') else ""),
         f"threads:     {d['threads']}",
         f"context:     {d['context']}",
         "settings:    " + ", ".join(f"{k}={v}" for k, v in s.items()),

@@ -94,29 +94,40 @@ class Result:
 
 
 _log_callback = None  # module-level on purpose: C keeps the pointer for the process's life
+_recent_errors: list[str] = []
+GGML_LOG_LEVEL_ERROR = 4
 
 
 def set_logging(C, verbose: bool) -> None:
     """Keep llama.cpp's and ggml's thousands of log lines off stderr unless asked (DESIGN.md
-    #8). Called before the back ends load, so their messages are caught too."""
+    #8). Called before the back ends load, so their messages are caught too. Errors are kept
+    (the last few) so a failure can say what llama.cpp said."""
     global _log_callback
 
     def log(level, text, user_data):
+        line = text.decode("utf-8", "replace")
+        if level == GGML_LOG_LEVEL_ERROR:
+            _recent_errors.append(line.strip())
+            del _recent_errors[:-5]
         if verbose:
-            sys.stderr.write(text.decode("utf-8", "replace"))
+            sys.stderr.write(line)
 
     _log_callback = C.llama_log_callback(log)
     C.llama_log_set(_log_callback, None)
 
 
+def last_error() -> str:
+    return _recent_errors[-1] if _recent_errors else ""
+
+
 class Engine:
     """One model, one context. Not thread-safe: callers serialise generate()."""
 
-    def __init__(self, C, model_path: str, offset: int, ctx: int, threads: int):
+    def __init__(self, C, model_path: str, offset: int, ctx: int, threads: int, gpu_layers: int = 0):
         self.C = C
         C.llama_backend_init()
         params = C.llama_model_default_params()
-        params.n_gpu_layers = 0
+        params.n_gpu_layers = gpu_layers
         params.use_mmap = True
         fp = _fopen(model_path, offset)
         t0 = time.perf_counter()
@@ -126,7 +137,7 @@ class Engine:
             _libc.fclose(fp)  # the mapping stays valid after the FILE is closed
         self.load_seconds = time.perf_counter() - t0
         if not self.model:
-            raise ModelLoadError("llama.cpp could not load the model")
+            raise ModelLoadError("llama.cpp could not load the model" + (f" ({last_error()})" if last_error() else ""))
         self.vocab = C.llama_model_get_vocab(self.model)
         self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = C.llama_model_n_ctx_train(self.model)

@@ -161,14 +161,15 @@ def bench(rt, as_json: bool) -> int:
     say(rt.banner())
     say("measuring: a 512-token prompt, then 128 generated tokens…")
     r = engine.benchmark(reps=int(os.environ.get("BUNDLE_BENCH_REPS", "3")))
-    r.update({"backend": "CPU", "cpu_variant": rt.variant, "load_seconds": load,
+    r.update({"backend": rt.backend.name, "device": rt.backend.device, "gpu_layers": rt.backend.gpu_layers,
+              "cpu_variant": rt.variant, "load_seconds": load,
               "model": rt.manifest.get("model", {}).get("name")})
     if as_json:
         print(json.dumps(r, indent=2))
     else:
         print(f"prompt   {r['n_prompt']:>4} tokens: {r['prompt_tps']:8.1f} tokens/s")
         print(f"generate {r['n_gen']:>4} tokens: {r['decode_tps']:8.1f} tokens/s")
-        print(f"back end: CPU ({rt.variant}), {r['threads']} threads; model loaded in {load:.2f} s")
+        print(f"back end: {rt.backend.describe()}, {r['threads']} threads; model loaded in {load:.2f} s")
     return 0
 
 

@@ -408,14 +408,14 @@ class PayloadWriter:
         self.pos = offset + size
         return entry
 
-    def add_file(self, name: str, path, progress=None) -> Entry:
+    def add_file(self, name: str, path, compression: str = "none", unpacked_size=None, progress=None) -> Entry:
         """Copy a file in as one entry: the kernel copies (copy_file_range, no trip through
         Python; a reflink where the filesystem can) while a second thread hashes the source.
         Falls back to add_stream where the kernel cannot."""
         import threading
 
         if not hasattr(os, "copy_file_range"):
-            return self.add_stream(name, _file_chunks(path), progress=progress)
+            return self.add_stream(name, _file_chunks(path), compression, unpacked_size, progress)
         offset = self._seek_next()
         self.f.flush()
         before = os.stat(path)
@@ -446,7 +446,7 @@ class PayloadWriter:
             if copied == 0 and exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
                 hasher.join()
                 self.f.seek(self.start + offset)
-                return self._add_stream_at(name, offset, _file_chunks(path), "none", None, progress)
+                return self._add_stream_at(name, offset, _file_chunks(path), compression, unpacked_size, progress)
             raise
         finally:
             os.close(src)
@@ -456,7 +456,7 @@ class PayloadWriter:
         after = os.stat(path)
         if copied != before.st_size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             raise OSError(errno.EIO, f"{path} changed while it was being copied")
-        entry = Entry(name, offset, copied, "none", digest.hexdigest())
+        entry = Entry(name, offset, copied, compression, digest.hexdigest(), unpacked_size)
         self.entries.append(entry)
         self.pos = offset + copied
         return entry

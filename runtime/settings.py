@@ -38,6 +38,8 @@ class Settings:
     threads: int = 0  # 0: physical cores
     system: str | None = None  # None: the template's own default
     template: str = "auto"
+    gpu: str = "auto"  # auto: CUDA when it works; off: never touch it; cuda: fail unless it works
+    gpu_layers: int = -1  # -1: as many as fit
     host: str = "127.0.0.1"  # the web server: loopback unless asked
     port: int = 8080
 
@@ -73,6 +75,10 @@ class Settings:
             problems.append(f"repeat_penalty={self.repeat_penalty} must be above 0")
         if self.max_tokens == 0 or self.max_tokens < -1:
             problems.append(f"max_tokens={self.max_tokens} must be -1 (no limit) or at least 1")
+        if self.gpu not in ("auto", "off", "cuda"):
+            problems.append(f"gpu={self.gpu!r} must be auto, off or cuda")
+        if self.gpu_layers < -1:
+            problems.append(f"gpu_layers={self.gpu_layers} must be -1 (auto) or 0 or more")
         if not 0 <= self.port <= 65535:
             problems.append(f"port={self.port} must be between 0 and 65535")
         if self.threads < 0:

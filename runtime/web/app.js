@@ -173,7 +173,9 @@ async function start() {
   $("model-name").textContent = name;
   const b = state.info.backend || {};
   const m = state.info.model || {};
-  $("backend").textContent = [m.size_label, m.quantization, b.name ? b.name + (b.cpu_variant ? " (" + b.cpu_variant + ")" : "") : ""].filter(Boolean).join(" · ");
+  const where = b.name === "CUDA" ? "CUDA (" + (b.device || "GPU") + ")" : b.name ? "CPU" + (b.cpu_variant ? " (" + b.cpu_variant + ")" : "") : "";
+  $("backend").textContent = [m.size_label, m.quantization, where].filter(Boolean).join(" · ");
+  if (b.cpu_reason && b.name !== "CUDA") $("backend").title = "CPU because " + b.cpu_reason;
   render();
 }
 
