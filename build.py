@@ -44,6 +44,19 @@ CPU_FLAGS = [
 # The chat page's Markdown renderer and sanitiser, fetched from the npm registry at build time
 # (never committed) and shipped inside the stub with their licences.
 WEB_VENDOR = {"marked": ("18.2.1", "lib/marked.umd.js"), "dompurify": ("3.5.0", "dist/purify.min.js")}
+# CUDA from PyPI. CUDA 12's wheels ship no nvcc (only ptxas), so 13 is the newest *and* the only
+# major buildable from the registries: Turing (sm_75) and newer, NVIDIA driver 580 or newer.
+CUDA_PACKAGES = ["nvidia-cuda-nvcc==13.5.37", "nvidia-cuda-runtime==13.5.37", "nvidia-cublas==13.10.0.20",
+                 "nvidia-cuda-cccl==13.3.5.0.6", "nvidia-cuda-crt==13.5.37", "nvidia-nvvm==13.5.37"]
+CUDA_VERSION_MIN = [13, 0]
+# Real code for Turing, Ampere, Ada, Hopper, Blackwell (data centre and consumer); PTX of the
+# newest for GPUs that come later (the driver compiles it on first use).
+CUDA_ARCHITECTURES = "75-real;80-real;86-real;89-real;90-real;100-real;120-real;120-virtual"
+CUDA_FLAGS = ["-DGGML_CUDA=ON", "-DGGML_CUDA_NO_VMM=ON", "-DGGML_BACKEND_DL=ON", "-DGGML_NATIVE=OFF",
+              "-DBUILD_SHARED_LIBS=ON", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+              "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
+CUDA_LIBS = ["libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13"]
+NATIVE_CUDA_NAME = "native-cuda.tar.zst"
 TARGET = "linux-x86_64"
 STUB_NAME = "bundle-runtime"
 NATIVE_NAME = "native-cpu.tar.zst"
@@ -247,6 +260,99 @@ def ensure_web_vendor() -> Path:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def ensure_cuda_toolkit() -> Path:
+    """The CUDA toolkit from PyPI's nvidia-* wheels, unpacked into one tree (bin/nvcc, include/, lib/)."""
+    key = hashlib.sha256(" ".join(CUDA_PACKAGES).encode()).hexdigest()[:12]
+    root = cache_dir() / f"cuda-toolkit-{key}"
+    top = root / "nvidia" / "cu13"
+    if (root / ".complete").exists():
+        return top
+    work = Path(tempfile.mkdtemp(prefix=".work-", dir=cache_dir()))
+    try:
+        log(f"CUDA toolkit: fetching {', '.join(CUDA_PACKAGES)} from PyPI")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", *CUDA_PACKAGES, "-d", str(work / "dl")],
+                       check=True)
+        for whl in (work / "dl").glob("*.whl"):
+            with zipfile.ZipFile(whl) as z:
+                z.extractall(work / "tree")
+        lib = work / "tree" / "nvidia" / "cu13" / "lib"
+        for name in CUDA_LIBS:  # the unversioned names CMake links against
+            (lib / name.rsplit(".", 1)[0]).symlink_to(name)
+        for exe in (work / "tree" / "nvidia" / "cu13").glob("**/bin/*"):
+            if exe.is_file():
+                exe.chmod(0o755)
+        (work / "tree" / ".complete").write_text("")
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(work / "tree", root)
+        return top
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def ensure_cuda_backend(archs: str) -> Path:
+    """libggml-cuda.so compiled from the same llama.cpp source as the CPU wheel, cached by
+    version, CUDA packages, flags and architectures."""
+    key = hashlib.sha256(" ".join([*CUDA_PACKAGES, *sorted(CUDA_FLAGS), archs]).encode()).hexdigest()[:12]
+    folder = cache_dir() / f"ggml-cuda-{LLAMA_CPP_PYTHON}-{key}"
+    lib = folder / "libggml-cuda.so"
+    if lib.exists():
+        log(f"CUDA back end: cached ({lib})")
+        return lib
+    toolkit = ensure_cuda_toolkit()
+    folder.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".work-", dir=folder))
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(work)], check=True)
+        with tarfile.open(next(work.glob("llama_cpp_python-*.tar.gz"))) as tar:
+            tar.extractall(work, filter="data")
+        src = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
+        build = work / "build"
+        log(f"CUDA back end: configuring for architectures {archs}")
+        subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja" if shutil.which("ninja") else "Unix Makefiles",
+                        *CUDA_FLAGS, f"-DCMAKE_CUDA_ARCHITECTURES={archs}", f"-DCUDAToolkit_ROOT={toolkit}",
+                        f"-DCMAKE_CUDA_COMPILER={toolkit / 'bin' / 'nvcc'}"],
+                       check=True, stdout=subprocess.DEVNULL)
+        log("CUDA back end: compiling (long: each architecture adds to it; see --cuda-archs)")
+        run_with_progress(["cmake", "--build", str(build), "--target", "ggml-cuda", "-j", str(os.cpu_count() or 2)],
+                          dict(os.environ), folder / "build.log")
+        built = next(build.glob("bin/libggml-cuda.so"))
+        os.replace(built, lib)
+        return lib
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def pack_cuda(ggml_cuda: Path, dest: Path, archs: str) -> dict:
+    """libggml-cuda.so and the CUDA runtime libraries it needs, as one zstd tar. The runtime
+    preloads the CUDA libraries from there by path, so their location needs no RPATH."""
+    import zstandard
+
+    toolkit = ensure_cuda_toolkit()
+    files = {"libggml-cuda.so": ggml_cuda}
+    for name in CUDA_LIBS:
+        files[name] = toolkit / "lib" / name
+    tmp = dest.with_suffix(".tmp")
+    unpacked = 0
+    # level 10 on all cores: the libraries are ~1 GB, and level 19 would take many minutes
+    cctx = zstandard.ZstdCompressor(level=10, threads=-1)
+    with open(tmp, "wb") as raw, cctx.stream_writer(raw) as out, tarfile.open(fileobj=out, mode="w|") as tar:
+        for name, path in files.items():
+            info = tar.gettarinfo(str(path.resolve()), arcname=name)
+            info.mtime, info.mode = 0, 0o755
+            with open(path, "rb") as f:
+                tar.addfile(info, f)
+            unpacked += info.size
+    digest = hashlib.sha256()
+    with open(tmp, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    os.replace(tmp, dest)
+    return {"file": dest.name, "sha256": digest.hexdigest(), "size": dest.stat().st_size, "unpacked_size": unpacked,
+            "architectures": archs, "libraries": sorted(files), "cuda_packages": CUDA_PACKAGES}
+
+
 def inputs_digest(wheel: Path) -> str:
     h = hashlib.sha256()
     for p in sorted((ROOT / "runtime").rglob("*")):
@@ -316,10 +422,10 @@ def archive_binaries(stub: Path, into: Path) -> list[Path]:
 def main() -> int:
     ap = argparse.ArgumentParser(description="Build the bundle runtime stub for this platform.")
     ap.add_argument("--force", action="store_true", help="rebuild the stub even if nothing changed")
-    ap.add_argument("--cuda", action="store_true", help="also build the CUDA back end (not yet available)")
+    ap.add_argument("--cuda", action="store_true", help="also build the CUDA back end (CUDA 13 from PyPI)")
+    ap.add_argument("--cuda-archs", default=os.environ.get("BUNDLE_CUDA_ARCHS", CUDA_ARCHITECTURES),
+                    help=f"CMAKE_CUDA_ARCHITECTURES (default {CUDA_ARCHITECTURES})")
     args = ap.parse_args()
-    if args.cuda:
-        sys.exit("build.py --cuda is not available yet (issue #5); the CPU stub is built without it")
     if sys.platform != "linux" or os.uname().machine != "x86_64":
         sys.exit(f"build.py builds {TARGET} stubs only; this is {sys.platform}/{os.uname().machine}")
     out_dir = ROOT / "stubs" / TARGET
@@ -335,6 +441,8 @@ def main() -> int:
         meta = json.loads(meta_path.read_text())
         if meta.get("inputs") == digest:
             log(f"stub up to date: {out_dir / STUB_NAME}")
+            if args.cuda:
+                add_cuda(out_dir, meta, args.cuda_archs)
             return 0
 
     t0 = time.time()
@@ -373,11 +481,35 @@ def main() -> int:
         "native": {"cpu": native},
         "inputs": digest,
     }
-    tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, meta_path)
+    if (out_dir / NATIVE_CUDA_NAME).exists() and not args.cuda:
+        (out_dir / NATIVE_CUDA_NAME).unlink()  # a stale CUDA blob would not match this stub's record
+    write_meta(meta_path, meta)
     log(f"stub: {stub} ({stub.stat().st_size / 2**20:.1f} MiB, needs glibc >= {glibc}) in {time.time() - t0:.0f} s")
+    if args.cuda:
+        add_cuda(out_dir, meta, args.cuda_archs)
     return 0
+
+
+def write_meta(path: Path, meta: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def add_cuda(out_dir: Path, meta: dict, archs: str) -> None:
+    cuda = meta.get("native", {}).get("cuda")
+    if cuda and cuda.get("architectures") == archs and (out_dir / NATIVE_CUDA_NAME).exists():
+        log(f"CUDA back end up to date: {out_dir / NATIVE_CUDA_NAME}")
+        return
+    lib = ensure_cuda_backend(archs)
+    log("CUDA back end: packing it with the CUDA runtime libraries")
+    meta["native"]["cuda"] = pack_cuda(lib, out_dir / NATIVE_CUDA_NAME, archs)
+    meta["cuda_version_min"] = CUDA_VERSION_MIN
+    meta["cuda_architectures"] = archs
+    write_meta(out_dir / "stub.json", meta)
+    size = meta["native"]["cuda"]["size"] / 2**20
+    log(f"CUDA back end: {out_dir / NATIVE_CUDA_NAME} ({size:.0f} MiB; needs NVIDIA driver for CUDA "
+        f"{'.'.join(map(str, CUDA_VERSION_MIN))}+)")
 
 
 if __name__ == "__main__":

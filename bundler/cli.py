@@ -140,7 +140,8 @@ def build(model, output, name, template, system, ctx, temp, top_p, top_k, repeat
         f"{stub_info.meta.get('glibc_min', '?')}) in {seconds:.2f} s",
         err=True,
     )
-    click.echo(f"run it: ./{out} -p \"Hello\"   or   ./{out} --cli", err=True)
+    shown = out if out.is_absolute() or str(out).startswith(".") else f"./{out}"
+    click.echo(f"run it: {shown} -p \"Hello\"   or   {shown} --cli", err=True)
 
 
 @cli.command()

@@ -74,5 +74,6 @@ def find_stub(target: str | None = None, stub_path: str | None = None) -> Stub:
         meta = json.loads(meta_file.read_text())
     except ValueError:
         raise BundleError(f"{meta_file} is not valid JSON; rebuild the stub with `python build.py`") from None
-    cuda = folder / NATIVE_CUDA
+    cuda_meta = meta.get("native", {}).get("cuda") or {}
+    cuda = folder / cuda_meta.get("file", NATIVE_CUDA)
     return Stub(target, folder, exe, native, meta, cuda if cuda.is_file() and meta.get("native", {}).get("cuda") else None)

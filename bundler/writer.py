@@ -130,8 +130,9 @@ def write_bundle(
                 NATIVE_CPU_ENTRY, _chunks(stub.native_cpu), "zstd", native_meta.get("unpacked_size")
             )
             if with_cuda and stub.native_cuda:
-                writer.add_file(NATIVE_CUDA_ENTRY, stub.native_cuda, "zstd",
-                                stub.meta["native"]["cuda"].get("unpacked_size"))
+                cuda_meta = stub.meta["native"]["cuda"]
+                writer.add_file(NATIVE_CUDA_ENTRY, stub.native_cuda, cuda_meta.get("compression", "zstd"),
+                                cuda_meta.get("unpacked_size"))
             model_entry = writer.add_file(MODEL_ENTRY, model, progress=progress)
             manifest = dict(manifest)
             manifest.setdefault("model", {})["sha256"] = model_entry.sha256

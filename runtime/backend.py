@@ -16,7 +16,7 @@ from . import gpu, native
 from .errors import RuntimeFailure
 
 CUDA_ENTRY = "native/cuda.tar.zst"
-GGML_BACKEND_DEVICE_TYPE_GPU = 1
+CUDA_PRELOAD = ["libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13"]
 
 
 @dataclass
@@ -100,6 +100,11 @@ def choose(payload, settings, libdir: Path, layout: dict | None, say=lambda m: N
     if not problem:
         try:
             cuda_dir = native.extract_entry(payload, CUDA_ENTRY, say=say)
+            # The CUDA runtime libraries, loaded by path first: libggml-cuda.so then finds them
+            # by soname wherever the cache is (it carries no RPATH to them).
+            for name in CUDA_PRELOAD:
+                if (cuda_dir / name).exists():
+                    ctypes.CDLL(str(cuda_dir / name), mode=ctypes.RTLD_GLOBAL)
             ggml = _ggml(libdir)
             reg = ggml.ggml_backend_load(str(cuda_dir / "libggml-cuda.so").encode())
             if not reg:

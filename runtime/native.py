@@ -113,9 +113,13 @@ def _unpack(payload, entry, work: Path) -> None:
         f.seek(payload.payload_start + entry.offset)
         raw = _HashingReader(f, entry.size)
         try:
-            with zstandard.ZstdDecompressor().stream_reader(raw) as stream:
-                with tarfile.open(fileobj=stream, mode="r|") as tar:
+            if entry.compression == "none":  # a plain tar (bench/gpu_check.sh packs one where zstd is missing)
+                with tarfile.open(fileobj=raw, mode="r|") as tar:
                     tar.extractall(work, filter="data")
+            else:
+                with zstandard.ZstdDecompressor().stream_reader(raw) as stream:
+                    with tarfile.open(fileobj=stream, mode="r|") as tar:
+                        tar.extractall(work, filter="data")
         except (zstandard.ZstdError, tarfile.TarError, EOFError):
             raise RuntimeFailure(
                 f"{payload.path}: the runtime libraries inside it are damaged; copy the file again"
