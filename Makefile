@@ -9,7 +9,7 @@ QUESTION := What is the capital of France? Answer in one word.
 
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv stub model chromium demo test bench clean distclean
+.PHONY: all venv stub model chromium demo test test-cuda bench clean distclean
 
 all: demo
 
@@ -44,7 +44,12 @@ chromium:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
 
 test: stub $(MODEL) chromium
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not cuda"
+
+# The CUDA back end takes longer to compile on 2 cores than CI allows: its tests run here.
+test-cuda: venv $(MODEL)
+	$(PY) build.py --cuda
+	$(PY) -m pytest tests -m cuda
 
 bench: stub $(MODEL)
 	$(PY) -m bench

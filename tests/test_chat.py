@@ -133,3 +133,41 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_chat(built_bundle):
         except ProcessLookupError:
             pass
         os.close(fd)
+
+
+def test_error_in_a_window_of_its_own_waits_for_enter(built_bundle, tmp_path):
+    """Started by something that is not a shell (a file manager's "run in terminal"), an error
+    stays on screen until Enter instead of closing the window at once."""
+    import sys
+
+    launcher = tmp_path / "fake-terminal"  # what the process list shows as our ancestor
+    launcher.symlink_to(sys.executable)
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(str(launcher), [str(launcher), "-c",
+                                 f"import subprocess,sys; sys.exit(subprocess.call([{str(built_bundle)!r}, '--ctx', '-5']))"])
+    try:
+        seen = read_until(fd, "Press Enter", timeout=60)
+        assert "error: command line: ctx=-5" in seen and "Press Enter to close this window." in seen
+        os.write(fd, b"\r")
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 2
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+        os.close(fd)
+
+
+def test_error_from_a_shell_does_not_wait(built_bundle):
+    pid, fd = pty.fork()  # a terminal, and a shell as the parent: a user who typed the command
+    if pid == 0:
+        os.execv("/bin/sh", ["/bin/sh", "-c", f"'{built_bundle}' --ctx -5"])
+    try:
+        seen = read_until(fd, "\n", timeout=60)
+        _, status = os.waitpid(pid, 0)  # exits without waiting for anything
+        assert os.WEXITSTATUS(status) == 2
+        assert "ctx=-5" in seen and "Press Enter" not in seen
+    finally:
+        os.close(fd)

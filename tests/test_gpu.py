@@ -9,7 +9,6 @@ its CUDA back end, the fallback to the CPU) is the real code meeting a real fail
 
 import json
 import os
-import shutil
 import subprocess
 import tarfile
 from pathlib import Path
