@@ -324,6 +324,20 @@ def ensure_cuda_backend(archs: str) -> Path:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def runpath_to_origin(lib: Path) -> bytes:
+    """The library's bytes with its RUNPATH (CMake leaves the build folder there, a path that
+    on another machine could be anyone's /tmp) overwritten in place by $ORIGIN."""
+    data = lib.read_bytes()
+    out = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"\((?:RUNPATH|RPATH)\)\s+Library r(?:un)?path: \[(.*)\]", out)
+    if not m or m.group(1) == "$ORIGIN":
+        return data
+    old = m.group(1).encode() + b"\0"
+    if data.count(old) != 1 or len(old) < 8:
+        sys.exit(f"cannot rewrite the RUNPATH of {lib} ({m.group(1)!r}); rebuild it")
+    return data.replace(old, b"$ORIGIN".ljust(len(old), b"\0"))
+
+
 def pack_cuda(ggml_cuda: Path, dest: Path, archs: str) -> dict:
     """libggml-cuda.so and the CUDA runtime libraries it needs, as one zstd tar. The runtime
     preloads the CUDA libraries from there by path, so their location needs no RPATH."""
@@ -339,10 +353,15 @@ def pack_cuda(ggml_cuda: Path, dest: Path, archs: str) -> dict:
     cctx = zstandard.ZstdCompressor(level=10, threads=-1)
     with open(tmp, "wb") as raw, cctx.stream_writer(raw) as out, tarfile.open(fileobj=out, mode="w|") as tar:
         for name, path in files.items():
+            data = runpath_to_origin(path) if name == "libggml-cuda.so" else None
             info = tar.gettarinfo(str(path.resolve()), arcname=name)
             info.mtime, info.mode = 0, 0o755
-            with open(path, "rb") as f:
-                tar.addfile(info, f)
+            if data is not None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
             unpacked += info.size
     digest = hashlib.sha256()
     with open(tmp, "rb") as f:
@@ -443,6 +462,8 @@ def main() -> int:
             log(f"stub up to date: {out_dir / STUB_NAME}")
             if args.cuda:
                 add_cuda(out_dir, meta, args.cuda_archs)
+            else:
+                drop_cuda(out_dir, meta)
             return 0
 
     t0 = time.time()
@@ -494,6 +515,19 @@ def write_meta(path: Path, meta: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def drop_cuda(out_dir: Path, meta: dict) -> None:
+    """Without --cuda the stub folder holds exactly the CPU stub (bundles would otherwise carry
+    the CUDA libraries by default). The compiled back end stays cached: --cuda re-adds it in
+    seconds."""
+    if (out_dir / NATIVE_CUDA_NAME).exists() or meta.get("native", {}).get("cuda"):
+        (out_dir / NATIVE_CUDA_NAME).unlink(missing_ok=True)
+        meta.get("native", {}).pop("cuda", None)
+        meta.pop("cuda_version_min", None)
+        meta.pop("cuda_architectures", None)
+        write_meta(out_dir / "stub.json", meta)
+        log("CUDA back end removed from the stub folder (python build.py --cuda adds it back)")
 
 
 def add_cuda(out_dir: Path, meta: dict, archs: str) -> None:

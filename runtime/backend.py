@@ -111,7 +111,8 @@ def choose(payload, settings, libdir: Path, layout: dict | None, say=lambda m: N
                 detail = last_log().strip()
                 problem = "the CUDA back end failed to load" + (f" ({detail})" if detail else "")
             elif ggml.ggml_backend_reg_dev_count(reg) == 0:
-                problem = "the CUDA back end found no usable GPU"
+                detail = last_log().strip()
+                problem = "the CUDA back end found no usable GPU" + (f" ({detail})" if detail else "")
             else:
                 dev = ggml.ggml_backend_reg_dev_get(reg, 0)
                 b.device = (ggml.ggml_backend_dev_description(dev) or b"GPU").decode(errors="replace")

@@ -45,11 +45,12 @@ def test_no_driver_here_means_cpu_with_the_reason(real_cuda_bundle, isolated_use
 
 def test_real_cuda_library_without_a_driver_falls_back(real_cuda_bundle, isolated_user_dirs, tmp_path):
     """A driver answers (stand-in NVML), so the real CUDA libraries are unpacked and ggml's real
-    libggml-cuda.so is loaded: without the driver's libcuda.so.1 that fails, and the CPU runs."""
+    libggml-cuda.so is loaded: without the driver's libcuda.so.1 the CUDA runtime finds no
+    device, and the CPU runs."""
     nvml = compile_so(tmp_path, "libnvidia-ml", FAKE_NVML)
     env = dict(os.environ, BUNDLE_NVML_LIBRARY=str(nvml))
     b = json.loads(run_exe(real_cuda_bundle, "--info", "--json", env=env).stdout)["backend"]
-    assert b["name"] == "CPU" and "CUDA back end failed to load" in b["cpu_reason"], b
+    assert b["name"] == "CPU" and "the CUDA back end found no usable GPU" in b["cpu_reason"], b
     assert len(native_folders(isolated_user_dirs)) == 2  # CPU and CUDA libraries, each unpacked once
     r = run_exe(real_cuda_bundle, "-p", QUESTION, "--temp", "0", env=env)
     assert r.returncode == 0 and "Paris" in r.stdout and "running on the CPU" in r.stderr
