@@ -99,7 +99,7 @@ def flags_key(version: str, flags: list[str]) -> str:
 def run_with_progress(cmd: list[str], env: dict, logfile: Path) -> None:
     """Run a long build, keeping its full log in logfile and showing compile progress."""
     start = time.time()
-    last = 0.0
+    last, last_pct = 0.0, -100
     pattern = re.compile(r"\[\s*(\d+)%\]|\[(\d+)/(\d+)\]")
     with open(logfile, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -107,10 +107,11 @@ def run_with_progress(cmd: list[str], env: dict, logfile: Path) -> None:
             out.write(line)
             m = pattern.search(line)
             now = time.time()
-            if m and now - last >= 5:
-                pct = m.group(1) or f"{100 * int(m.group(2)) // int(m.group(3))}"
-                log(f"  compiling llama.cpp: {pct}% ({now - start:.0f} s)")
-                last = now
+            if m:
+                pct = int(m.group(1) or 100 * int(m.group(2)) // int(m.group(3)))
+                if pct - last_pct >= 5 or now - last >= 60:  # a line per 5%, or a sign of life a minute
+                    log(f"  compiling: {pct}% ({now - start:.0f} s)")
+                    last, last_pct = now, pct
         rc = proc.wait()
     if rc != 0:
         tail = logfile.read_text(errors="replace").splitlines()[-25:]
