@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 from runtime.payload import (
-    CHUNK,
     MODEL_ENTRY,
     NotABundleError,
     PayloadError,
@@ -87,15 +86,6 @@ def check_space(output: Path, model: Path, stub: Stub, with_cuda: bool = False) 
         )
 
 
-def _chunks(path: Path):
-    with open(path, "rb") as f:
-        while True:
-            data = f.read(CHUNK)
-            if not data:
-                return
-            yield data
-
-
 def write_bundle(
     model: Path,
     stub: Stub,
@@ -126,9 +116,7 @@ def write_bundle(
             f.write(stub_bytes)
             writer = PayloadWriter(f, payload_start)
             native_meta = stub.meta.get("native", {}).get("cpu", {})
-            writer.add_stream(
-                NATIVE_CPU_ENTRY, _chunks(stub.native_cpu), "zstd", native_meta.get("unpacked_size")
-            )
+            writer.add_file(NATIVE_CPU_ENTRY, stub.native_cpu, "zstd", native_meta.get("unpacked_size"))
             if with_cuda and stub.native_cuda:
                 cuda_meta = stub.meta["native"]["cuda"]
                 writer.add_file(NATIVE_CUDA_ENTRY, stub.native_cuda, cuda_meta.get("compression", "zstd"),
