@@ -42,7 +42,7 @@ def one_shot(rt, prompt: str) -> int:
 def chat(rt, worker=None) -> int:
     """The terminal chat. With a worker (the web server runs too), turns queue there."""
     from .chat import ChatSession, run_chat
-    from .worker import EngineWorker
+    from .worker import CancelFlag, EngineWorker
 
     engine = rt.load_model()
     worker = worker or EngineWorker(engine)
@@ -51,7 +51,7 @@ def chat(rt, worker=None) -> int:
         import readline  # noqa: F401  (line editing and history where available)
     except ImportError:
         pass
-    current = {"cancel": threading.Event()}
+    current = {"cancel": CancelFlag()}
 
     def on_sigint(signum, frame):
         current["cancel"].set()
@@ -61,7 +61,7 @@ def chat(rt, worker=None) -> int:
         sys.stdout.flush()
 
     def respond(messages, write_):
-        cancel = threading.Event()
+        cancel = CancelFlag()
         current["cancel"] = cancel
         previous = signal.signal(signal.SIGINT, on_sigint)
         try:

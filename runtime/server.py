@@ -26,7 +26,7 @@ from .api import ApiError
 from .engine import ContextOverflowError, Engine, Sampling
 from .errors import RuntimeFailure
 from .template import TemplateError
-from .worker import EngineWorker
+from .worker import CancelFlag, EngineWorker
 
 WEB = Path(__file__).resolve().parent / "web"
 MAX_BODY = 8 * 1024 * 1024
@@ -122,7 +122,7 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
         """Run one generation; stream it (SSE) or answer once. shape(kind, ...) builds bodies."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
+        cancel = CancelFlag()
         after_cancel = [0]
 
         def on_text(text):
@@ -275,7 +275,7 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
     return Guard(app, allowed_hosts, api_key)
 
 
-async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
+async def _watch_disconnect(request: Request, cancel: CancelFlag) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":

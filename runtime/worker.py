@@ -12,10 +12,29 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 
+class CancelFlag:
+    """A cancel request: set from a signal handler or another thread, read between tokens.
+
+    Not a threading.Event: Event.set takes a lock, and a second Ctrl-C arriving while the first
+    handler holds it (PyInstaller's bootloader forwards the terminal's SIGINT, so two arrive)
+    deadlocks the process. A plain attribute is atomic under the GIL."""
+
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = False
+
+    def set(self) -> None:
+        self.value = True
+
+    def is_set(self) -> bool:
+        return self.value
+
+
 @dataclass
 class Job:
     run: Callable[[Any, Callable[[], bool]], Any]  # run(engine, cancelled) -> result
-    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel: CancelFlag = field(default_factory=CancelFlag)
     future: Future = field(default_factory=Future)
 
 
@@ -36,8 +55,8 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
-    def submit(self, run, cancel: threading.Event | None = None) -> Job:
-        job = Job(run, cancel or threading.Event())
+    def submit(self, run, cancel: CancelFlag | None = None) -> Job:
+        job = Job(run, cancel or CancelFlag())
         self.queue.put(job)
         return job
 
