@@ -15,6 +15,8 @@ from typing import Callable
 
 from runtime.payload import (
     MODEL_ENTRY,
+    NATIVE_CPU_ENTRY,
+    NATIVE_CUDA_ENTRY,
     NotABundleError,
     PayloadError,
     PayloadWriter,
@@ -28,8 +30,6 @@ from runtime.payload import (
 from .errors import BundleError
 from .stubs import Stub
 
-NATIVE_CPU_ENTRY = "native/cpu.tar.zst"
-NATIVE_CUDA_ENTRY = "native/cuda.tar.zst"
 # Room for the TOC, headers and alignment on top of the entries when checking free space.
 SLACK = 4 * 1024 * 1024
 
@@ -42,6 +42,13 @@ def is_bundle(path: Path) -> bool:
         return False
     except PayloadError:
         return True  # a damaged or cut bundle is still a bundle: replacing it loses nothing
+
+
+def _nearest_existing(folder: Path) -> Path:
+    """The folder itself, or its nearest ancestor that exists (-o may name folders to create)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
 
 
 def check_output(output: Path, model: Path, force: bool) -> None:
@@ -62,9 +69,7 @@ def check_output(output: Path, model: Path, force: bool) -> None:
             raise BundleError(
                 f"{output} exists and is not a bundle; choose another path with -o or pass --force to replace it"
             )
-    folder = output.parent
-    while not folder.exists() and folder != folder.parent:  # the nearest folder that exists
-        folder = folder.parent
+    folder = _nearest_existing(output.parent)
     if not folder.is_dir():
         raise BundleError(f"the output folder {folder} is a file; choose another path with -o")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -72,9 +77,7 @@ def check_output(output: Path, model: Path, force: bool) -> None:
 
 
 def check_space(output: Path, model: Path, stub: Stub, with_cuda: bool = False) -> None:
-    folder = output.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    folder = _nearest_existing(output.parent)
     needed = stub.exe.stat().st_size * 2 + stub.native_cpu.stat().st_size + model.stat().st_size + SLACK
     if with_cuda and stub.native_cuda:
         needed += stub.native_cuda.stat().st_size

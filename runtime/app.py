@@ -15,11 +15,10 @@ import time
 
 from . import __version__
 from .errors import RuntimeFailure, UsageError
-from .payload import MODEL_ENTRY, FORMAT_VERSION, PayloadError, read_payload
+from .payload import FORMAT_VERSION, MODEL_ENTRY, NATIVE_CPU_ENTRY, PayloadError, read_payload
 from .settings import Settings, parse_bool, resolve
 from .template import TemplateError, load_template
 
-NATIVE_CPU_ENTRY = "native/cpu.tar.zst"
 
 
 def say(msg: str) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from . import gpu, native
 from .errors import RuntimeFailure
+from .payload import NATIVE_CUDA_ENTRY as CUDA_ENTRY
 
-CUDA_ENTRY = "native/cuda.tar.zst"
 CUDA_PRELOAD = ["libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13"]
 
 

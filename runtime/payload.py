@@ -75,6 +75,9 @@ COOKIE_SEARCH = 64 * 1024
 HEADER_SEARCH = 1024 * 1024 * 1024
 
 MODEL_ENTRY = "model.gguf"
+# zstd tars of native libraries, unpacked once per machine (runtime/native.py)
+NATIVE_CPU_ENTRY = "native/cpu.tar.zst"
+NATIVE_CUDA_ENTRY = "native/cuda.tar.zst"
 
 
 class PayloadError(Exception):

@@ -1,5 +1,6 @@
 """The terminal chat: the loop with scripted input, and the real executable in a pipe and a pty."""
 
+import contextlib
 import http.client
 import json
 import os
@@ -101,14 +102,27 @@ def read_until(fd, needle, timeout=60):
     return buf.decode("utf-8", "replace")
 
 
+@contextlib.contextmanager
+def in_terminal(exe: str, argv: list[str], env=None):
+    """Run exe in a new pseudo-terminal; yields (pid, fd); the child is killed on the way out."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(exe, argv, env if env is not None else dict(os.environ))
+    try:
+        yield pid, fd
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+        os.close(fd)
+
+
 def test_ctrl_c_stops_the_reply_and_keeps_the_chat(built_bundle):
     """In a real terminal: no arguments starts the chat (and the web chat beside it); Ctrl-C
     stops a long reply; Ctrl-D leaves."""
     env = dict(os.environ, BUNDLE_PORT="0")
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execve(str(built_bundle), [str(built_bundle), "--temp", "0", "-n", "-1"], env)
-    try:
+    with in_terminal(str(built_bundle), [str(built_bundle), "--temp", "0", "-n", "-1"], env) as (pid, fd):
         start = read_until(fd, ">>> ")
         assert "Type a message" in start
         port = int(re.search(r"web chat: http://127\.0\.0\.1:(\d+)/", start).group(1))
@@ -127,12 +141,6 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_chat(built_bundle):
         os.write(fd, b"\x04")
         _, status = os.waitpid(pid, 0)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-    finally:
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
-        os.close(fd)
 
 
 def test_error_in_a_window_of_its_own_waits_for_enter(built_bundle, tmp_path):
@@ -142,32 +150,19 @@ def test_error_in_a_window_of_its_own_waits_for_enter(built_bundle, tmp_path):
 
     launcher = tmp_path / "fake-terminal"  # what the process list shows as our ancestor
     launcher.symlink_to(sys.executable)
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execv(str(launcher), [str(launcher), "-c",
-                                 f"import subprocess,sys; sys.exit(subprocess.call([{str(built_bundle)!r}, '--ctx', '-5']))"])
-    try:
+    code = f"import subprocess,sys; sys.exit(subprocess.call([{str(built_bundle)!r}, '--ctx', '-5']))"
+    with in_terminal(str(launcher), [str(launcher), "-c", code]) as (pid, fd):
         seen = read_until(fd, "Press Enter", timeout=60)
         assert "error: command line: ctx=-5" in seen and "Press Enter to close this window." in seen
         os.write(fd, b"\r")
         _, status = os.waitpid(pid, 0)
         assert os.WEXITSTATUS(status) == 2
-    finally:
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
-        os.close(fd)
 
 
 def test_error_from_a_shell_does_not_wait(built_bundle):
-    pid, fd = pty.fork()  # a terminal, and a shell as the parent: a user who typed the command
-    if pid == 0:
-        os.execv("/bin/sh", ["/bin/sh", "-c", f"'{built_bundle}' --ctx -5"])
-    try:
+    # a terminal, and a shell as the parent: a user who typed the command
+    with in_terminal("/bin/sh", ["/bin/sh", "-c", f"'{built_bundle}' --ctx -5"]) as (pid, fd):
         seen = read_until(fd, "\n", timeout=60)
         _, status = os.waitpid(pid, 0)  # exits without waiting for anything
         assert os.WEXITSTATUS(status) == 2
         assert "ctx=-5" in seen and "Press Enter" not in seen
-    finally:
-        os.close(fd)
