@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 
 from runtime.errors import UsageError as SettingsError
-from runtime.payload import PayloadError, read_payload
+from runtime.payload import Manifest, ModelInfo, PayloadError, StubInfo, read_payload
+from runtime.text import printable
 from runtime.settings import Settings
 from runtime.template import PRESETS
 
@@ -33,7 +34,7 @@ def _human(n: float) -> str:
 
 def resolve_template(choice: str, gguf_template: str | None) -> tuple[str, str | None]:
     """--template value -> (name stored in the manifest, Jinja source)."""
-    from runtime.template import ChatTemplate, TemplateError
+    from runtime.template import ChatTemplate, TemplateError, TemplateLimitError
 
     if choice == "auto":
         name, source = ("auto", gguf_template) if gguf_template else ("chatml", PRESETS["chatml"][0])
@@ -53,10 +54,20 @@ def resolve_template(choice: str, gguf_template: str | None) -> tuple[str, str |
             f"unknown template {choice!r}; choose one of {', '.join(TEMPLATE_CHOICES)} or pass a .jinja file"
         )
     try:
-        ChatTemplate(source, name)
+        # A template that cannot render a small conversation within the runtime's limits would
+        # fail (or hang, without them) on every launch: refuse it now (issue 8.7). Refusing the
+        # conversation itself (raise_exception) is the template's right, not an error.
+        ChatTemplate(source, name).render(TEST_CONVERSATION)
+    except TemplateLimitError as exc:
+        raise BundleError(f"{exc}; it cannot be used (fix the template or pick --template chatml)") from None
     except TemplateError as exc:
-        raise BundleError(str(exc)) from None
+        if "refused the conversation" not in str(exc):
+            raise BundleError(str(exc)) from None
     return name, source
+
+
+TEST_CONVERSATION = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Hello"},
+                     {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "How are you?"}]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -110,19 +121,19 @@ def build(model, output, name, template, system, ctx, temp, top_p, top_k, repeat
     )
     summary = info.summary()
     summary["file"] = model_path.name
-    manifest = {
-        "name": name or out.name,
-        "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "bundler_version": __version__,
-        "model": summary,
-        "template_name": template_name,
-        "template": template_source,
-        "settings": settings.to_manifest(),
-        "stub": stub_info.manifest_info(),
-    }
+    manifest = Manifest(
+        name=name or out.name,
+        built=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        bundler_version=__version__,
+        model=ModelInfo.from_json(summary),
+        template_name=template_name,
+        template=template_source,
+        settings=settings.to_manifest(),
+        stub=StubInfo.from_json(stub_info.manifest_info()),
+    )
     err = click.get_text_stream("stderr")
     click.echo(
-        f"{manifest['name']}: {info.architecture}, {info.size_label} parameters, {info.quantization}, "
+        f"{printable(manifest.name)}: {info.architecture}, {info.size_label} parameters, {info.quantization}, "
         f"trained context {info.context_length}, template {template_name}, {_human(info.file_size)}",
         err=True,
     )
@@ -151,7 +162,7 @@ def inspect(path, as_json):
     """Describe a .gguf model or a bundle."""
     data = describe(path)
     if as_json:
-        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        click.echo(json.dumps(data, indent=2))  # ASCII: escape codes from the file stay escaped
     else:
         click.echo(format_description(data))
 
@@ -177,13 +188,14 @@ def describe(path: str) -> dict:
         "path": path,
         "format_version": payload.version,
         "file_size": payload.file_size,
-        "name": m.get("name"),
-        "built": m.get("built"),
-        "model": m.get("model", {}),
-        "template_name": m.get("template_name"),
-        "template": m.get("template"),
-        "settings": m.get("settings", {}),
-        "stub": m.get("stub", {}),
+        "name": m.name,
+        "built": m.built,
+        "model": m.model.to_json(),
+        "template_name": m.template_name,
+        "template": m.template,
+        "settings": m.settings,
+        "stub": m.stub.to_json(),
+        "regions": [r.to_json() for r in payload.regions.values()],
         "entries": [
             {"name": e.name, "offset": payload.payload_start + e.offset, "size": e.size,
              "compression": e.compression, "sha256": e.sha256}
@@ -193,6 +205,9 @@ def describe(path: str) -> dict:
 
 
 def format_description(d: dict) -> str:
+    from runtime.text import printable_tree
+
+    d = printable_tree(d)  # names, templates and paths from a file: no terminal escapes
     m = d["model"]
     lines = []
     if d["kind"] == "bundle":
@@ -228,7 +243,7 @@ def format_description(d: dict) -> str:
 def verify(bundle):
     """Recompute every hash in BUNDLE; exit 0 when intact, 1 with what is wrong."""
     payload = read_payload(bundle)
-    total = sum(e.size for e in payload.entries.values())
+    total = sum(e.size for e in payload.entries.values()) + sum(r.size for r in payload.regions.values())
     err = click.get_text_stream("stderr")
     with click.progressbar(length=total, label="verifying", file=err, hidden=not err.isatty()) as bar:
         problems = payload.verify(progress=bar.update)
@@ -240,7 +255,15 @@ def verify(bundle):
 
 
 def main(argv=None) -> int:
-    debug = os.environ.get("BUNDLE_DEBUG", "") not in ("", "0")
+    from runtime.process import ensure_std_streams
+    from runtime.settings import env_flag
+
+    ensure_std_streams()
+    try:
+        debug = env_flag("BUNDLE_DEBUG")
+    except SettingsError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 2
     try:
         cli.main(args=argv, prog_name="bundle", standalone_mode=False)
         return 0
@@ -258,7 +281,7 @@ def main(argv=None) -> int:
     except (BundleError, PayloadError) as exc:
         if debug:
             raise
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {printable(exc)}", err=True)
         return 1
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -7,6 +7,8 @@ a few KiB of headers, so it runs at disk speed.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import shutil
 import tempfile
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from runtime.payload import (
+    Manifest,
+    Region,
     MODEL_ENTRY,
     NATIVE_CPU_ENTRY,
     NATIVE_CUDA_ENTRY,
@@ -23,6 +27,7 @@ from runtime.payload import (
     align_up,
     PYI_COOKIE_SIZE,
     find_cookie,
+    TAIL_PAD,
     make_tail,
     read_payload,
 )
@@ -125,13 +130,26 @@ def write_bundle(
                 writer.add_file(NATIVE_CUDA_ENTRY, stub.native_cuda, cuda_meta.get("compression", "zstd"),
                                 cuda_meta.get("unpacked_size"))
             model_entry = writer.add_file(MODEL_ENTRY, model, progress=progress)
-            manifest = dict(manifest)
-            manifest.setdefault("model", {})["sha256"] = model_entry.sha256
-            toc = writer.toc_bytes(manifest)
-            payload_end = payload_start + writer.size_with(toc)
-            tail = make_tail(stub_archive, payload_end + PYI_COOKIE_SIZE, archive_start)
-            if tail_mode == "archive":  # tests use this to cover the >4 GiB layout with a small model
-                tail = stub_archive
+            if not isinstance(manifest, Manifest):
+                manifest = Manifest.from_json(manifest)
+            manifest = dataclasses.replace(manifest, model=dataclasses.replace(manifest.model,
+                                                                               sha256=model_entry.sha256))
+            stub_regions = runtime_regions(stub_bytes, archive_start, cookie_pos, payload_start)
+            # The tail's cookie reaches back from the payload's end, which depends on the TOC's
+            # length, which holds the tail's hash: settle it in a few rounds (it moves by 64 KiB
+            # steps, so it is stable at once unless the TOC crosses a boundary).
+            tail, payload_end = b"", -1
+            for _ in range(4):
+                toc = writer.toc_bytes(manifest, [*stub_regions, _region("tail", payload_end, tail)])
+                end = payload_start + writer.size_with(toc)
+                if end == payload_end:
+                    break
+                payload_end = end
+                tail = make_tail(stub_archive, payload_end + PYI_COOKIE_SIZE, archive_start)
+                if tail_mode == "archive":  # tests use this to cover the >4 GiB layout with a small model
+                    tail = stub_archive + tail[-TAIL_PAD:]
+            else:
+                raise BundleError("the bundle's table of contents did not settle; report it")
             file_size = payload_end + len(tail)
             writer.finish(toc, file_size)
             f.seek(payload_end)
@@ -154,6 +172,20 @@ def write_bundle(
         "model_offset": payload_start + model_entry.offset,
         "model_sha256": model_entry.sha256,
     }
+
+
+def _region(name: str, offset: int, data: bytes) -> Region:
+    return Region(name, offset, len(data), hashlib.sha256(data).hexdigest())
+
+
+def runtime_regions(stub_bytes: bytes, archive_start: int, cookie_pos: int, payload_start: int) -> list[Region]:
+    """Hashes of the stub's parts, so verify and the first launch see damage to the runtime
+    itself: the bootloader, PyInstaller's archive, and what follows it up to the payload."""
+    cookie_end = cookie_pos + PYI_COOKIE_SIZE
+    end = stub_bytes[cookie_end:] + bytes(payload_start - len(stub_bytes))
+    return [_region("bootloader", 0, stub_bytes[:archive_start]),
+            _region("archive", archive_start, stub_bytes[archive_start:cookie_end]),
+            _region("stub-end", cookie_end, end)]
 
 
 def find_stub_archive(stub_bytes: bytes) -> tuple[int, int]:

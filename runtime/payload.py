@@ -10,7 +10,8 @@ A Linux bundle is the stub, unchanged, followed by the payload and a tail::
     ...              tail: a copy of the cookie, with pkg_len stretched to reach back to the
                      archive (TAIL_COOKIE); or, when that distance does not fit the cookie's
                      32-bit pkg_len (payloads over ~4 GiB), a copy of the whole archive and
-                     cookie (TAIL_ARCHIVE).
+                     cookie (TAIL_ARCHIVE); then TAIL_PAD zero bytes (a copy cut in its last
+                     32 KiB still has a whole cookie, so it starts and says it is cut).
 
 Why this layout (DESIGN.md facts 1-3): PyInstaller's bootloader finds its archive by scanning
 backwards from the end of the file for the cookie. The tail puts a cookie in the last bytes, so
@@ -25,7 +26,11 @@ The payload itself::
     +0               HEADER (64 bytes, magic HEADER_MAGIC)
     +ENTRY_ALIGN...  entry data; every entry starts on a 64 KiB boundary, so the GGUF's tensor
                      data lands on a 32-byte aligned file offset and can be memory-mapped
-    +toc_offset      table of contents: UTF-8 JSON {"format", "entries": [...], "manifest": {...}}
+    +toc_offset      table of contents: UTF-8 JSON {"format", "entries": [...], "manifest": {...},
+                     "regions": [...]}: regions are SHA-256s of the runtime's own parts (the
+                     bootloader, its archive, the ELF end, the tail), so verify covers every byte
+                     that matters. Every field is checked (types, bounds, names, offsets inside
+                     the payload, no overlaps) before any is used.
     +size-64         TRAILER (64 bytes, same layout as HEADER, magic TRAILER_MAGIC)
 
 The trailer is found from the end of the file (just before the tail); the header from the
@@ -52,7 +57,11 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
+
+from .errors import DamagedError, IncompleteError, NewerFormatError, NotABundleError, PayloadError
+
+__all__ = ["DamagedError", "IncompleteError", "NewerFormatError", "NotABundleError", "PayloadError"]
 
 FORMAT_VERSION = 1
 HEADER_MAGIC = b"BNDLHEAD"
@@ -69,7 +78,7 @@ PYI_COOKIE_MAGIC = b"MEI\014\013\012\013\016"
 PYI_COOKIE_FORMAT = "!8sIIii64s"
 PYI_COOKIE_SIZE = struct.calcsize(PYI_COOKIE_FORMAT)
 # The cookie (copy) ends a bundle; in a bare stub it sits before the ELF section headers.
-COOKIE_SEARCH = 64 * 1024
+COOKIE_SEARCH = 128 * 1024
 # How far from the front the header of a damaged file is looked for, when the ELF headers do
 # not say where the stub ends.
 HEADER_SEARCH = 1024 * 1024 * 1024
@@ -78,26 +87,83 @@ MODEL_ENTRY = "model.gguf"
 # zstd tars of native libraries, unpacked once per machine (runtime/native.py)
 NATIVE_CPU_ENTRY = "native/cpu.tar.zst"
 NATIVE_CUDA_ENTRY = "native/cuda.tar.zst"
-
-
-class PayloadError(Exception):
-    """The file is not a bundle, or its payload is damaged. The message says what to do."""
-
-
-class NotABundleError(PayloadError):
-    pass
-
-
-class IncompleteError(PayloadError):
-    pass
-
-
-class NewerFormatError(PayloadError):
-    pass
+KNOWN_ENTRIES = (MODEL_ENTRY, NATIVE_CPU_ENTRY, NATIVE_CUDA_ENTRY)
+ENTRY_LABELS = {MODEL_ENTRY: "the model", NATIVE_CPU_ENTRY: "the runtime libraries",
+                NATIVE_CUDA_ENTRY: "the CUDA libraries"}
+COMPRESSIONS = ("none", "zstd")
+# Parts of the file outside the payload whose hashes the TOC records, so that damage to the
+# runtime itself is found too (issue 8.3). Offsets are absolute.
+REGIONS = {
+    "bootloader": "the runtime's program (ELF header and PyInstaller bootloader)",
+    "archive": "the runtime's Python archive",
+    "stub-end": "the end of the runtime (ELF section table and padding)",
+    "tail": "the archive locator at the end of the file",
+}
+# Bytes of zeros after the tail's cookie copy. PyInstaller's bootloader reads the cookie where
+# it finds the magic; a copy cut inside the cookie itself makes it fail before any of our code
+# runs ("Failed to read cookie!"). With the cookie this far from the end, a cut anywhere in the
+# last TAIL_PAD bytes leaves it whole, so the runtime starts and names the cut (issue 8.4).
+TAIL_PAD = 32 * 1024
+MAX_TOC_SIZE = 16 * 1024 * 1024
+MAX_BYTES = 1 << 52  # no offset or size in a bundle is larger (4 PiB)
 
 
 def align_up(value: int, alignment: int = ENTRY_ALIGN) -> int:
     return (value + alignment - 1) // alignment * alignment
+
+
+# -- reading untrusted JSON ----------------------------------------------------------------------
+# Every field read from a bundle is untrusted (issue 8.1): the TOC and manifest are checked
+# whole, against these rules, before anything uses them. A failure names the field.
+
+
+class _Invalid(Exception):
+    def __init__(self, where: str, problem: str):
+        super().__init__(f"{where}: {problem}")
+
+
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def is_sha256_hex(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX_DIGITS
+
+
+def _take(data: dict, key: str, kind, where: str, *, default=None, required=False, lo=None, hi=None,
+          max_len=None, choices=None):
+    """data[key] checked: its type (bool is never an int here), bounds, length, choices."""
+    if key not in data or data[key] is None:
+        if required:
+            raise _Invalid(f"{where}.{key}", "missing")
+        return default
+    value = data[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise _Invalid(f"{where}.{key}", f"expected {kinds[0].__name__}, got a boolean")
+    if not isinstance(value, kinds):
+        raise _Invalid(f"{where}.{key}", f"expected {kinds[0].__name__}, got {type(value).__name__}")
+    if isinstance(value, float) and value != value:
+        raise _Invalid(f"{where}.{key}", "not a number")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        raise _Invalid(f"{where}.{key}", f"{value} is out of range [{lo}, {hi}]")
+    if max_len is not None and len(value) > max_len:
+        raise _Invalid(f"{where}.{key}", f"longer than {max_len}")
+    if choices is not None and value not in choices:
+        raise _Invalid(f"{where}.{key}", f"{str(value)[:40]!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def _object(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise _Invalid(where, f"expected an object, got {type(value).__name__}")
+    return value
+
+
+def _hex(data: dict, key: str, where: str, required=True):
+    value = _take(data, key, str, where, required=required)
+    if value is not None and not is_sha256_hex(value):
+        raise _Invalid(f"{where}.{key}", "not a SHA-256 hex digest")
+    return value
 
 
 @dataclass(frozen=True)
@@ -122,20 +188,217 @@ class Entry:
         return data
 
     @classmethod
-    def from_json(cls, data: dict) -> "Entry":
+    def from_json(cls, data, where: str = "entry") -> "Entry":
+        data = _object(data, where)
         return cls(
-            name=str(data["name"]),
-            offset=int(data["offset"]),
-            size=int(data["size"]),
-            compression=str(data.get("compression", "none")),
-            sha256=str(data["sha256"]),
-            unpacked_size=data.get("unpacked_size"),
+            name=_take(data, "name", str, where, required=True, choices=KNOWN_ENTRIES),
+            offset=_take(data, "offset", int, where, required=True, lo=ENTRY_ALIGN, hi=MAX_BYTES),
+            size=_take(data, "size", int, where, required=True, lo=0, hi=MAX_BYTES),
+            compression=_take(data, "compression", str, where, default="none", choices=COMPRESSIONS),
+            sha256=_hex(data, "sha256", where),
+            unpacked_size=_take(data, "unpacked_size", int, where, lo=0, hi=MAX_BYTES),
+        )
+
+
+@dataclass(frozen=True)
+class Region:
+    """A hashed span of the file outside the payload (absolute offsets)."""
+
+    name: str
+    offset: int
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "offset": self.offset, "size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, data, where: str = "region") -> "Region":
+        data = _object(data, where)
+        return cls(
+            name=_take(data, "name", str, where, required=True, choices=tuple(REGIONS)),
+            offset=_take(data, "offset", int, where, required=True, lo=0, hi=MAX_BYTES),
+            size=_take(data, "size", int, where, required=True, lo=0, hi=MAX_BYTES),
+            sha256=_hex(data, "sha256", where),
+        )
+
+
+# -- the manifest: one typed definition for the writer and the reader -----------------------------
+
+MAX_LAYERS = 4096
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the runtime needs to plan a GPU offload (bytes per layer, KV widths, output)."""
+
+    n_layer: int
+    layer_bytes: tuple[int, ...]
+    output_bytes: int
+    n_embd_k_gqa: int
+    n_embd_v_gqa: int
+
+    def to_json(self) -> dict:
+        return {"n_layer": self.n_layer, "layer_bytes": list(self.layer_bytes), "output_bytes": self.output_bytes,
+                "n_embd_k_gqa": self.n_embd_k_gqa, "n_embd_v_gqa": self.n_embd_v_gqa}
+
+    @classmethod
+    def from_json(cls, data, where: str = "layout") -> "Layout":
+        data = _object(data, where)
+        n_layer = _take(data, "n_layer", int, where, required=True, lo=1, hi=MAX_LAYERS)
+        layers = data.get("layer_bytes")
+        if not isinstance(layers, list) or len(layers) != n_layer or not all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_BYTES for x in layers):
+            raise _Invalid(f"{where}.layer_bytes", f"expected {n_layer} byte counts")
+        return cls(
+            n_layer=n_layer,
+            layer_bytes=tuple(layers),
+            output_bytes=_take(data, "output_bytes", int, where, default=0, lo=0, hi=MAX_BYTES),
+            n_embd_k_gqa=_take(data, "n_embd_k_gqa", int, where, required=True, lo=0, hi=1 << 24),
+            n_embd_v_gqa=_take(data, "n_embd_v_gqa", int, where, required=True, lo=0, hi=1 << 24),
+        )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str = "model"
+    architecture: str = "unknown"
+    parameters: int = 0
+    size_label: str = ""
+    quantization: str = ""
+    context_length: int | None = None
+    gguf_version: int = 3
+    tensors: int = 0
+    has_chat_template: bool = False
+    file_size: int = 0
+    file: str | None = None
+    sha256: str | None = None
+    layout: Layout | None = None
+
+    def to_json(self) -> dict:
+        data = {k: getattr(self, k) for k in ("name", "architecture", "parameters", "size_label", "quantization",
+                                              "context_length", "gguf_version", "tensors", "has_chat_template",
+                                              "file_size", "file", "sha256")}
+        data["layout"] = self.layout.to_json() if self.layout else None
+        return data
+
+    @classmethod
+    def from_json(cls, data, where: str = "manifest.model") -> "ModelInfo":
+        data = _object(data, where)
+        layout = data.get("layout")
+        return cls(
+            name=_take(data, "name", str, where, default="model", max_len=1024),
+            architecture=_take(data, "architecture", str, where, default="unknown", max_len=256),
+            parameters=_take(data, "parameters", int, where, default=0, lo=0, hi=MAX_BYTES),
+            size_label=_take(data, "size_label", str, where, default="", max_len=64),
+            quantization=_take(data, "quantization", str, where, default="", max_len=64),
+            context_length=_take(data, "context_length", int, where, lo=0, hi=1 << 32),
+            gguf_version=_take(data, "gguf_version", int, where, default=3, lo=0, hi=1 << 16),
+            tensors=_take(data, "tensors", int, where, default=0, lo=0, hi=1 << 32),
+            has_chat_template=_take(data, "has_chat_template", bool, where, default=False),
+            file_size=_take(data, "file_size", int, where, default=0, lo=0, hi=MAX_BYTES),
+            file=_take(data, "file", str, where, max_len=4096),
+            sha256=_hex(data, "sha256", where, required=False),
+            layout=Layout.from_json(layout, f"{where}.layout") if layout is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class StubInfo:
+    target: str | None = None
+    runtime_version: str | None = None
+    format_version: int | None = None
+    llama_cpp_python: str | None = None
+    glibc_min: str | None = None
+    python: str | None = None
+    pyinstaller: str | None = None
+    stub_sha256: str | None = None
+    build_flags: tuple[str, ...] = ()
+    cuda_version_min: tuple[int, ...] | None = None
+    cuda_architectures: str | None = None
+
+    _TEXT = ("target", "runtime_version", "llama_cpp_python", "glibc_min", "python", "pyinstaller",
+             "cuda_architectures")
+
+    def to_json(self) -> dict:
+        data: dict[str, Any] = {k: getattr(self, k) for k in self._TEXT if getattr(self, k) is not None}
+        if self.format_version is not None:
+            data["format_version"] = self.format_version
+        if self.stub_sha256:
+            data["stub_sha256"] = self.stub_sha256
+        if self.build_flags:
+            data["build_flags"] = list(self.build_flags)
+        if self.cuda_version_min is not None:
+            data["cuda_version_min"] = list(self.cuda_version_min)
+        return data
+
+    @classmethod
+    def from_json(cls, data, where: str = "manifest.stub") -> "StubInfo":
+        data = _object(data, where)
+        values = {k: _take(data, k, str, where, max_len=256) for k in cls._TEXT}
+        flags = data.get("build_flags") or []
+        if not isinstance(flags, list) or len(flags) > 256 or not all(isinstance(x, str) and len(x) < 1024
+                                                                        for x in flags):
+            raise _Invalid(f"{where}.build_flags", "expected a list of strings")
+        cuda_min = data.get("cuda_version_min")
+        if cuda_min is not None and (not isinstance(cuda_min, list) or len(cuda_min) > 3 or not all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1000 for x in cuda_min)):
+            raise _Invalid(f"{where}.cuda_version_min", "expected a version like [13, 0]")
+        return cls(**values, format_version=_take(data, "format_version", int, where, lo=0, hi=1 << 16),
+                   stub_sha256=_hex(data, "stub_sha256", where, required=False), build_flags=tuple(flags),
+                   cuda_version_min=tuple(cuda_min) if cuda_min is not None else None)
+
+
+MAX_TEMPLATE = 1024 * 1024
+SETTING_TYPES = (str, int, float, bool)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What `bundle build` stores beside the model: names, template, default settings, and the
+    facts the runtime needs (model summary and layout, stub). Written by bundler, read by the
+    runtime; settings values are checked and converted by runtime.settings when applied."""
+
+    name: str = "model"
+    built: str | None = None
+    bundler_version: str | None = None
+    model: ModelInfo = field(default_factory=ModelInfo)
+    template_name: str = "auto"
+    template: str | None = None
+    settings: dict = field(default_factory=dict)
+    stub: StubInfo = field(default_factory=StubInfo)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "built": self.built, "bundler_version": self.bundler_version,
+                "model": self.model.to_json(), "template_name": self.template_name, "template": self.template,
+                "settings": dict(self.settings), "stub": self.stub.to_json()}
+
+    @classmethod
+    def from_json(cls, data, where: str = "manifest") -> "Manifest":
+        data = _object(data, where)
+        settings = _object(data.get("settings") or {}, f"{where}.settings")
+        for key, value in settings.items():
+            if not isinstance(key, str) or len(key) > 64:
+                raise _Invalid(f"{where}.settings", "a key is not a short string")
+            if value is not None and not isinstance(value, SETTING_TYPES):
+                raise _Invalid(f"{where}.settings.{key}", f"expected a plain value, got {type(value).__name__}")
+            if isinstance(value, str) and len(value) > MAX_TEMPLATE:
+                raise _Invalid(f"{where}.settings.{key}", "too long")
+        return cls(
+            name=_take(data, "name", str, where, default="model", max_len=1024),
+            built=_take(data, "built", str, where, max_len=64),
+            bundler_version=_take(data, "bundler_version", str, where, max_len=64),
+            model=ModelInfo.from_json(data.get("model") or {}, f"{where}.model"),
+            template_name=_take(data, "template_name", str, where, default="auto", max_len=1024),
+            template=_take(data, "template", str, where, max_len=MAX_TEMPLATE),
+            settings=dict(settings),
+            stub=StubInfo.from_json(data.get("stub") or {}, f"{where}.stub"),
         )
 
 
 @dataclass
 class Payload:
-    """A payload as read from a file: where it is and what it holds."""
+    """A payload as read from a file: where it is and what it holds (all of it checked)."""
 
     path: str
     payload_start: int
@@ -143,51 +406,82 @@ class Payload:
     file_size: int
     version: int
     entries: dict[str, Entry]
-    manifest: dict = field(default_factory=dict)
+    manifest: Manifest = field(default_factory=Manifest)
+    regions: dict[str, Region] = field(default_factory=dict)
+    toc_sha256: str = ""
 
     def absolute_offset(self, name: str) -> int:
         return self.payload_start + self.entries[name].offset
 
-    def open_entry(self, name: str) -> Iterator[bytes]:
-        """Stream an entry's stored bytes in chunks."""
-        entry = self.entries[name]
+    def _chunks(self, offset: int, size: int, what: str) -> Iterator[bytes]:
         with open(self.path, "rb") as f:
-            f.seek(self.payload_start + entry.offset)
-            left = entry.size
+            f.seek(offset)
+            left = size
             while left:
                 chunk = f.read(min(CHUNK, left))
                 if not chunk:
-                    raise IncompleteError(
-                        f"{self.path}: entry {name} ends early; this file is incomplete, copy it again"
-                    )
+                    raise IncompleteError(f"{self.path}: {what} ends early; this file is incomplete, copy it again")
                 left -= len(chunk)
                 yield chunk
+
+    def open_entry(self, name: str) -> Iterator[bytes]:
+        """Stream an entry's stored bytes in chunks."""
+        entry = self.entries[name]
+        return self._chunks(self.payload_start + entry.offset, entry.size, f"entry {name}")
 
     def read_entry(self, name: str) -> bytes:
         return b"".join(self.open_entry(name))
 
-    def verify(self, progress=None) -> list[str]:
-        """Recompute every hash. Returns a list of problems (empty when intact)."""
+    def check_parts(self, names=None, progress=None) -> list[str]:
+        """Hash the named entries and regions (all when None); a list of what does not match."""
         problems = []
-        actual = os.path.getsize(self.path)
-        if actual != self.file_size:
-            problems.append(incomplete_message(self.path, actual, self.file_size))
-        for entry in self.entries.values():
+        parts = [(e.name, self.payload_start + e.offset, e.size, e.sha256, f"{e.name} ({ENTRY_LABELS[e.name]})")
+                 for e in self.entries.values()]
+        parts += [(r.name, r.offset, r.size, r.sha256, REGIONS[r.name]) for r in self.regions.values()]
+        for name, offset, size, expected, label in parts:
+            if names is not None and name not in names:
+                continue
             digest = hashlib.sha256()
             try:
-                for chunk in self.open_entry(entry.name):
+                for chunk in self._chunks(offset, size, label):
                     digest.update(chunk)
                     if progress:
                         progress(len(chunk))
             except IncompleteError:
-                problems.append(f"{entry.name}: cut short (expected {entry.size} bytes)")
+                problems.append(f"{label}: cut short (expected {size} bytes at {offset})")
                 continue
-            if digest.hexdigest() != entry.sha256:
-                problems.append(
-                    f"{entry.name}: damaged (sha256 {digest.hexdigest()[:16]}…, "
-                    f"expected {entry.sha256[:16]}…)"
-                )
+            if digest.hexdigest() != expected:
+                problems.append(f"{label}: damaged (bytes {offset}-{offset + size - 1}; sha256 "
+                                f"{digest.hexdigest()[:16]}…, expected {expected[:16]}…)")
         return problems
+
+    def check_header(self) -> list[str]:
+        """The payload header at the front must repeat the trailer."""
+        with open(self.path, "rb") as f:
+            data = _read_at(f, self.payload_start, HEADER_SIZE)
+        trailer = self._trailer_fields()
+        if len(data) != HEADER_SIZE or data[:8] != HEADER_MAGIC or unpack_header(data)[1:] != trailer[1:]:
+            return [f"the payload header: damaged (bytes {self.payload_start}-{self.payload_start + HEADER_SIZE - 1})"]
+        return []
+
+    def _trailer_fields(self) -> tuple:
+        with open(self.path, "rb") as f:
+            return unpack_header(_read_at(f, self.payload_start + self.payload_size - HEADER_SIZE, HEADER_SIZE))
+
+    def verify(self, progress=None) -> list[str]:
+        """Recompute every hash: entries, the runtime's regions, the header. Every damaged
+        region is listed (empty when intact)."""
+        problems = []
+        actual = os.path.getsize(self.path)
+        if actual != self.file_size:
+            problems.append(incomplete_message(self.path, actual, self.file_size))
+        problems += self.check_header()
+        problems += self.check_parts(progress=progress)
+        return problems
+
+    def checked_bytes(self, names) -> int:
+        return sum(e.size for e in self.entries.values() if e.name in names) + sum(
+            r.size for r in self.regions.values() if r.name in names)
 
 
 def _file_chunks(path):
@@ -220,19 +514,25 @@ def pack_header(magic: bytes, payload_size: int, file_size: int, toc_offset: int
 
 
 def unpack_header(data: bytes) -> tuple:
+    if len(data) != HEADER_SIZE:
+        raise _Invalid("header", "cut short")
     return struct.unpack(HEADER_FORMAT, data)
 
 
 def find_cookie(f: BinaryIO, file_size: int) -> tuple[int, int] | None:
-    """(cookie offset, pkg_len) of the last PyInstaller cookie near the end, or None."""
+    """(cookie offset, pkg_len) of the last whole PyInstaller cookie near the end, or None."""
     start = max(0, file_size - COOKIE_SEARCH)
     f.seek(start)
     tail = f.read(file_size - start)
-    pos = tail.rfind(PYI_COOKIE_MAGIC)
-    if pos < 0 or pos + PYI_COOKIE_SIZE > len(tail):
-        return None
-    _, pkg_len, *_ = struct.unpack(PYI_COOKIE_FORMAT, tail[pos : pos + PYI_COOKIE_SIZE])
-    return start + pos, pkg_len
+    end = len(tail)
+    while True:
+        pos = tail.rfind(PYI_COOKIE_MAGIC, 0, end)
+        if pos < 0:
+            return None
+        if pos + PYI_COOKIE_SIZE <= len(tail):
+            _, pkg_len, *_ = struct.unpack(PYI_COOKIE_FORMAT, tail[pos : pos + PYI_COOKIE_SIZE])
+            return start + pos, pkg_len
+        end = pos  # a cookie cut short by the end of the file: look further back
 
 
 def find_archive_start(f: BinaryIO, file_size: int) -> int | None:
@@ -273,7 +573,7 @@ def _find_trailer(f: BinaryIO, file_size: int) -> tuple[int, tuple] | None:
     # TAIL_ARCHIVE: the trailer is right before the archive copy.
     for end in (cookie_pos, cookie_pos + PYI_COOKIE_SIZE - pkg_len):
         data = _read_at(f, end - HEADER_SIZE, HEADER_SIZE)
-        if data[:8] == TRAILER_MAGIC:
+        if len(data) == HEADER_SIZE and data[:8] == TRAILER_MAGIC:
             return end, unpack_header(data)
     return None
 
@@ -286,9 +586,26 @@ def _find_header_from_front(f: BinaryIO, file_size: int) -> tuple | None:
     candidates += range(ENTRY_ALIGN, min(file_size, HEADER_SEARCH), ENTRY_ALIGN)
     for offset in candidates:
         data = _read_at(f, offset, HEADER_SIZE)
-        if data[:8] == HEADER_MAGIC:
+        if len(data) == HEADER_SIZE and data[:8] == HEADER_MAGIC:
             return offset, unpack_header(data)
     return None
+
+
+def _no_payload(path: str, f: BinaryIO, file_size: int) -> PayloadError:
+    """Why a file with no payload table at either end has none: cut short right after (or
+    inside) its runtime, or not a bundle at all."""
+    end = elf_end(f)
+    if end and file_size < end:
+        return IncompleteError(f"this file is incomplete: it ends after {file_size} bytes, inside its "
+                               f"runtime ({path}); copy it again")
+    if end and file_size > end:
+        header_at = align_up(end)
+        if file_size < header_at + HEADER_SIZE:
+            piece = _read_at(f, header_at, HEADER_SIZE)
+            if HEADER_MAGIC.startswith(piece[:8]) and not any(_read_at(f, end, max(0, header_at - end))):
+                return IncompleteError(f"this file is incomplete: it ends after {file_size} bytes, before its "
+                                       f"model ({path}); copy it again")
+    return NotABundleError(f"{path} is not a bundle (no bundle payload found)")
 
 
 def read_payload(path: str) -> Payload:
@@ -300,46 +617,88 @@ def read_payload(path: str) -> Payload:
         raise NotABundleError(f"{path} is a directory, not a bundle") from None
     except OSError as exc:
         raise PayloadError(f"cannot read {path}: {exc.strerror}") from None
+    damaged = f"{path}: the bundle's table of contents is damaged"
     with f:
-        found = _find_trailer(f, file_size)
-        if found is None:
-            # No trailer: not a bundle, or its end was cut off.
-            front = _find_header_from_front(f, file_size)
-            if front is None:
-                raise NotABundleError(f"{path} is not a bundle (no bundle payload found)")
-            _check_version(path, front[1][1])
-            if file_size < front[1][4]:
-                raise IncompleteError(incomplete_message(path, file_size, front[1][4]))
-            raise PayloadError(f"{path}: the end of this bundle is damaged; copy the file again")
-        payload_end, trailer = found
-        _, version, _, payload_size, expected_size, toc_offset, toc_size, toc_digest = trailer
-        _check_version(path, version)
-        if file_size != expected_size:
-            raise IncompleteError(incomplete_message(path, file_size, expected_size))
-        payload_start = payload_end - payload_size
-        damaged = f"{path}: the bundle's table of contents is damaged; copy the file again"
-        if payload_start < 0 or toc_offset + toc_size > payload_size:
-            raise PayloadError(damaged)
-        toc = _read_at(f, payload_start + toc_offset, toc_size)
-        if hashlib.sha256(toc).digest()[:16] != toc_digest:
-            raise PayloadError(damaged)
         try:
-            data = json.loads(toc.decode("utf-8"))
-            entries = {e["name"]: Entry.from_json(e) for e in data["entries"]}
-        except (ValueError, KeyError, TypeError):
-            raise PayloadError(damaged) from None
-        for entry in entries.values():
-            if entry.offset + entry.size > toc_offset:
-                raise PayloadError(f"{path}: entry {entry.name} lies outside the payload; copy the file again")
-        return Payload(
-            path=path,
-            payload_start=payload_start,
-            payload_size=payload_size,
-            file_size=expected_size,
-            version=version,
-            entries=entries,
-            manifest=data.get("manifest", {}),
-        )
+            return _read_payload(path, f, file_size, damaged)
+        except _Invalid as exc:
+            raise PayloadError(f"{damaged} ({exc}); copy the file again") from None
+        except (struct.error, OverflowError, ValueError):
+            raise PayloadError(f"{damaged}; copy the file again") from None
+
+
+def _read_payload(path: str, f: BinaryIO, file_size: int, damaged: str) -> Payload:
+    found = _find_trailer(f, file_size)
+    if found is None:
+        # No trailer: not a bundle, or its end was cut off.
+        front = _find_header_from_front(f, file_size)
+        if front is None:
+            raise _no_payload(path, f, file_size)
+        _check_version(path, front[1][1])
+        if file_size < front[1][4]:
+            raise IncompleteError(incomplete_message(path, file_size, front[1][4]))
+        raise PayloadError(f"{path}: the end of this bundle is damaged; copy the file again")
+    payload_end, trailer = found
+    _, version, flags, payload_size, expected_size, toc_offset, toc_size, toc_digest = trailer
+    _check_version(path, version)
+    if file_size != expected_size:
+        raise IncompleteError(incomplete_message(path, file_size, expected_size))
+    payload_start = payload_end - payload_size
+    # The header's numbers, before any is used: the layout the writer makes, exactly.
+    if (flags != 0 or payload_start < 0 or payload_start % ENTRY_ALIGN or payload_size % ENTRY_ALIGN
+            or toc_size > MAX_TOC_SIZE or toc_offset < ENTRY_ALIGN
+            or toc_offset + toc_size + HEADER_SIZE != payload_size):
+        raise _Invalid("trailer", "its offsets do not describe a payload")
+    toc = _read_at(f, payload_start + toc_offset, toc_size)
+    if len(toc) != toc_size or hashlib.sha256(toc).digest()[:16] != toc_digest:
+        raise PayloadError(f"{damaged}; copy the file again")
+    try:
+        data = json.loads(toc.decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise _Invalid("toc", "not JSON") from None
+    data = _object(data, "toc")
+    if _take(data, "format", int, "toc", required=True, lo=0, hi=1 << 16) != version:
+        raise _Invalid("toc.format", "differs from the trailer's version")
+    raw_entries = data.get("entries")
+    if not isinstance(raw_entries, list) or len(raw_entries) > len(KNOWN_ENTRIES):
+        raise _Invalid("toc.entries", "expected a short list")
+    entries: dict[str, Entry] = {}
+    for i, raw in enumerate(raw_entries):
+        entry = Entry.from_json(raw, f"toc.entries[{i}]")
+        if entry.name in entries:
+            raise _Invalid(f"toc.entries[{i}]", f"{entry.name} appears twice")
+        if entry.offset % ENTRY_ALIGN:
+            raise _Invalid(f"toc.entries[{i}].offset", "not on a 64 KiB boundary")
+        if entry.offset + entry.size > toc_offset:
+            raise PayloadError(f"{path}: entry {entry.name} lies outside the payload; copy the file again")
+        entries[entry.name] = entry
+    spans = sorted((e.offset, e.offset + e.size, e.name) for e in entries.values())
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise _Invalid("toc.entries", f"{a} and {b} overlap")
+    regions: dict[str, Region] = {}
+    raw_regions = data.get("regions") or []
+    if not isinstance(raw_regions, list) or len(raw_regions) > len(REGIONS):
+        raise _Invalid("toc.regions", "expected a short list")
+    for i, raw in enumerate(raw_regions):
+        region = Region.from_json(raw, f"toc.regions[{i}]")
+        end = region.offset + region.size
+        inside_payload = region.offset < payload_end and end > payload_start
+        if region.name in regions or end > file_size or inside_payload:
+            raise _Invalid(f"toc.regions[{i}]", "outside the file, inside the payload, or twice")
+        regions[region.name] = region
+    manifest = Manifest.from_json(data.get("manifest") or {}, "manifest")
+    return Payload(
+        path=path,
+        payload_start=payload_start,
+        payload_size=payload_size,
+        file_size=expected_size,
+        version=version,
+        entries=entries,
+        manifest=manifest,
+        regions=regions,
+        toc_sha256=hashlib.sha256(toc).hexdigest(),
+    )
 
 
 def make_tail(stub_archive: bytes, cookie_end_in_bundle: int, archive_start: int) -> bytes:
@@ -350,10 +709,11 @@ def make_tail(stub_archive: bytes, cookie_end_in_bundle: int, archive_start: int
     32 bits, else it is the archive copied whole (TAIL_ARCHIVE)."""
     cookie = bytearray(stub_archive[-PYI_COOKIE_SIZE:])
     stretched = cookie_end_in_bundle - archive_start
+    pad = bytes(TAIL_PAD)
     if stretched < 2**32:
         struct.pack_into("!I", cookie, 8, stretched)
-        return bytes(cookie)
-    return stub_archive
+        return bytes(cookie) + pad
+    return stub_archive + pad
 
 
 def _check_version(path: str, version: int) -> None:
@@ -467,9 +827,11 @@ class PayloadWriter:
     def add_bytes(self, name: str, data: bytes, compression: str = "none", unpacked_size=None) -> Entry:
         return self.add_stream(name, [data], compression, unpacked_size)
 
-    def toc_bytes(self, manifest: dict) -> bytes:
+    def toc_bytes(self, manifest: "Manifest | dict", regions=()) -> bytes:
+        body = manifest.to_json() if isinstance(manifest, Manifest) else manifest
         return json.dumps(
-            {"format": FORMAT_VERSION, "entries": [e.to_json() for e in self.entries], "manifest": manifest},
+            {"format": FORMAT_VERSION, "entries": [e.to_json() for e in self.entries], "manifest": body,
+             "regions": [r.to_json() for r in regions]},
             indent=1,
             ensure_ascii=False,
         ).encode("utf-8")

@@ -31,7 +31,7 @@ def write(path, entries: dict, manifest=None, tail_mode="auto"):
         end = start + w.size_with(toc)
         tail = P.make_tail(stub_archive, end + P.PYI_COOKIE_SIZE, archive_start)
         if tail_mode == "archive":
-            tail = stub_archive
+            tail = stub_archive + bytes(P.TAIL_PAD)
         w.finish(toc, end + len(tail))
         f.seek(end)
         f.write(tail)
@@ -45,7 +45,8 @@ def test_round_trip(tmp_path, tail_mode):
     start, archive_start = write(path, data, {"name": "demo", "settings": {"temp": 0.5}}, tail_mode)
     p = P.read_payload(str(path))
     assert p.payload_start == start
-    assert p.manifest == {"name": "demo", "settings": {"temp": 0.5}}
+    assert p.manifest.name == "demo" and p.manifest.settings == {"temp": 0.5}
+    assert p.manifest == P.Manifest.from_json(p.manifest.to_json())  # the typed manifest round-trips
     assert p.version == P.FORMAT_VERSION
     for name, blob in data.items():
         e = p.entries[name]
@@ -65,8 +66,8 @@ def test_round_trip(tmp_path, tail_mode):
 
 def test_cookie_tail_is_small_and_archive_tail_copies(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    write(a, {"m": b"1" * 10})
-    write(b, {"m": b"1" * 10}, tail_mode="archive")
+    write(a, {"model.gguf": b"1" * 10})
+    write(b, {"model.gguf": b"1" * 10}, tail_mode="archive")
     assert b.stat().st_size - a.stat().st_size == 5000  # the archive body, copied
 
 
@@ -74,8 +75,8 @@ def test_make_tail_falls_back_to_archive_copy_beyond_4_gib():
     stub, archive_start = fake_stub()
     cookie_pos = stub.rfind(P.PYI_COOKIE_MAGIC)
     arch = stub[archive_start : cookie_pos + P.PYI_COOKIE_SIZE]
-    assert len(P.make_tail(arch, archive_start + 10**6, archive_start)) == P.PYI_COOKIE_SIZE
-    assert P.make_tail(arch, archive_start + 5 * 2**30, archive_start) == arch
+    assert len(P.make_tail(arch, archive_start + 10**6, archive_start)) == P.PYI_COOKIE_SIZE + P.TAIL_PAD
+    assert P.make_tail(arch, archive_start + 5 * 2**30, archive_start) == arch + bytes(P.TAIL_PAD)
 
 
 def test_truncated_file_says_how_much_is_missing(tmp_path):
@@ -91,18 +92,18 @@ def test_truncated_file_says_how_much_is_missing(tmp_path):
 
 def test_damaged_entry_is_named(tmp_path):
     path = tmp_path / "b"
-    write(path, {"model.gguf": b"G" * 300000, "other": b"o" * 10})
+    write(path, {"model.gguf": b"G" * 300000, "native/cpu.tar.zst": b"o" * 10})
     p = P.read_payload(str(path))
     with open(path, "r+b") as f:
         f.seek(p.absolute_offset("model.gguf") + 1234)
         f.write(b"X")
     problems = P.read_payload(str(path)).verify()
-    assert len(problems) == 1 and problems[0].startswith("model.gguf: damaged")
+    assert len(problems) == 1 and problems[0].startswith("model.gguf (the model): damaged")
 
 
 def test_damaged_toc_is_refused(tmp_path):
     path = tmp_path / "b"
-    write(path, {"m": b"1"})
+    write(path, {"model.gguf": b"1"})
     p = P.read_payload(str(path))
     toc_at = p.payload_start + p.payload_size - P.HEADER_SIZE - 20
     with open(path, "r+b") as f:
@@ -114,7 +115,7 @@ def test_damaged_toc_is_refused(tmp_path):
 
 def test_newer_format_is_refused(tmp_path):
     path = tmp_path / "b"
-    write(path, {"m": b"1"})
+    write(path, {"model.gguf": b"1"})
     p = P.read_payload(str(path))
     trailer_at = p.payload_start + p.payload_size - P.HEADER_SIZE
     with open(path, "r+b") as f:
