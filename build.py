@@ -380,6 +380,8 @@ def inputs_digest(wheel: Path) -> str:
             h.update(str(p.relative_to(ROOT)).encode())
             h.update(p.read_bytes())
     h.update(Path(__file__).read_bytes())
+    for p in sorted((ROOT / "build_hooks").glob("*.py")):
+        h.update(p.read_bytes())
     h.update(wheel.name.encode())
     h.update(json.dumps(WEB_VENDOR, sort_keys=True).encode())
     h.update(str(wheel.stat().st_size).encode())
@@ -402,6 +404,7 @@ def run_pyinstaller(out_dir: Path, web_vendor: Path) -> Path:
             "--distpath", str(work / "dist"), "--workpath", str(work / "build"), "--specpath", str(work),
             "--paths", str(ROOT),
             "--additional-hooks-dir", str(ROOT / "build_hooks"),
+            "--runtime-hook", str(ROOT / "build_hooks" / "rth_bundle_signals.py"),
             "--hidden-import", "runtime.app", "--hidden-import", "llama_cpp.llama_cpp",
             "--hidden-import", "jinja2.ext", "--hidden-import", "zstandard.backend_c",
             "--hidden-import", "runtime.server", "--hidden-import", "runtime.modes",

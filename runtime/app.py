@@ -13,16 +13,35 @@ import platform
 import sys
 import time
 
-from . import __version__
-from .errors import RuntimeFailure, UsageError
-from .payload import FORMAT_VERSION, MODEL_ENTRY, NATIVE_CPU_ENTRY, PayloadError, read_payload
-from .settings import Settings, parse_bool, resolve
-from .template import TemplateError, load_template
-
+from . import __version__, process
+from .errors import OutputError, RuntimeFailure, UsageError
+from .payload import FORMAT_VERSION, MODEL_ENTRY, NATIVE_CPU_ENTRY, read_payload
+from .settings import Settings, env_flag, resolve
+from .template import load_template
+from .text import printable, printable_tree
 
 
 def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    try:
+        print(msg, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass  # stderr gone: nothing to tell anyone
+
+
+def write_out(text: str) -> None:
+    """Write to stdout and flush, turning a failure into one clear error (issue 8.11)."""
+    if process.STDOUT_WAS_CLOSED:
+        raise OutputError("standard output is closed, so the answer has nowhere to go; run it without "
+                          "closing stdout (or redirect it to a file)")
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        process.silence_stdout()
+        raise OutputError(f"cannot write to standard output ({exc.strerror}); check where it goes "
+                          "(a full disk, a closed file)") from None
 
 
 def self_path() -> str:
@@ -55,6 +74,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     w.add_argument("--port", type=int, help="port to listen on (default 8080; 0: any free port)")
     w.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API")
     w.add_argument("--no-browser", action="store_true", help="do not open the web chat in a browser")
+    w.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                   help="let the web page at ORIGIN (e.g. http://localhost:3000) use the API (repeatable)")
     g = p.add_argument_group("generation")
     g.add_argument("-n", "--max-tokens", type=int, dest="max_tokens", help="most tokens to generate (-1: no limit)")
     g.add_argument("--temp", type=float, help="temperature (0: greedy)")
@@ -82,8 +103,10 @@ class Runtime:
         self.payload = read_payload(path)
         self.manifest = self.payload.manifest
         flags = {k: getattr(args, k, None) for k in Settings.field_names()}
-        self.settings = resolve(self.manifest.get("settings"), flags)
-        self.verbose = bool(args.verbose) or parse_bool(os.environ.get("BUNDLE_VERBOSE", "0"), "BUNDLE_VERBOSE")
+        self.settings = resolve(self.manifest.settings, flags)
+        self.verbose = bool(args.verbose) or env_flag("BUNDLE_VERBOSE")
+        self.cache = None
+        self.check = None
         self.libdir = None
         self.C = None
         self.engine = None
@@ -91,16 +114,33 @@ class Runtime:
         self.backend = None
 
     def threads(self) -> int:
-        from .native import physical_cores
+        from .native import physical_cores, usable_cpus
 
-        return self.settings.threads or physical_cores()
+        wanted = self.settings.threads or physical_cores()
+        limit = usable_cpus()
+        if wanted > limit:
+            # More threads than CPUs only slows llama.cpp down (and 10^5 of them crash it).
+            if not getattr(self, "_capped", False):
+                say(f"note: {wanted} threads capped at {limit}, the CPUs this process may use")
+                self._capped = True
+            return limit
+        return wanted
+
+    def check_payload(self) -> None:
+        """First launch on this machine: hash what is about to be used (runtime/checks.py)."""
+        from . import checks, native
+
+        if self.check is None:
+            self.cache = native.usable_cache_root()
+            self.check = checks.check_once(self.payload, self.cache, say=say)
 
     def load_libraries(self) -> None:
         from . import native
         from .engine import import_bindings, set_logging
 
         t0 = time.perf_counter()
-        self.libdir = native.extract_entry(self.payload, NATIVE_CPU_ENTRY, say=say)
+        self.check_payload()
+        self.libdir = native.extract_entry(self.payload, NATIVE_CPU_ENTRY, root=self.cache, say=say)
         # libllama first (it loads libggml.so.0 by soname), then silence, then the back ends.
         self.C = import_bindings(self.libdir)
         set_logging(self.C, self.verbose)
@@ -113,8 +153,9 @@ class Runtime:
         from . import backend
         from .engine import last_error
 
+        layout = self.manifest.model.layout
         self.backend = backend.choose(self.payload, self.settings, self.libdir,
-                                      self.manifest.get("model", {}).get("layout"), say=say, last_log=last_error)
+                                      layout.to_json() if layout else None, say=say, last_log=last_error)
         if self.backend.name == "CPU" and backend.CUDA_ENTRY in self.payload.entries and self.settings.gpu != "off":
             say(f"running on the CPU: {self.backend.reason}")
         if self.backend.note:
@@ -156,8 +197,8 @@ class Runtime:
 
     def template(self):
         e = self.engine
-        name = self.manifest.get("template_name") or self.settings.template or "auto"
-        source = self.manifest.get("template") or (e.chat_template() if e else None)
+        name = self.manifest.template_name or self.settings.template or "auto"
+        source = self.manifest.template or (e.chat_template() if e else None)
         return load_template(name, source, e.bos_text if e else "", e.eos_text if e else "")
 
     def sampling(self, stop):
@@ -167,11 +208,11 @@ class Runtime:
         return Sampling(s.temp, s.top_p, s.top_k, s.repeat_penalty, s.seed, s.max_tokens, list(stop))
 
     def banner(self) -> str:
-        m = self.manifest.get("model", {})
+        m = self.manifest.model
         e = self.engine
         parts = [
-            self.manifest.get("name") or m.get("name") or "model",
-            " ".join(x for x in (m.get("size_label"), m.get("quantization")) if x),
+            printable(self.manifest.name or m.name or "model"),
+            printable(" ".join(x for x in (m.size_label, m.quantization) if x)),
             self.backend.describe() if self.backend else f"CPU ({self.variant or 'unknown variant'})",
             f"{self.threads()} threads",
             f"ctx {e.n_ctx if e else self.settings.ctx}",
@@ -180,32 +221,33 @@ class Runtime:
 
     def server_info(self) -> dict:
         return {
-            "name": self.manifest.get("name"),
-            "model": self.manifest.get("model", {}),
+            "name": self.manifest.name,
+            "model": self.manifest.model.to_json(),
             "backend": {**self.backend.to_json(), "threads": self.threads()},
             "created": int(time.time()),
         }
 
     def info(self) -> dict:
-        from .native import cache_root, physical_cores
+        from .native import physical_cores
 
         if self.C is None:
             self.load_libraries()
         return {
-            "bundle": self.path,
-            "name": self.manifest.get("name"),
+            "bundle": os.fsdecode(self.path),
+            "name": self.manifest.name,
             "format_version": self.payload.version,
             "runtime_version": __version__,
-            "built": self.manifest.get("built"),
-            "model": self.manifest.get("model", {}),
-            "template": self.manifest.get("template_name", "auto"),
+            "built": self.manifest.built,
+            "model": self.manifest.model.to_json(),
+            "template": self.manifest.template_name,
             "settings": self.settings.to_manifest(),
             "backend": {**self.backend.to_json(), "libraries": str(self.libdir)},
             "threads": self.threads(),
             "context": self.settings.ctx,
             "hardware": _hardware(physical_cores()),
-            "stub": self.manifest.get("stub", {}),
-            "cache_dir": str(cache_root()),
+            "stub": self.manifest.stub.to_json(),
+            "cache_dir": str(self.cache),
+            "first_launch_check": self.check,
             "entries": {n: {"size": e.size, "sha256": e.sha256} for n, e in self.payload.entries.items()},
         }
 
@@ -213,7 +255,7 @@ class Runtime:
 def _hardware(cores: int) -> dict:
     model = None
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", errors="replace") as f:
             for line in f:
                 if line.startswith("model name"):
                     model = line.split(":", 1)[1].strip()
@@ -240,7 +282,12 @@ def _read_prompt(args) -> str | None:
         raise UsageError("give either -p PROMPT or -f FILE, not both")
     if args.file is not None:
         if args.file == "-":
-            return sys.stdin.read()
+            data = sys.stdin.buffer.read() if sys.stdin is not None else b""
+            try:
+                return data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UsageError("the prompt on standard input is not UTF-8 text; convert it first "
+                                 "(iconv -t UTF-8)") from None
         try:
             with open(args.file, encoding="utf-8") as f:
                 return f.read()
@@ -266,7 +313,7 @@ def run(argv) -> int:
     rt = Runtime(path, args)
     if args.info:
         data = rt.info()
-        print(json.dumps(data, indent=2) if args.json else _format_info(data))
+        write_out((json.dumps(data, indent=2) if args.json else _format_info(printable_tree(data))) + "\n")
         return 0
     if args.bench:
         return modes.bench(rt, args.json)
@@ -305,7 +352,7 @@ def started_in_own_window() -> bool:
     pid = os.getppid()
     for _ in range(4):  # the PyInstaller bootloader, then whoever started it
         try:
-            with open(f"/proc/{pid}/stat") as f:
+            with open(f"/proc/{pid}/stat", errors="replace") as f:
                 stat = f.read()
         except OSError:
             return False
@@ -327,6 +374,7 @@ def pause_if_own_window() -> None:
 
 
 def _format_info(d: dict) -> str:
+    """d has been through printable_tree: nothing from the file reaches the terminal raw."""
     m = d.get("model", {})
     s = d["settings"]
     lines = [
@@ -348,33 +396,49 @@ def _format_info(d: dict) -> str:
     return "\n".join(lines)
 
 
+# What each kind of failure means for the exit status; the first match wins.
+EXIT_STATUS = (
+    (UsageError, 2),  # bad flags, settings or prompt: the user can fix the command line
+    (RuntimeFailure, 1),  # damaged or incomplete file, cache, model, output: the message says what to do
+)
+
+
+def _status_for(exc: BaseException) -> int | None:
+    for kind, status in EXIT_STATUS:
+        if isinstance(exc, kind):
+            return status
+    return None
+
+
 def main(argv=None) -> int:
-    debug = os.environ.get("BUNDLE_DEBUG", "") not in ("", "0")
+    process.ensure_std_streams()
+    process.exit_on_sigint()
+    frozen = getattr(sys, "frozen", False)
+    if frozen:
+        process.die_with_parent()
     try:
-        return run(sys.argv[1:] if argv is None else argv)
+        debug = env_flag("BUNDLE_DEBUG")
     except UsageError as exc:
         say(f"error: {exc}")
-        pause_if_own_window()
         return 2
-    except (RuntimeFailure, PayloadError, TemplateError) as exc:
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except RuntimeFailure as exc:
         if debug:
             raise
-        say(f"error: {exc}")
+        say(f"error: {printable(exc)}")
         pause_if_own_window()
-        return 1
+        return _status_for(exc)
     except KeyboardInterrupt:
         say("")
         return 130
     except BrokenPipeError:
         # the reader of our stdout went away (| head); nothing left to say
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
-            pass
+        process.silence_stdout()
         return 0
     except Exception as exc:  # the last boundary: no traceback unless asked
         if debug:
             raise
-        say(f"error: unexpected {type(exc).__name__}: {exc}; run again with BUNDLE_DEBUG=1 and report it")
+        say(f"error: unexpected {type(exc).__name__}: {printable(exc)}; run again with BUNDLE_DEBUG=1 and report it")
         pause_if_own_window()
         return 1

@@ -72,7 +72,7 @@ def choose(payload, settings, libdir: Path, layout: dict | None, say=lambda m: N
         return b
     probe = gpu.probe_nvidia()
     b.probe = probe.to_json()
-    need = tuple(payload.manifest.get("stub", {}).get("cuda_version_min") or (0, 0))
+    need = tuple(payload.manifest.stub.cuda_version_min or (0, 0))
     problem = probe.problem
     if not problem and probe.cuda_version and tuple(probe.cuda_version) < tuple(need):
         problem = (f"the NVIDIA driver {probe.driver_version} supports CUDA {'.'.join(map(str, probe.cuda_version))}, "

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import ModelLoadError, RuntimeFailure
+from .errors import ContextOverflowError, ModelLoadError, RuntimeFailure
+
+__all__ = ["ContextOverflowError", "Engine", "Result", "Sampling"]
 
 # llama-bench's defaults: prompts are decoded in batches of up to 2048, 512 at a time.
 N_BATCH = 2048
@@ -184,8 +186,33 @@ class Engine:
         return buf.value.decode("utf-8", "replace")
 
     # -- tokens -----------------------------------------------------------------------------
+    def max_token_bytes(self) -> int:
+        """The longest token's text in bytes (read once from the vocabulary)."""
+        if getattr(self, "_max_token_bytes", None) is None:
+            C, longest = self.C, 1
+            for tok in range(self.n_vocab):
+                text = C.llama_vocab_get_text(self.vocab, tok)
+                if text and len(text) > longest:
+                    longest = len(text)
+            self._max_token_bytes = longest + 8  # byte-level pieces can be wider than their text
+        return self._max_token_bytes
+
+    def check_text_fits(self, n_bytes: int) -> None:
+        """Refuse at once a text that cannot fit the context: one longer than n_ctx times the
+        longest token surely does not, and llama.cpp's tokenizer is quadratic in the number of
+        special tokens (40,000 chat turns took it 25 s, issue 8.7)."""
+        if n_bytes > 4 * self.n_ctx and n_bytes > self.n_ctx * self.max_token_bytes():
+            raise ContextOverflowError(
+                f"the prompt is {n_bytes} bytes, more than the context ({self.n_ctx} tokens) can hold; "
+                "shorten it, /reset the chat, or raise --ctx")
+
+    def tokenize_bounded(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """tokenize(), after check_text_fits()."""
+        self.check_text_fits(len(text.encode("utf-8", "replace")))
+        return self.tokenize(text, add_special, parse_special)
+
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
+        data = text.encode("utf-8", "replace")  # a lone surrogate cannot reach llama.cpp
         n_max = len(data) + 8
         buf = (self.C.llama_token * n_max)()
         n = self.C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
@@ -197,7 +224,7 @@ class Engine:
     def tokenize_prompt(self, text: str) -> list[int]:
         """A rendered chat prompt: special tokens parsed; BOS added unless the template wrote it."""
         add_bos = not (self.bos_text and text.startswith(self.bos_text))
-        return self.tokenize(text, add_special=add_bos, parse_special=True)
+        return self.tokenize_bounded(text, add_special=add_bos, parse_special=True)
 
     def piece(self, token: int) -> bytes:
         n = self.C.llama_token_to_piece(self.vocab, token, self._piece_buf, 256, 0, False)
@@ -230,11 +257,12 @@ class Engine:
                 C.llama_sampler_accept(chain, tok)
         return chain
 
-    def _decode(self, tokens: list[int], cancelled=lambda: False) -> None:
+    def _decode(self, tokens: list[int], cancelled=lambda: False) -> bool:
+        """Decode tokens in batches; False when cancelled between two batches."""
         C = self.C
         for i in range(0, len(tokens), self.n_batch):
             if cancelled():
-                raise KeyboardInterrupt
+                return False
             chunk = tokens[i : i + self.n_batch]
             arr = (C.llama_token * len(chunk))(*chunk)
             rc = C.llama_decode(self.ctx, C.llama_batch_get_one(arr, len(chunk)))
@@ -242,6 +270,7 @@ class Engine:
                 self._forget_from(len(self.kv_tokens))
                 raise RuntimeFailure(f"llama_decode failed ({rc}); the context may be full, try a larger --ctx")
             self.kv_tokens.extend(chunk)
+        return True
 
     def _forget_from(self, n_keep: int) -> None:
         self.C.llama_memory_seq_rm(self.memory, 0, n_keep, -1)
@@ -281,9 +310,7 @@ class Engine:
         while keep < limit and self.kv_tokens[keep] == prompt[keep]:
             keep += 1
         self._forget_from(keep)
-        try:
-            self._decode(prompt[keep:], cancelled)
-        except KeyboardInterrupt:
+        if not self._decode(prompt[keep:], cancelled):
             result.finish_reason = "cancelled"
             return result
         t1 = time.perf_counter()
@@ -338,8 +365,6 @@ class Engine:
                 if rc != 0:
                     raise RuntimeFailure(f"llama_decode failed ({rc}) while generating")
                 self.kv_tokens.append(tok)
-        except KeyboardInterrupt:
-            result.finish_reason = "cancelled"
         finally:
             C.llama_sampler_free(chain)
         pending += utf8.decode(b"", final=True)
@@ -395,7 +420,7 @@ class Engine:
             if not self._embed_ctx:
                 raise RuntimeFailure("llama.cpp could not create an embeddings context")
             self._embed_n_ctx = p.n_ctx
-        tokens = self.tokenize(text, add_special=True, parse_special=False)
+        tokens = self.tokenize_bounded(text, add_special=True, parse_special=False)
         if len(tokens) > self._embed_n_ctx:
             raise ContextOverflowError(
                 f"the input is {len(tokens)} tokens, longer than the embedding context ({self._embed_n_ctx} tokens)"
@@ -424,10 +449,6 @@ class Engine:
         if getattr(self, "model", None):
             self.C.llama_model_free(self.model)
             self.model = None
-
-
-class ContextOverflowError(RuntimeFailure):
-    pass
 
 
 def _partial_stop(text: str, stops: list[str]) -> int:

@@ -9,30 +9,26 @@ import sys
 import threading
 import time
 
+from .app import say, write_out
 from .errors import RuntimeFailure
 from .payload import read_payload
 
 
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def one_shot(rt, prompt: str) -> int:
+    """-p / -f: the answer on stdout. Ctrl-C at any moment ends the process with status 130 and
+    nothing more on stdout (process.exit_on_sigint, installed before anything else runs)."""
+    write_out("")  # a closed stdout fails here, before the model is loaded for nothing
     engine = rt.load_model()
     say(rt.banner())
     tmpl = rt.template()
     messages = [{"role": "system", "content": rt.settings.system}] if rt.settings.system else []
     messages.append({"role": "user", "content": prompt})
     tokens = engine.tokenize_prompt(tmpl.render(messages))
-    out = sys.stdout
-
-    def emit(text):
-        out.write(text)
-        out.flush()
-
-    result = engine.generate(tokens, rt.sampling(tmpl.stop), on_text=emit)
-    out.write("\n")
-    out.flush()
+    engine.check_fits(len(tokens))
+    result = engine.generate(tokens, rt.sampling(tmpl.stop), on_text=write_out)
+    if result.finish_reason == "cancelled":
+        return 130
+    write_out("\n")
     if rt.verbose:
         rate = result.completion_tokens / result.decode_seconds if result.decode_seconds else 0
         say(f"{result.prompt_tokens} prompt tokens, {result.completion_tokens} generated, {rate:.1f} tok/s")
@@ -44,6 +40,7 @@ def chat(rt, worker=None) -> int:
     from .chat import ChatSession, run_chat
     from .worker import CancelFlag, EngineWorker
 
+    write_out("")
     engine = rt.load_model()
     worker = worker or EngineWorker(engine)
     tmpl = rt.template()
@@ -51,6 +48,9 @@ def chat(rt, worker=None) -> int:
         import readline  # noqa: F401  (line editing and history where available)
     except ImportError:
         pass
+    # Between replies Ctrl-C is Python's KeyboardInterrupt (the chat loop says how to leave);
+    # during a reply, on_sigint below stops the reply.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     current = {"cancel": CancelFlag()}
 
     def on_sigint(signum, frame):
@@ -66,6 +66,7 @@ def chat(rt, worker=None) -> int:
         previous = signal.signal(signal.SIGINT, on_sigint)
         try:
             tokens = engine.tokenize_prompt(tmpl.render(messages))
+            engine.check_fits(len(tokens))
             sampling = rt.sampling(tmpl.stop)
             job = worker.submit(
                 lambda eng, cancelled: eng.generate(tokens, sampling, on_text=write_, cancelled=cancelled), cancel
@@ -114,9 +115,11 @@ def start_server(rt, worker, port: int | None = None, fallback_ports: int = 0):
             if candidate == port + fallback_ports:
                 raise
     real_port = sock.getsockname()[1]
+    origins = list(getattr(rt.args, "allow_origin", None) or [])
+    origins += [o for o in os.environ.get("BUNDLE_ALLOW_ORIGINS", "").split(",") if o.strip()]
     app = create_app(rt.settings, worker, template=rt.template(), info=rt.server_info(),
                      api_key=rt.args.api_key or os.environ.get("BUNDLE_API_KEY") or None,
-                     allowed_hosts=allowed_hosts_for(host, real_port))
+                     allowed_hosts=allowed_hosts_for(host, real_port), allowed_origins=set(origins))
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{real_port}/"
     return ServerThread(app, sock), url
@@ -134,7 +137,10 @@ def serve(rt, open_page: bool) -> int:
         say(f"note: listening on {rt.settings.host}, reachable from other machines"
             + ("" if rt.args.api_key else "; consider --api-key"))
     if open_page and not rt.args.no_browser:
-        threading.Timer(0.3, open_browser, args=(url,)).start()
+        if _display_available():
+            threading.Timer(0.3, open_browser, args=(url,)).start()
+        else:
+            say(f"(no display here, so no browser was opened: open {url} in one)")
     server.serve_forever()
     return 0
 
@@ -165,22 +171,25 @@ def bench(rt, as_json: bool) -> int:
               "cpu_variant": rt.variant, "load_seconds": load,
               "model": rt.manifest.get("model", {}).get("name")})
     if as_json:
-        print(json.dumps(r, indent=2))
+        write_out(json.dumps(r, indent=2) + "\n")
     else:
-        print(f"prompt   {r['n_prompt']:>4} tokens: {r['prompt_tps']:8.1f} tokens/s")
-        print(f"generate {r['n_gen']:>4} tokens: {r['decode_tps']:8.1f} tokens/s")
-        print(f"back end: {rt.backend.describe()}, {r['threads']} threads; model loaded in {load:.2f} s")
+        write_out(f"prompt   {r['n_prompt']:>4} tokens: {r['prompt_tps']:8.1f} tokens/s\n"
+                  f"generate {r['n_gen']:>4} tokens: {r['decode_tps']:8.1f} tokens/s\n"
+                  f"back end: {rt.backend.describe()}, {r['threads']} threads; model loaded in {load:.2f} s\n")
     return 0
 
 
 def verify(path: str) -> int:
+    """--verify: every hashed byte, every damaged region named."""
     payload = read_payload(path)
-    say(f"checking {len(payload.entries)} entries in {path}…")
+    parts = len(payload.entries) + len(payload.regions)
+    say(f"checking {parts} parts of {path}…")
     problems = payload.verify()
     if problems:
         for p in problems:
             say(f"damaged: {p}")
         say("this file is damaged; copy it again")
         return 1
-    print(f"ok: {path} is intact ({payload.file_size} bytes, {len(payload.entries)} entries)")
+    write_out(f"ok: {path} is intact ({payload.file_size} bytes, {len(payload.entries)} entries, "
+              f"{len(payload.regions)} runtime regions)\n")
     return 0

@@ -12,24 +12,95 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
+import stat
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 from .errors import RuntimeFailure
+from .payload import is_sha256_hex
 
 COMPLETE_MARKER = ".complete"
+# The only names the runtime ever creates, and so the only ones it ever removes, in <cache>/native/.
+_OWN_NAME = re.compile(r"(?:[0-9a-f]{24}|\.work-[0-9a-f]{24}-\d+)\Z")
+
+
+def _home(environ) -> str | None:
+    home = environ.get("HOME")
+    if home and os.path.isabs(home):
+        return home
+    try:
+        import pwd
+
+        home = pwd.getpwuid(os.getuid()).pw_dir
+    except (ImportError, KeyError, OSError):
+        return None
+    return home if home and os.path.isabs(home) else None
+
+
+def cache_roots(environ=None) -> list[Path]:
+    """Where the runtime's cache may go, best first. Always absolute: a uid with no passwd
+    entry and no HOME must not make a '~' folder in the working directory (issue 8.11)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("BUNDLE_CACHE_DIR"):
+        return [Path(os.path.abspath(environ["BUNDLE_CACHE_DIR"]))]
+    roots = []
+    if sys.platform == "win32" and environ.get("LOCALAPPDATA"):
+        roots.append(Path(environ["LOCALAPPDATA"]) / "bundle" / "cache")
+    xdg = environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg):
+        roots.append(Path(xdg) / "bundle")
+    home = _home(environ)
+    if home:
+        roots.append(Path(home) / ".cache" / "bundle")
+    # Last: a private folder in the temp directory (HOME unset or read-only).
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    roots.append(Path(tempfile.gettempdir()) / f"bundle-cache-{uid}")
+    out = []
+    for r in roots:
+        if r not in out:
+            out.append(r)
+    return out
 
 
 def cache_root(environ=None) -> Path:
-    environ = os.environ if environ is None else environ
-    if environ.get("BUNDLE_CACHE_DIR"):
-        return Path(environ["BUNDLE_CACHE_DIR"])
-    if sys.platform == "win32" and environ.get("LOCALAPPDATA"):
-        return Path(environ["LOCALAPPDATA"]) / "bundle" / "cache"
-    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "bundle"
+    return cache_roots(environ)[0]
+
+
+def usable_cache_root(environ=None) -> Path:
+    """The first cache root that exists or can be made, and that is ours to write."""
+    problems = []
+    for root in cache_roots(environ):
+        try:
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            st = os.lstat(root)
+            if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+                raise OSError(0, "not a folder")
+            if hasattr(os, "getuid") and st.st_uid != os.getuid():
+                raise OSError(0, "owned by another user")
+            if not os.access(root, os.W_OK | os.X_OK):
+                raise OSError(0, "not writable")
+            return root
+        except OSError as exc:
+            problems.append(f"{root} ({exc.strerror or exc})")
+    raise RuntimeFailure("no folder for the runtime cache is writable: " + "; ".join(problems)
+                         + "; set BUNDLE_CACHE_DIR to a writable folder")
+
+
+def _remove_own(path: Path, root: Path) -> None:
+    """Remove a folder the runtime made in root, and nothing else: the name must be one the
+    runtime gives, the folder must sit directly in root, and it must not be a link."""
+    if path.parent != root or not _OWN_NAME.match(path.name):
+        raise RuntimeFailure(f"refusing to remove {path}: not a folder this runtime made")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class _HashingReader:
@@ -67,7 +138,9 @@ def _lock(path: Path, say):
 def extract_entry(payload, name: str, root: Path | None = None, say=lambda msg: None) -> Path:
     """Extract a tar.zst payload entry once; return the folder holding its files."""
     entry = payload.entries[name]
-    root = (root or cache_root()) / "native"
+    if not is_sha256_hex(entry.sha256):  # read_payload checked it; never build a path from less
+        raise RuntimeFailure(f"{payload.path}: the table of contents is damaged; copy the file again")
+    root = (root or usable_cache_root()) / "native"
     key = entry.sha256[:24]
     target = root / key
     if (target / COMPLETE_MARKER).exists():
@@ -84,9 +157,9 @@ def extract_entry(payload, name: str, root: Path | None = None, say=lambda msg: 
             return target
         # Work folders left by killed launches (we hold the lock, so none is in use).
         for stale in root.glob(f".work-{key}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if target.exists():  # no marker: an old, broken folder
-            shutil.rmtree(target, ignore_errors=True)
+            _remove_own(stale, root)
+        if target.exists() or target.is_symlink():  # no marker: an old, broken folder
+            _remove_own(target, root)
         work = root / f".work-{key}-{os.getpid()}"
         work.mkdir()
         try:
@@ -94,7 +167,7 @@ def extract_entry(payload, name: str, root: Path | None = None, say=lambda msg: 
             (work / COMPLETE_MARKER).write_text(entry.sha256)
             os.rename(work, target)
         except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
+            _remove_own(work, root)
             raise
         return target
     except OSError as exc:
@@ -156,7 +229,7 @@ def load_backends(libdir: Path, variant: str | None = None):
 def loaded_cpu_variant() -> str | None:
     """Which libggml-cpu-*.so this process mapped (read from /proc/self/maps)."""
     try:
-        with open("/proc/self/maps") as f:
+        with open("/proc/self/maps", errors="surrogateescape") as f:
             for line in f:
                 name = line.rsplit("/", 1)[-1].strip()
                 if name.startswith("libggml-cpu-") and name.endswith(".so"):
@@ -164,6 +237,23 @@ def loaded_cpu_variant() -> str | None:
     except OSError:
         pass
     return None
+
+
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on: its affinity mask, and a cgroup CPU quota if set
+    (a container with --cpus 2 on a 64-core host)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max" and int(period) > 0:
+            n = min(n, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
 
 
 def physical_cores() -> int:
@@ -174,7 +264,7 @@ def physical_cores() -> int:
         allowed = set(range(os.cpu_count() or 1))
     cores = set()
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", errors="replace") as f:
             cpu = phys = None
             for line in f:
                 key, _, value = line.partition(":")
@@ -187,4 +277,4 @@ def physical_cores() -> int:
                     cores.add((phys, value))
     except (OSError, ValueError):
         pass
-    return max(1, len(cores) or len(allowed))
+    return max(1, min(len(cores) or len(allowed), usable_cpus()))

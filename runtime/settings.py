@@ -6,6 +6,7 @@ The bundler writes Settings fields into the manifest; the runtime reads them bac
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 
@@ -24,6 +25,17 @@ def parse_bool(value: str, name: str = "value") -> bool:
     if v in _FALSE:
         return False
     raise UsageError(f"{name}={value!r} is not a yes/no value; use 1 or 0")
+
+
+def env_flag(name: str, environ=None) -> bool:
+    """A yes/no environment variable (BUNDLE_DEBUG, BUNDLE_VERBOSE), read when called."""
+    environ = os.environ if environ is None else environ
+    return parse_bool(environ.get(name, ""), name)
+
+
+# Threads beyond this are refused outright (llama.cpp crashes spawning 10^5 of them); within it,
+# the runtime caps them at the CPUs the process may use.
+MAX_THREADS = 4096
 
 
 @dataclass
@@ -63,8 +75,13 @@ class Settings:
 
     def check(self, source: str = "settings") -> None:
         problems = []
-        if self.ctx < 16:
-            problems.append(f"ctx={self.ctx} is too small (at least 16)")
+        for name in ("temp", "top_p", "repeat_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                problems.append(f"{name}={getattr(self, name)} must be a finite number")
+        if problems:
+            raise UsageError(f"{source}: " + "; ".join(problems))
+        if not 16 <= self.ctx <= 1 << 24:
+            problems.append(f"ctx={self.ctx} is out of range (16 to 16777216)")
         if self.temp < 0:
             problems.append(f"temp={self.temp} must be 0 or more")
         if not 0 < self.top_p <= 1:
@@ -81,8 +98,10 @@ class Settings:
             problems.append(f"gpu_layers={self.gpu_layers} must be -1 (auto) or 0 or more")
         if not 0 <= self.port <= 65535:
             problems.append(f"port={self.port} must be between 0 and 65535")
-        if self.threads < 0:
-            problems.append(f"threads={self.threads} must be 0 (auto) or more")
+        if not 0 <= self.threads <= MAX_THREADS:
+            problems.append(f"threads={self.threads} must be 0 (auto) to {MAX_THREADS}")
+        if self.max_tokens > 1 << 30:
+            problems.append(f"max_tokens={self.max_tokens} is too large")
         if problems:
             raise UsageError(f"{source}: " + "; ".join(problems))
 

@@ -79,11 +79,14 @@ class EngineWorker:
                 continue
             self.stats.jobs += 1
             try:
-                job.future.set_result(job.run(self.engine, job.cancel.is_set))
+                result = job.run(self.engine, job.cancel.is_set)
             except BaseException as exc:  # handed to the waiting request, never kills the worker
                 job.future.set_exception(exc)
-            if job.cancel.is_set():
+                continue
+            # Counted from the result, not the flag: a stream that finished sets its flag too.
+            if getattr(result, "finish_reason", None) == "cancelled":
                 self.stats.cancelled += 1
+            job.future.set_result(result)
 
     def stop(self) -> None:
         self.queue.put(None)
