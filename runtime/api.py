@@ -78,7 +78,7 @@ def parse_common(body: dict) -> GenParams:
     if stop is None:
         stops = []
     elif isinstance(stop, str):
-        stops = [stop]
+        stops = [_text(stop, "stop")]
     elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4:
         stops = list(stop)
     else:
@@ -100,6 +100,17 @@ def parse_common(body: dict) -> GenParams:
         frequency_penalty=_num(body, "frequency_penalty", -2, 2) or 0.0,
         presence_penalty=_num(body, "presence_penalty", -2, 2) or 0.0,
     )
+
+
+def _text(value: str, param: str) -> str:
+    """A string from a request that llama.cpp can take: valid Unicode (JSON can carry lone
+    surrogates, which no UTF-8 text holds)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"'{param}' is not valid Unicode text (it holds a lone surrogate)", param,
+                       "invalid_value") from None
+    return value
 
 
 def parse_messages(body: dict) -> list[dict]:
@@ -130,7 +141,7 @@ def parse_messages(body: dict) -> list[dict]:
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
                            f"messages[{i}].content", "invalid_type")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": _text(content, f"messages[{i}].content")})
     return out
 
 
@@ -140,7 +151,7 @@ def parse_prompt(body: dict) -> str:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise ApiError(400, "'prompt' must be a string (or a list of one string)", "prompt", "invalid_type")
-    return prompt
+    return _text(prompt, "prompt")
 
 
 def parse_embedding_input(body: dict) -> tuple[list[str], str]:
@@ -153,6 +164,8 @@ def parse_embedding_input(body: dict) -> tuple[list[str], str]:
         raise ApiError(400, "'input' must be a string or a non-empty list of strings", "input", "invalid_type")
     if any(not v for v in inputs):
         raise ApiError(400, "'input' must not contain empty strings", "input", "invalid_value")
+    for v in inputs:
+        _text(v, "input")
     fmt = body.get("encoding_format", "float")
     if fmt not in ("float", "base64"):
         raise ApiError(400, "'encoding_format' must be 'float' or 'base64'", "encoding_format", "invalid_value")

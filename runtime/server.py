@@ -11,9 +11,15 @@ import asyncio
 import base64
 import errno
 import json
+import logging
+import os
+import queue
+import re
 import socket
 import struct
+import sys
 import threading
+import time
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -23,9 +29,8 @@ from starlette.routing import Route
 
 from . import api
 from .api import ApiError
-from .engine import ContextOverflowError, Engine, Sampling
-from .errors import RuntimeFailure
-from .template import TemplateError
+from .engine import Engine, Sampling
+from .errors import ContextOverflowError, RuntimeFailure, TemplateError
 from .worker import CancelFlag, EngineWorker
 
 WEB = Path(__file__).resolve().parent / "web"
@@ -36,28 +41,107 @@ PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inl
             "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
 
+# Connections (issue 8.9): at most MAX_CONNECTIONS open at once (more are closed at once, with
+# one log line a minute); a connection must deliver a complete request head within
+# REQUEST_HEAD_SECONDS of opening (or of its previous response); idle keep-alive ones close after
+# KEEPALIVE_IDLE_SECONDS.
+MAX_CONNECTIONS = 512
+REQUEST_HEAD_SECONDS = 10.0
+KEEPALIVE_IDLE_SECONDS = 5
+# Host header: a name or address and an optional port, nothing else (127.0.0.1:PORT@evil.example
+# is refused, not read as 127.0.0.1).
+_HOST = re.compile(r"(?P<name>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(?::(?P<port>[0-9]{1,5}))?\Z")
+JSON_TYPE = re.compile(r"application/(?:[\w.+-]+\+)?json\s*(?:;.*)?\Z", re.IGNORECASE)
+log = logging.getLogger("bundle.server")
+
+
 def error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-class Guard:
-    """ASGI middleware: Host header check, API key, body size cap (before any handler runs)."""
+def parse_host(value: str) -> tuple[str, int | None] | None:
+    m = _HOST.match(value or "")
+    if not m:
+        return None
+    port = int(m.group("port")) if m.group("port") else None
+    return m.group("name").lower(), port
 
-    def __init__(self, app, allowed_hosts: set[str] | None, api_key: str | None):
+
+class Guard:
+    """ASGI middleware, before any handler runs: the Host header (DNS rebinding), the Origin of
+    browser requests (no other web page may drive the model), JSON content types, the API key,
+    the body size cap, and one error boundary that turns any failure into an API-shaped 500."""
+
+    def __init__(self, app, allowed_hosts: set[str] | None, api_key: str | None,
+                 allowed_origins: set[str] | None = None):
         self.app, self.allowed_hosts, self.api_key = app, allowed_hosts, api_key
+        self.allowed_origins = {o.rstrip("/").lower() for o in (allowed_origins or ())}
+
+    def _host_ok(self, host: str) -> bool:
+        if self.allowed_hosts is None:
+            return True
+        parsed = parse_host(host)
+        if parsed is None:
+            return False
+        name, port = parsed
+        return (name if port is None else f"{name}:{port}") in self.allowed_hosts
+
+    def _origin_ok(self, origin: str | None, host: str, fetch_site: str | None) -> bool:
+        """A browser names the page that sent a request in Origin; only this server's own page
+        (same scheme, host and port) or an origin allowed with --allow-origin may."""
+        if origin is None:
+            # Browsers send Origin with every POST; without it, a cross-site request shows in
+            # Sec-Fetch-Site. Non-browser clients (the openai SDK, curl) send neither.
+            return fetch_site in (None, "same-origin", "none")
+        origin = origin.strip().lower().rstrip("/")
+        if origin in self.allowed_origins:
+            return True
+        return origin == f"http://{host.lower()}" and self._host_ok(host)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.allowed_hosts is not None:
-            host = headers.get("host", "")
-            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-            if host not in self.allowed_hosts and name not in self.allowed_hosts:
-                return await error_response(ApiError(
-                    403, f"Host '{host}' is not served here (DNS rebinding protection); use the URL the server printed",
-                    None, "invalid_host", "permission_error"))(scope, receive, send)
+        try:
+            await self._guarded(scope, receive, send)
+        except Exception as exc:  # noqa: BLE001 - the boundary: a one-line log, an API-shaped 500
+            log.error("error: unexpected %s in %s %s: %s", type(exc).__name__, scope.get("method"),
+                      scope.get("path"), exc)
+            try:
+                await error_response(ApiError(500, "the server failed on this request", None, "internal_error",
+                                              "server_error"))(scope, receive, send)
+            except Exception:  # noqa: BLE001 - the response had begun: nothing more to send
+                pass
+
+    async def _guarded(self, scope, receive, send):
+        headers = {}
+        for k, v in scope["headers"]:
+            key = k.decode("latin-1").lower()
+            if key in headers and key in ("host", "origin", "content-type", "authorization"):
+                return await self._refuse(scope, receive, send, 400, f"the {key} header is given twice",
+                                          "invalid_header")
+            headers[key] = v.decode("latin-1")
+        host = headers.get("host", "")
+        if not self._host_ok(host):
+            return await self._refuse(
+                scope, receive, send, 403,
+                f"Host '{host[:100]}' is not served here (DNS rebinding protection); use the URL the server printed",
+                "invalid_host", "permission_error")
+        origin = headers.get("origin")
+        if not self._origin_ok(origin, host, headers.get("sec-fetch-site")):
+            return await self._refuse(
+                scope, receive, send, 403,
+                f"requests from the web page at {(origin or 'another site')[:100]} are refused: only this "
+                "server's own page may use it (start it with --allow-origin ORIGIN to allow one)",
+                "invalid_origin", "permission_error")
+        if scope["method"] == "OPTIONS":
+            return await self._preflight(scope, receive, send, origin)
         path = scope["path"]
+        if scope["method"] == "POST" and path.startswith("/v1/"):
+            if not JSON_TYPE.match(headers.get("content-type", "")):
+                return await self._refuse(
+                    scope, receive, send, 415,
+                    "the request body must be JSON, sent with 'Content-Type: application/json'",
+                    "unsupported_media_type")
         if self.api_key and (path.startswith("/v1/") or path == "/info"):
             auth = headers.get("authorization", "")
             if auth != f"Bearer {self.api_key}":
@@ -68,30 +152,99 @@ class Guard:
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
             return await error_response(ApiError(413, f"the request body is larger than {MAX_BODY} bytes", None,
                                                  "request_too_large"))(scope, receive, send)
+        if origin is not None and origin.strip().lower().rstrip("/") in self.allowed_origins:
+            send = _with_cors(send, origin.strip())
         await self.app(scope, receive, send)
 
+    async def _refuse(self, scope, receive, send, status, message, code, type_="invalid_request_error"):
+        return await error_response(ApiError(status, message, None, code, type_))(scope, receive, send)
 
-async def read_json(request: Request) -> dict:
+    async def _preflight(self, scope, receive, send, origin):
+        """CORS preflight: answered only for an origin allowed with --allow-origin."""
+        if origin is None or origin.strip().lower().rstrip("/") not in self.allowed_origins:
+            return await self._refuse(scope, receive, send, 405, "OPTIONS is not allowed here", "method_not_allowed")
+        response = JSONResponse({}, status_code=204, headers={
+            "Access-Control-Allow-Origin": origin.strip(), "Vary": "Origin",
+            "Access-Control-Allow-Methods": "GET, POST", "Access-Control-Allow-Headers": "Authorization, Content-Type",
+            "Access-Control-Max-Age": "600"})
+        await response(scope, receive, send)
+
+
+def _with_cors(send, origin: str):
+    async def wrapped(message):
+        if message["type"] == "http.response.start":
+            message = dict(message)
+            message["headers"] = list(message.get("headers", [])) + [
+                (b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
+        await send(message)
+    return wrapped
+
+
+class PrepPool:
+    """Daemon threads for the work a request needs before it can queue for the model: parsing
+    its JSON, rendering the chat template, tokenizing (issue 8.7). None of it runs on the event
+    loop, so no request can stall other routes; daemon threads, so none delays shutdown."""
+
+    def __init__(self, threads: int = 2):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(threads):
+            threading.Thread(target=self._loop, name=f"prep-{i}", daemon=True).start()
+
+    def _loop(self):
+        while True:
+            fn, future, loop = self.jobs.get()
+            try:
+                result = fn()
+            except BaseException as exc:  # handed to the request
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+    async def run(self, fn):
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.jobs.put((fn, future, loop))
+        return await future
+
+
+def _settle(future, result, exc):
+    if future.cancelled():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+async def read_body(request: Request) -> bytes:
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_BODY:
             raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes", None, "request_too_large")
+    return bytes(body)
+
+
+def parse_json(body: bytes) -> dict:
+    """The body as a JSON object (run in the prep pool: an 8 MiB body takes a while)."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+        raise ApiError(400, f"the request body is not valid JSON: {str(exc)[:200]}", None, "invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply", None, "invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_type")
     return data
 
 
 def create_app(settings, engine, *, template=None, info: dict | None = None, api_key: str | None = None,
-               allowed_hosts: set[str] | None = None) -> Starlette:
+               allowed_hosts: set[str] | None = None, allowed_origins: set[str] | None = None) -> Starlette:
     """settings: runtime Settings (defaults for requests); engine: an Engine or an EngineWorker
     that owns one; template: the ChatTemplate; info: what /info and the page show."""
     worker = engine if isinstance(engine, EngineWorker) else EngineWorker(engine)
     eng: Engine = worker.engine
+    prep = PrepPool()
     info = dict(info or {})
     model_id = info.get("name") or "model"
 
@@ -109,11 +262,15 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
         )
 
     def tokens_for(text: str, raw: bool) -> list[int]:
-        tokens = eng.tokenize(text, add_special=True, parse_special=False) if raw else eng.tokenize_prompt(text)
+        param = "messages" if not raw else "prompt"
         try:
+            if raw:
+                tokens = eng.tokenize_bounded(text, add_special=True, parse_special=False)
+            else:
+                tokens = eng.tokenize_prompt(text)
             eng.check_fits(len(tokens))
         except ContextOverflowError as exc:
-            raise ApiError(400, str(exc), "messages" if not raw else "prompt", "context_length_exceeded") from None
+            raise ApiError(400, str(exc), param, "context_length_exceeded") from None
         if not tokens:
             raise ApiError(400, "the prompt is empty", "prompt", "invalid_value")
         return tokens
@@ -177,29 +334,43 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def chat_completions(request: Request):
-        body = await read_json(request)
+    def prepare_chat(raw: bytes):
+        body = parse_json(raw)
         params = api.parse_common(body)
         messages = api.parse_messages(body)
         if settings.system and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": settings.system})
+        # The rendered prompt holds every message: when their text alone cannot fit the context,
+        # say so before the template renders 40,000 turns (issue 8.7).
+        try:
+            eng.check_text_fits(sum(len(m["content"].encode("utf-8")) for m in messages))
+        except ContextOverflowError as exc:
+            raise ApiError(400, str(exc), "messages", "context_length_exceeded") from None
         try:
             text = template.render(messages)
         except TemplateError as exc:
             raise ApiError(400, str(exc), "messages", "template_error") from None
-        tokens = tokens_for(text, raw=False)
+        return params, tokens_for(text, raw=False)
+
+    def prepare_completion(raw: bytes):
+        body = parse_json(raw)
+        params = api.parse_common(body)
+        return params, tokens_for(api.parse_prompt(body), raw=True)
+
+    async def chat_completions(request: Request):
+        raw = await read_body(request)
+        params, tokens = await prep.run(lambda: prepare_chat(raw))
         return await generate(request, tokens, sampling_for(params, template.stop),
                               _ChatShape(model_id, params, len(tokens)))
 
     async def completions(request: Request):
-        body = await read_json(request)
-        params = api.parse_common(body)
-        tokens = tokens_for(api.parse_prompt(body), raw=True)
+        raw = await read_body(request)
+        params, tokens = await prep.run(lambda: prepare_completion(raw))
         return await generate(request, tokens, sampling_for(params, []), _CompletionShape(model_id, params, len(tokens)))
 
     async def embeddings(request: Request):
-        body = await read_json(request)
-        inputs, fmt = api.parse_embedding_input(body)
+        raw = await read_body(request)
+        inputs, fmt = await prep.run(lambda: api.parse_embedding_input(parse_json(raw)))
 
         def run(engine, cancelled):
             return [engine.embed(text) for text in inputs]
@@ -240,9 +411,15 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
 
     async def static(request: Request):
         name = request.path_params["name"]
-        path = (WEB / name).resolve()
-        if WEB.resolve() not in path.parents or not path.is_file():
-            return error_response(ApiError(404, f"no such file: /{name}", None, "not_found"))
+        missing = error_response(ApiError(404, f"no such file: /static/{name[:100]}", None, "not_found"))
+        if len(name) > 255 or "\0" in name:
+            return missing
+        try:
+            path = (WEB / name).resolve()
+            if WEB.resolve() not in path.parents or not path.is_file():
+                return missing
+        except (OSError, ValueError):
+            return missing
         return FileResponse(path, headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
 
     def wrap(handler):
@@ -272,7 +449,7 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
     ]
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: bad_method})
     app.state.worker = worker
-    return Guard(app, allowed_hosts, api_key)
+    return Guard(app, allowed_hosts, api_key, allowed_origins)
 
 
 async def _watch_disconnect(request: Request, cancel: CancelFlag) -> None:
@@ -382,15 +559,123 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _OncePerMinute(logging.Filter):
+    """asyncio logs a traceback for every accept() that fails for lack of file descriptors
+    (1.3 MB/s under a flood of connections): keep one line a minute instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.last = 0.0
+
+    def filter(self, record):
+        if "out of system resource" not in str(record.msg):
+            return True
+        now = time.monotonic()
+        if now - self.last > 60:
+            self.last = now
+            _say("note: too many connections at once; new ones are refused until some close")
+        return False
+
+
+def _say(msg: str) -> None:
+    try:
+        print(msg, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def raise_fd_limit(want: int = 8192) -> int:
+    """The usual soft limit is 1024 file descriptors; the hard one is often far higher."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        return soft
+    except (ImportError, ValueError, OSError):
+        return 1024
+
+
+def _protocol_class(max_connections: int):
+    """uvicorn's h11 protocol with the connection rules above."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    refused = {"last": 0.0}
+    # Connections waiting for a request head, oldest first: when the limit is reached, the
+    # oldest of them makes room for the newcomer (a flood of slow connections cannot lock real
+    # clients out); only when every connection is busy with a request is the newcomer refused.
+    waiting: dict = {}
+
+    class GuardedH11Protocol(H11Protocol):
+        _head_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                victim = next((c for c in waiting if c is not self), None)
+                now = time.monotonic()
+                if now - refused["last"] > 60:
+                    refused["last"] = now
+                    _say(f"note: more than {max_connections} connections at once; closing the idlest "
+                         "(one line a minute)")
+                if victim is None:
+                    transport.abort()
+                    return
+                waiting.pop(victim, None)
+                victim.transport.abort()
+            self._arm_head_timer()
+
+        def _arm_head_timer(self):
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(REQUEST_HEAD_SECONDS, self._head_timeout)
+                waiting[self] = None
+
+        def _disarm_head_timer(self):
+            waiting.pop(self, None)
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timeout(self):
+            self._head_timer = None
+            waiting.pop(self, None)
+            if self.cycle is None or self.cycle.response_complete:
+                self.transport.close()  # a request head that never came (slowloris)
+
+        def data_received(self, data):
+            if self.cycle is None or self.cycle.response_complete:
+                self._arm_head_timer()
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm_head_timer()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self._arm_head_timer()  # idle between requests: the next head is due in time too
+
+        def connection_lost(self, exc):
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
 class ServerThread:
     """uvicorn on an already-bound socket, in a thread (the chat may own the foreground)."""
 
     def __init__(self, app, sock: socket.socket):
         import uvicorn
 
+        fds = raise_fd_limit()
+        logging.getLogger("asyncio").addFilter(_OncePerMinute())
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=1)
-        self.server = uvicorn.Server(config)
+                                timeout_graceful_shutdown=1, timeout_keep_alive=KEEPALIVE_IDLE_SECONDS,
+                                http=_protocol_class(min(MAX_CONNECTIONS, max(16, fds - 64))))
+        self.server = _Server(config)
         self.sock = sock
         self.thread = threading.Thread(target=self._run, name="http", daemon=True)
 
@@ -406,3 +691,24 @@ class ServerThread:
 
     def stop(self):
         self.server.should_exit = True
+
+
+EXIT_GRACE_SECONDS = 1.8
+
+
+class _Server:
+    """uvicorn.Server whose exit on Ctrl-C/SIGTERM is bounded: if a clean shutdown has not
+    finished within EXIT_GRACE_SECONDS (a request stuck in C code), the process leaves anyway."""
+
+    def __new__(cls, config):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                super().handle_exit(sig, frame)
+                if not getattr(self, "_watchdog", None):
+                    self._watchdog = threading.Timer(EXIT_GRACE_SECONDS, os._exit, args=(0,))
+                    self._watchdog.daemon = True
+                    self._watchdog.start()
+
+        return Server(config)

@@ -7,7 +7,20 @@ controls), so a GGUF's embedded template gives the prompt its authors meant.
 from __future__ import annotations
 
 import datetime
+import os
+import sys
+import time
 from dataclasses import dataclass
+
+from .errors import TemplateError
+
+# Limits on one rendering (issue 8.7). A chat template comes from the bundle (untrusted) and
+# the conversation from a request (untrusted): neither may hang the process or eat its memory.
+RENDER_SECONDS = 2.0
+RENDER_CHARS = 16 * 1024 * 1024  # the rendered prompt (it must fit the context anyway)
+RENDER_GROWTH = 256 * 1024 * 1024  # resident memory a rendering may add
+MAX_INT_ARG = 1_000_000  # no legitimate template pads a string to a million characters
+MAX_REPEAT = 1_000_000  # 'x' * n, [..] * n
 
 # name -> (jinja source, stop strings). Written for trim_blocks=True: no newline right after a tag.
 PRESETS: dict[str, tuple[str, list[str]]] = {
@@ -68,12 +81,107 @@ _MARKER_STOPS = {
 }
 
 
-class TemplateError(Exception):
-    pass
+class TemplateLimitError(TemplateError):
+    """The template went over a time, size or memory limit."""
 
 
 def _raise_exception(message):
     raise TemplateError(f"the chat template refused the conversation: {message}")
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0
+
+
+class _Watch:
+    """A trace function for the rendering thread: the generated template code is Python, so a
+    line event fires at every step of its loops; each checks the clock, and every few
+    milliseconds the process's resident memory."""
+
+    def __init__(self, name: str, seconds: float):
+        self.name = name
+        self.deadline = time.monotonic() + seconds
+        self.next_memory = 0.0
+        self.base = _resident_bytes()
+
+    def __call__(self, frame, event, arg):
+        if event == "call" and frame.f_code.co_filename != "<template>":
+            return None  # jinja's own helpers: no line events inside them (the cost of tracing)
+        now = time.monotonic()
+        if now > self.deadline:
+            raise TemplateLimitError(f"the chat template ({self.name}) took longer than {RENDER_SECONDS:g} s")
+        if now > self.next_memory:
+            self.next_memory = now + 0.002
+            if self.base and _resident_bytes() - self.base > RENDER_GROWTH:
+                raise TemplateLimitError(f"the chat template ({self.name}) used more than "
+                                         f"{RENDER_GROWTH >> 20} MiB of memory")
+        return self
+
+
+def _check_args(args, kwargs, what: str) -> None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT_ARG:
+            raise TemplateLimitError(f"the chat template passed {what} a number over {MAX_INT_ARG}")
+
+
+def _limited_environment():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class LimitedSandbox(ImmutableSandboxedEnvironment):
+        """The sandbox, plus limits on the operations that allocate in one C call."""
+
+        intercepted_binops = frozenset(["*", "**", "%"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                        if len(seq) * abs(n) > MAX_REPEAT:
+                            raise TemplateLimitError("the chat template builds a string or list over "
+                                                     f"{MAX_REPEAT} items")
+            elif operator == "**":
+                if isinstance(right, int) and abs(right) > 64 and isinstance(left, int) and abs(left) > 1:
+                    raise TemplateLimitError("the chat template raises a number to a huge power")
+            elif operator == "%" and isinstance(left, str):
+                _check_args(right if isinstance(right, tuple) else (right,), {}, "a format")
+                if any(ch.isdigit() for ch in left) and len(left) < 64:
+                    import re
+
+                    for width in re.findall(r"%[-+ #0]*(\d+)", left):
+                        if int(width) > MAX_INT_ARG:
+                            raise TemplateLimitError("the chat template formats to a huge width")
+            return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's signature
+            _check_args(args, kwargs, "a call")
+            method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
+            if getattr(method, "__name__", "") in ("format", "format_map") and isinstance(
+                    getattr(method, "__self__", None), str):
+                import re
+
+                for width in re.findall(r"(\d{7,})", method.__self__):
+                    if int(width) > MAX_INT_ARG:
+                        raise TemplateLimitError("the chat template formats to a huge width")
+            return super().call(__context, __obj, *args, **kwargs)
+
+    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+
+    def guarded(name, fn):
+        def filter_(*args, **kwargs):
+            _check_args(args[1:], kwargs, f"the filter {name}")
+            return fn(*args, **kwargs)
+
+        for attr in ("jinja_pass_arg",):  # keep pass_context / pass_environment markers
+            if hasattr(fn, attr):
+                setattr(filter_, attr, getattr(fn, attr))
+        return filter_
+
+    env.filters = {name: guarded(name, fn) for name, fn in env.filters.items()}
+    return env
 
 
 def _strftime_now(fmt):
@@ -91,32 +199,53 @@ class ChatTemplate:
     def __post_init__(self):
         # Imported here: jinja2 is only needed once a chat starts.
         from jinja2 import TemplateSyntaxError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
+        if len(self.source) > 1024 * 1024:
+            raise TemplateError(f"the chat template ({self.name}) is longer than 1 MiB")
+        env = _limited_environment()
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now
         try:
             self._template = env.from_string(self.source)
         except TemplateSyntaxError as exc:
             raise TemplateError(f"the chat template ({self.name}) is not valid Jinja: {exc}") from None
+        except (RecursionError, MemoryError, ValueError, OverflowError) as exc:
+            raise TemplateError(f"the chat template ({self.name}) cannot be compiled: {type(exc).__name__}") from None
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True,
+               seconds: float = RENDER_SECONDS) -> str:
+        """Render under the limits above; any failure is a TemplateError that names it."""
         from jinja2 import TemplateError as JinjaError
 
+        watch = _Watch(self.name, seconds)
+        previous = sys.gettrace()
+        pieces, size = [], 0
+        sys.settrace(watch)
         try:
-            return self._template.render(
+            for piece in self._template.generate(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
-            )
+            ):
+                size += len(piece)
+                if size > RENDER_CHARS:
+                    raise TemplateLimitError(f"the chat template ({self.name}) rendered more than "
+                                             f"{RENDER_CHARS >> 20} M characters")
+                pieces.append(piece)
         except TemplateError:
             raise
         except JinjaError as exc:
             raise TemplateError(f"the chat template ({self.name}) failed: {exc}") from None
+        except RecursionError:
+            raise TemplateLimitError(f"the chat template ({self.name}) recursed too deeply") from None
+        except MemoryError:
+            raise TemplateLimitError(f"the chat template ({self.name}) ran out of memory") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, ZeroDivisionError) as exc:
+            raise TemplateError(f"the chat template ({self.name}) failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            sys.settrace(previous)
+        return "".join(pieces)
 
 
 def stops_for(name: str, source: str) -> list[str]:
