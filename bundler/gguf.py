@@ -11,6 +11,8 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+from runtime.text import printable
+
 from .errors import BundleError
 
 GGUF_MAGIC = b"GGUF"
@@ -270,6 +272,12 @@ class _Reader:
                 self.read(struct.calcsize(_SCALARS[itype]) * count)  # skipped, not decoded
             elif count > _KEEP_ARRAY and itype == _STRING:
                 self.skip_strings(count)
+            elif itype == _ARRAY:
+                # llama.cpp's GGUF reader refuses arrays of arrays; so do we, before recursing.
+                raise GGUFError(f"{self.path} holds a nested metadata array, which llama.cpp cannot read; "
+                                "re-convert the model")
+            elif itype not in _SCALARS and itype != _STRING:
+                raise GGUFError(f"{self.path} is damaged: unknown metadata array type {itype}; download the model again")
             else:
                 items = [self.value(itype) for _ in range(count)]
                 return items if count <= _KEEP_ARRAY else {"array_of": itype, "count": count}
@@ -309,35 +317,125 @@ def read_gguf(path: str) -> GGUFInfo:
             raise GGUFError(f"{path} is GGUF version {version}, which is not supported (2 or 3); re-convert the model")
         n_tensors = r.unpack("<Q")
         n_kv = r.unpack("<Q")
-        if n_tensors > file_size or n_kv > file_size:
-            raise GGUFError(f"{path} is damaged: its header counts are impossible; download the model again")
+        # Every key/value takes at least 12 bytes and every tensor info 24: counts beyond that
+        # are damage, refused before any memory is set aside for them.
+        if n_tensors * 24 > file_size or n_kv * 12 > file_size:
+            raise GGUFError(f"{path} is truncated or damaged: its header counts {n_tensors} tensors and {n_kv} "
+                            f"keys, more than its {file_size} bytes can hold; download or copy the model again")
         metadata = {}
         for _ in range(n_kv):
             key = r.string()
+            if key in metadata:
+                raise GGUFError(f"{path} is damaged: metadata key {printable(key[:80])} appears twice; "
+                                "re-convert the model")
             metadata[key] = r.value(r.unpack("<I"))
         tensors = []
+        names = set()
         for _ in range(n_tensors):
             name = r.string()
+            if len(name.encode()) >= GGML_MAX_NAME:
+                raise GGUFError(f"{path}: tensor name {printable(name[:80])}… is longer than llama.cpp allows "
+                                f"({GGML_MAX_NAME - 1} bytes); re-convert the model")
+            if name in names:
+                raise GGUFError(f"{path} is damaged: tensor {printable(name)} appears twice; re-convert the model")
+            names.add(name)
             n_dims = r.unpack("<I")
-            if n_dims > 8:
-                raise GGUFError(f"{path} is damaged: tensor {name} has {n_dims} dimensions; download the model again")
+            if n_dims > 4:
+                raise GGUFError(f"{path} is damaged: tensor {printable(name)} has {n_dims} dimensions (llama.cpp "
+                                "allows 4); download the model again")
             shape = tuple(r.unpack("<Q") for _ in range(n_dims))
             type_id = r.unpack("<I")
             offset = r.unpack("<Q")
             tensors.append(TensorInfo(name, shape, type_id, offset))
         alignment = metadata.get("general.alignment", 32)
-        if not isinstance(alignment, int) or alignment <= 0:
-            alignment = 32
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or \
+                alignment & (alignment - 1) or alignment > 1 << 20:
+            raise GGUFError(f"{path}: general.alignment is {printable(alignment)!s}, not a power of two that "
+                            "llama.cpp can use; re-convert the model")
         data_offset = (r.tell() + alignment - 1) // alignment * alignment
-    needed = data_offset
-    for t in tensors:
-        end = data_offset + t.offset + (t.n_bytes or 1)
-        needed = max(needed, end)
+    if not tensors:
+        raise GGUFError(f"{path} holds no tensors; it is not a usable model")
+    info = GGUFInfo(path, version, metadata, tensors, data_offset, file_size)
+    needed = check_tensors(info, alignment)
     if needed > file_size:
         raise GGUFError(
             f"{path} is truncated: it holds {file_size} of the {needed} bytes its tensors need; "
             "download or copy the model again"
         )
-    if not tensors:
-        raise GGUFError(f"{path} holds no tensors; it is not a usable model")
-    return GGUFInfo(path, version, metadata, tensors, data_offset, file_size)
+    check_hyperparameters(info)
+    return info
+
+
+GGML_MAX_NAME = 64
+MAX_LAYERS = 4096
+
+
+def check_tensors(info: GGUFInfo, alignment: int) -> int:
+    """What llama.cpp's loader checks of each tensor, at build time: a known type, a shape its
+    blocks divide, offsets in order and aligned. Returns the bytes the tensor data needs."""
+    expected = 0
+    for t in info.tensors:
+        kind = GGML_TYPES.get(t.type_id)
+        if kind is None:
+            raise GGUFError(f"{info.path}: tensor {printable(t.name)} has type {t.type_id}, unknown to this "
+                            "llama.cpp; re-quantize the model with a supported type")
+        n = 1
+        for d in t.shape:
+            if d == 0 or d >= 1 << 62:
+                raise GGUFError(f"{info.path} is damaged: tensor {printable(t.name)} has a dimension of {d}; "
+                                "download the model again")
+            n *= d
+            if n >= 1 << 62:
+                raise GGUFError(f"{info.path} is damaged: tensor {printable(t.name)} is impossibly large; "
+                                "download the model again")
+        if t.shape and t.shape[0] % kind[1]:
+            raise GGUFError(f"{info.path}: tensor {printable(t.name)} has a row of {t.shape[0]} values, not a "
+                            f"multiple of {kind[0]}'s block of {kind[1]}; re-convert the model")
+        if t.offset != expected:
+            raise GGUFError(f"{info.path} is damaged: tensor {printable(t.name)} starts at {t.offset}, expected "
+                            f"{expected}; download the model again")
+        expected += (t.n_bytes + alignment - 1) // alignment * alignment
+    return info.data_offset + max(
+        (t.offset + t.n_bytes for t in info.tensors), default=0)
+
+
+def _count(info: GGUFInfo, key: str):
+    value = info.get(key)
+    if isinstance(value, list):  # per-layer counts (hybrid models)
+        ints = [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+        return max(ints) if ints and len(ints) == len(value) else "bad"
+    if value is None:
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else "bad"
+
+
+def check_hyperparameters(info: GGUFInfo) -> None:
+    """The metadata llama.cpp needs before it loads anything, with a reason when it is wrong."""
+    arch = info.get("general.architecture")
+    if not isinstance(arch, str) or not arch or len(arch) > 64 or not arch.replace("-", "").replace("_", "").isalnum():
+        raise GGUFError(f"{info.path} has no usable general.architecture (llama.cpp needs it to load the "
+                        "model); re-convert the model")
+    n_layer = _count(info, f"{arch}.block_count")
+    if n_layer is not None and (n_layer == "bad" or not 1 <= n_layer <= MAX_LAYERS):
+        raise GGUFError(f"{info.path}: {arch}.block_count is {printable(info.get(arch + '.block_count'))}, "
+                        f"not a layer count llama.cpp can load (1 to {MAX_LAYERS}); re-convert the model")
+    if isinstance(n_layer, int):
+        for t in info.tensors:
+            parts = t.name.split(".")
+            if parts[0] == "blk" and len(parts) > 1 and parts[1].isdigit() and int(parts[1]) >= n_layer:
+                raise GGUFError(f"{info.path}: tensor {printable(t.name)} belongs to a layer beyond "
+                                f"{arch}.block_count ({n_layer}); re-convert the model")
+    for key in ("embedding_length", "context_length", "attention.key_length", "attention.value_length"):
+        value = _count(info, f"{arch}.{key}")
+        if value is not None and (value == "bad" or not 1 <= value <= 1 << 24):
+            raise GGUFError(f"{info.path}: {arch}.{key} is {printable(info.get(f'{arch}.{key}'))}, out of range; "
+                            "re-convert the model")
+    n_head = _count(info, f"{arch}.attention.head_count")
+    n_head_kv = _count(info, f"{arch}.attention.head_count_kv")
+    if n_head == "bad" or n_head_kv == "bad" or (isinstance(n_head, int) and not 0 <= n_head <= 1 << 16):
+        raise GGUFError(f"{info.path}: {arch}.attention.head_count(_kv) is not a count; re-convert the model")
+    if isinstance(n_head, int) and n_head > 0 and isinstance(n_head_kv, int) and not isinstance(
+            info.get(f"{arch}.attention.head_count_kv"), list):
+        if not 1 <= n_head_kv <= n_head or n_head % n_head_kv:
+            raise GGUFError(f"{info.path}: {arch}.attention.head_count_kv ({n_head_kv}) must divide head_count "
+                            f"({n_head}); llama.cpp cannot load it; re-convert the model")
