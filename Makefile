@@ -9,7 +9,7 @@ QUESTION := What is the capital of France? Answer in one word.
 
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv stub model chromium demo test test-cuda bench clean distclean
+.PHONY: all venv stub model chromium demo test test-cuda fuzz bench clean distclean
 
 all: demo
 
@@ -50,6 +50,11 @@ test: stub $(MODEL) chromium
 test-cuda: venv $(MODEL)
 	$(PY) build.py --cuda
 	$(PY) -m pytest tests -m cuda
+
+# The long run of the readers' fuzz tests and of the cut-copy measurement (every one of the last
+# 256 bytes); `make test` runs a few hundred cases of each.
+fuzz: stub $(MODEL)
+	BUNDLE_FUZZ_CASES=20000 BUNDLE_CUT_EVERY=1 $(PY) -m pytest tests/test_fuzz.py tests/test_trust.py -k "fuzz or cut"
 
 bench: stub $(MODEL)
 	$(PY) -m bench

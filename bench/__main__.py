@@ -18,6 +18,9 @@ noisy machine hits both; the table shows medians and their ratio:
     http_ttft_vs_direct, http_tps_vs_direct   a streamed chat completion through the bundle's
                         server / llama-cpp-python's create_chat_completion in-process (model loaded)
     http_ttft_vs_llama_server, http_tps_vs_llama_server   the same against llama.cpp's llama-server
+    first_launch_vs_later  `--info` on a machine that never ran this bundle (it hashes the model,
+                        libraries and runtime once, issue 8.2) / the next `--info` (verdict remembered);
+                        _large: the same for the synthetic 1 GiB model; first_check_s: the hashing alone
     rss_over_model_mib  peak RSS of the bundle minus the model's size, MiB
     stub_mib            what a bundle adds to its model (runtime + libraries), MiB
 """
@@ -149,6 +152,21 @@ def main() -> int:
     def add(key, value):
         raw.setdefault(key, []).append(value)
 
+    def first_check(exe: Path, check_env: dict, suffix: str) -> None:
+        """--info on a fresh copy of the bundle (a new file: its hashes are checked), then again
+        (the verdict is remembered). The libraries are unpacked into the cache beforehand, so
+        the difference is the check alone."""
+        wall([str(exe), "--info"], check_env)  # unpack the libraries
+        fresh = exe.with_name(exe.name + ".copy")
+        shutil.copyfile(exe, fresh)
+        fresh.chmod(0o755)
+        t0 = time.perf_counter()
+        info, _ = run_json([str(fresh), "--info", "--json"], check_env)
+        add(f"first_info{suffix}_s", time.perf_counter() - t0)
+        add(f"first_check{suffix}_s", info["first_launch_check"]["seconds"])
+        add(f"later_info{suffix}_s", wall([str(fresh), "--info"], check_env))
+        fresh.unlink()
+
     try:
         bundle = work / "model-bundle"
         subprocess.run(BUNDLE + ["build", str(model), "-o", str(bundle)], check=True, capture_output=True)
@@ -168,13 +186,18 @@ def main() -> int:
         big = work / "large.gguf"
         write_synthetic_gguf(big, args.large_mib)
         err(f"build vs cp, {args.large_mib} MiB model ({rounds} rounds)")
-        for _ in range(rounds):
+        for i in range(rounds):
             add("build_large_s", wall(BUNDLE + ["build", str(big), "-o", str(work / "b3")]))
             add("cp_large_s", wall(["cp", str(big), str(work / "c3")]))
             add("cp_sync_large_s", wall(["sh", "-c", f"cp '{big}' '{work / 'c4'}' && sync '{work / 'c4'}'"]))
+            first_check(work / "b3", dict(env, BUNDLE_CACHE_DIR=str(work / f"chk-large{i}")), "_large")
             for p in ("b3", "c3", "c4"):
                 (work / p).unlink()
         big.unlink()
+
+        err(f"first launch (hashes checked) vs later launches ({rounds} rounds)")
+        for i in range(rounds):
+            first_check(bundle, dict(env, BUNDLE_CACHE_DIR=str(work / f"chk{i}")), "")
 
         err(f"launch to first token ({rounds} rounds)")
         first_byte([str(bundle), "-p", QUESTION, "--temp", "0", "-n", "8"], env)  # warm the cache
@@ -228,6 +251,10 @@ def main() -> int:
         "build_vs_cp_sync_large": m["build_large_s"] / m["cp_sync_large_s"],
         "direct_decode_vs_bundle": m["direct_decode_tps"] / m["bundle_decode_tps"],
         "variant_gain": m["bundle_decode_tps"] / m["x64_decode_tps"],
+        "first_launch_vs_later": m["first_info_s"] / m["later_info_s"],
+        "first_launch_vs_later_large": m["first_info_large_s"] / m["later_info_large_s"],
+        "first_check_s": m["first_check_s"],
+        "first_check_large_s": m["first_check_large_s"],
         "rss_over_model_mib": m["rss_kib"] / 1024 - results["model_mib"],
         "stub_mib": overhead / 2**20,
         "stub_exe_mib": (stub_dir / "bundle-runtime").stat().st_size / 2**20,
@@ -282,6 +309,10 @@ def format_table(r: dict) -> str:
             "s", r["http_ttft_vs_llama_server"], "http_ttft_vs_llama_server"),
         row("HTTP tokens/s (vs llama-server)", m["http_tps"], m.get("llama_server_tps", float("nan")), "tok/s",
             r["http_tps_vs_llama_server"], "http_tps_vs_llama_server"),
+        row("first launch, hashes checked (vs later)", m["first_info_s"], m["later_info_s"], "s",
+            r["first_launch_vs_later"], "first_launch_vs_later"),
+        row(f"first launch, {r['large_mib']} MiB (vs later)", m["first_info_large_s"], m["later_info_large_s"], "s",
+            r["first_launch_vs_later_large"], "first_launch_vs_later_large"),
         f"{'peak RSS over model size':<42}{r['rss_over_model_mib']:10.1f} MiB{'':>18}rss_over_model_mib",
         f"{'runtime + libraries per bundle':<42}{r['stub_mib']:10.1f} MiB (stub executable {r['stub_exe_mib']:.1f})  stub_mib",
     ]

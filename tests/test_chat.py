@@ -128,7 +128,8 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_chat(built_bundle):
         port = int(re.search(r"web chat: http://127\.0\.0\.1:(\d+)/", start).group(1))
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": QUESTION}],
-                                                                 "temperature": 0}))
+                                                                 "temperature": 0}),
+                     {"Content-Type": "application/json"})
         assert "Paris" in json.loads(conn.getresponse().read())["choices"][0]["message"]["content"]
         os.write(fd, b"Write a very long essay about the history of Europe.\r")
         read_until(fd, "Europe.\r\n", timeout=10)  # the echo of what was typed

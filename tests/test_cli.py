@@ -210,7 +210,7 @@ def test_verify_names_damage(bundle_copy):
         f.write(b"\xff\x00\xff")
     r = run_bundle_cmd("verify", bundle_copy)
     assert r.returncode == 1
-    assert "damaged: model.gguf: damaged" in r.stderr
+    assert "damaged: model.gguf (the model): damaged" in r.stderr
     assert "Traceback" not in r.stderr
 
 

@@ -168,7 +168,8 @@ def test_fallback_reasons(cuda_bundle, fake_nvml, isolated_user_dirs, case, env_
     assert r.returncode == 0 and "Paris" in r.stdout
     assert "running on the CPU: " in r.stderr and reason in r.stderr
     r = run_exe(cuda_bundle, "-p", QUESTION, "--gpu", "cuda", env=env)  # asked for CUDA: a clean failure
-    assert r.returncode == 1 and r.stderr.strip().endswith(r.stderr.strip().splitlines()[-1])
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 1 and lines[-1].startswith("error: ") and sum(x.startswith("error: ") for x in lines) == 1
     assert "error: --gpu cuda: " in r.stderr and reason in r.stderr and "Traceback" not in r.stderr
     assert r.stdout == ""
 

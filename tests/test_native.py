@@ -2,7 +2,6 @@
 
 import fcntl
 import threading
-import time
 
 from runtime import native
 from runtime.payload import read_payload
@@ -27,11 +26,16 @@ def test_waits_for_the_lock_and_says_so(built_bundle, tmp_path):
     (tmp_path / "native").mkdir()
     holder = open(tmp_path / "native" / f"{key}.lock", "a+b")
     fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
-    said, result = [], []
-    t = threading.Thread(target=lambda: result.append(native.extract_entry(payload, ENTRY, root=tmp_path, say=said.append)))
+    said, result, waiting = [], [], threading.Event()
+
+    def note(msg):
+        said.append(msg)
+        waiting.set()
+
+    t = threading.Thread(target=lambda: result.append(native.extract_entry(payload, ENTRY, root=tmp_path, say=note)))
     t.start()
-    time.sleep(0.5)
-    assert t.is_alive() and said and "waiting for another launch" in said[0]
+    assert waiting.wait(30), "the extraction never said it was waiting"
+    assert t.is_alive() and "waiting for another launch" in said[0]
     holder.close()
     t.join(30)
     assert result and (result[0] / ".complete").exists()

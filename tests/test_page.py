@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QUESTION, ROOT
+from conftest import QUESTION
 from test_server import Server
 
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -74,16 +74,18 @@ def test_ask_see_streamed_answer_and_keep_it(page, server):
     assert page.locator("#conversations li").count() >= 1
 
 
-def test_stop_mid_reply_and_screenshot(page):
+def test_stop_mid_reply_and_screenshot(page, tmp_path):
     set_temperature(page, 0)
     page.fill("#input", "Write a very long essay about the history of Europe, with many details.")
     page.press("#input", "Enter")
     page.wait_for_function(
         "document.querySelector('.msg.assistant:last-of-type') && "
         "document.querySelector('.msg.assistant:last-of-type').innerText.length > 80", timeout=60_000)
-    out = ROOT / "dist"
-    out.mkdir(exist_ok=True)
+    # Under the test's temp folder; BUNDLE_SCREENSHOT_DIR=dist refreshes the review screenshot.
+    out = Path(os.environ.get("BUNDLE_SCREENSHOT_DIR") or tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(out / "chat-page-mid-answer.png"))
+    assert (out / "chat-page-mid-answer.png").stat().st_size > 10_000
     page.click("#stop")
     page.wait_for_selector("#send", state="visible", timeout=10_000)
     assert "(stopped)" in page.locator(".msg.assistant").last.inner_text()

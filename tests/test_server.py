@@ -209,11 +209,17 @@ def test_requests_are_served_in_arrival_order(server):
             pass
 
     threads = []
+    _, start = server.request("GET", "/health")
     for i in range(4):
         t = threading.Thread(target=ask, args=(i,))
         t.start()
         threads.append(t)
-        time.sleep(0.15)
+        # the next request is sent once this one is known to the server (running or queued)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            _, h = server.request("GET", "/health")
+            if h["stats"]["jobs"] + h["queued"] - start["stats"]["jobs"] >= i + 1:
+                break
     for t in threads:
         t.join(120)
     assert order == [0, 1, 2, 3]
@@ -227,9 +233,14 @@ def test_client_that_disconnects_stops_its_generation(server):
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     received = b""
-    while received.count(b"data: ") < 6:  # a few tokens streamed
-        received += sock.recv(4096)
+    sock.settimeout(60)
+    deadline = time.time() + 60
+    while received.count(b"data: ") < 6 and time.time() < deadline:  # a few tokens streamed
+        chunk = sock.recv(4096)
+        assert chunk, "the server closed the stream: " + received.decode(errors="replace")
+        received += chunk
     sock.close()
+    assert received.count(b"data: ") >= 6
     # The next request is served at once: the abandoned generation stopped at its next token.
     r = server.client().chat.completions.create(model="any", messages=CHAT, temperature=0)
     assert "Paris" in r.choices[0].message.content
@@ -281,8 +292,11 @@ def test_opens_the_browser_when_there_is_a_display(built_bundle, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = None
-        while not url:
-            m = re.search(r"(http://127\.0\.0\.1:\d+/)", proc.stderr.readline())
+        deadline = time.time() + 60
+        while not url and time.time() < deadline:
+            line = proc.stderr.readline()
+            assert line, "the bundle exited before serving"
+            m = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
             url = m and m.group(1)
         deadline = time.time() + 10
         while not log.exists() and time.time() < deadline:
@@ -305,11 +319,16 @@ def test_no_browser_without_display_or_with_flag(built_bundle, tmp_path):
     env.pop("DISPLAY")
     proc = subprocess.Popen([str(built_bundle), "--server", "--port", "0"], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    proc.stderr.readline()
-    proc.stderr.readline()  # banner, URL
-    time.sleep(1)
+    said = ""
+    deadline = time.time() + 60
+    while "no display" not in said and time.time() < deadline:  # the server says why no browser opens
+        line = proc.stderr.readline()
+        if not line:
+            break
+        said += line
     proc.terminate()
     proc.wait(10)
+    assert "no display" in said, said
     assert not log.exists()
 
 
