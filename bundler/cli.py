@@ -233,6 +233,10 @@ def format_description(d: dict) -> str:
             lines.append(
                 f"  {e['name']:<22} {_human(e['size']):>10}  at {e['offset']:<10} {e['compression']:<5} sha256 {e['sha256']}"
             )
+        if d.get("regions"):
+            lines.append("runtime (hashed too):")
+            for r in d["regions"]:
+                lines.append(f"  {r['name']:<22} {_human(r['size']):>10}  at {r['offset']:<10}       sha256 {r['sha256']}")
     else:
         lines.append(f"template:    {'embedded Jinja template' if d['template'] else 'none (ChatML will be used)'}")
     return "\n".join(lines)
