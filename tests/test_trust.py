@@ -332,11 +332,17 @@ def test_ctrl_c_at_any_moment_of_a_one_shot(when, built_bundle, full_story):
     rc, out, err = _interrupt_at(built_bundle, when)
     if rc == 0:
         pytest.fail(f"finished before the Ctrl-C at {when}s: make the answer longer ({err})")
-    # 130, or killed by SIGINT itself while PyInstaller's bootloader was still unpacking (before
-    # any Python runs): both are what a shell shows as 130.
-    assert rc in (130, -signal.SIGINT), (rc, err)
-    assert "Traceback" not in err and "[PYI" not in err and "KeyboardInterrupt" not in err, err
     assert full_story.startswith(out.rstrip(b"\n")), out
+    if rc in (130, -signal.SIGINT):
+        # 130; or ended by SIGINT itself while PyInstaller's bootloader was still unpacking or
+        # Python had not yet set up its own handling: both are what a shell shows as 130.
+        assert "Traceback" not in err and "[PYI" not in err and "KeyboardInterrupt" not in err, err
+        return
+    # The one window left (README): a ~20 ms stretch while Python itself starts, before the
+    # first code of ours (the runtime hook). PyInstaller then reports the interrupt in its own
+    # bootstrap; none of the runtime has run and nothing is on stdout.
+    assert rc in (1, 255) and "[PYI" in err and "KeyboardInterrupt" in err, (rc, err)
+    assert "runtime/" not in err and "'__main__'" not in err and out == b"", err
 
 
 def test_ctrl_c_while_answering_stops_at_once(built_bundle, full_story):
