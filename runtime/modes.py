@@ -68,10 +68,7 @@ def chat(rt, worker=None) -> int:
             tokens = engine.tokenize_prompt(tmpl.render(messages))
             engine.check_fits(len(tokens))
             sampling = rt.sampling(tmpl.stop)
-            job = worker.submit(
-                lambda eng, cancelled: eng.generate(tokens, sampling, on_text=write_, cancelled=cancelled), cancel
-            )
-            result = job.future.result()
+            result = worker.generate(tokens, sampling, on_text=write_, cancel=cancel).result()
         except RuntimeFailure as exc:  # e.g. the conversation outgrew the context
             write_(f"\n[{exc}]")
             return "", True
@@ -129,7 +126,7 @@ def serve(rt, open_page: bool) -> int:
     """--server (or a launch without a terminal): the web chat and the API, in the foreground."""
     from .worker import EngineWorker
 
-    engine = rt.load_model()
+    engine = rt.load_model(n_seq=rt.parallel())
     say(rt.banner())
     server, url = start_server(rt, EngineWorker(engine))
     say(f"web chat and OpenAI-compatible API: {url}  (API base {url}v1; Ctrl-C stops)")
@@ -150,7 +147,7 @@ def chat_with_server(rt) -> int:
     from .server import PortInUseError
     from .worker import EngineWorker
 
-    worker = EngineWorker(rt.load_model())
+    worker = EngineWorker(rt.load_model(n_seq=rt.parallel()))
     try:
         server, url = start_server(rt, worker, fallback_ports=10)
         server.start()
@@ -169,7 +166,7 @@ def bench(rt, as_json: bool) -> int:
     r = engine.benchmark(reps=int(os.environ.get("BUNDLE_BENCH_REPS", "3")))
     r.update({"backend": rt.backend.name, "device": rt.backend.device, "gpu_layers": rt.backend.gpu_layers,
               "cpu_variant": rt.variant, "load_seconds": load,
-              "model": rt.manifest.get("model", {}).get("name")})
+              "model": rt.manifest.model.name})
     if as_json:
         write_out(json.dumps(r, indent=2) + "\n")
     else:

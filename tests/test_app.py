@@ -250,3 +250,10 @@ def test_archive_tail_layout_runs(model, stub, tmp_path):
     write_bundle(model, find_stub(), out, {"name": "x", "settings": {}}, tail_mode="archive")
     r = run_exe(out, "-p", QUESTION, "--temp", "0")
     assert r.returncode == 0 and "Paris" in r.stdout, r.stderr
+
+
+def test_bench_flag(built_bundle):
+    r = run_exe(built_bundle, "--bench", "--json", env=dict(os.environ, BUNDLE_BENCH_REPS="1"))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["decode_tps"] > 0 and d["prompt_tps"] > 0 and d["model"]
