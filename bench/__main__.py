@@ -18,6 +18,9 @@ noisy machine hits both; the table shows medians and their ratio:
     http_ttft_vs_direct, http_tps_vs_direct   a streamed chat completion through the bundle's
                         server / llama-cpp-python's create_chat_completion in-process (model loaded)
     http_ttft_vs_llama_server, http_tps_vs_llama_server   the same against llama.cpp's llama-server
+    concurrency_N_vs_llama_server  aggregate completion tokens/s of N concurrent streamed chats (1, 4,
+                        8; --parallel 8), the bundle / llama-server -np 8 (bench/concurrency.py);
+                        concurrency_N_vs_single: the bundle's N-client figure / its 1-client one
     first_launch_vs_later  `--info` on a machine that never ran this bundle (it hashes the model,
                         libraries and runtime once, issue 8.2) / the next `--info` (verdict remembered);
                         _large: the same for the synthetic 1 GiB model; first_check_s: the hashing alone
@@ -233,6 +236,11 @@ def main() -> int:
 
         for key, values in measure_http(bundle, model, threads, rounds, server_ref, env).items():
             raw[key] = values
+
+        err(f"1, 4 and 8 concurrent clients: the bundle's server vs llama-server, --parallel 8 ({rounds} rounds)")
+        from bench.concurrency import measure as measure_concurrency
+
+        results["concurrency"] = measure_concurrency(bundle, model, threads, rounds, server_ref, env)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -267,7 +275,10 @@ def main() -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     else:
+        from bench.concurrency import format_table as concurrency_table
+
         print(format_table(results))
+        print(concurrency_table(results["concurrency"]))
     return 0
 
 

@@ -73,6 +73,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     w.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
     w.add_argument("--port", type=int, help="port to listen on (default 8080; 0: any free port)")
     w.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API")
+    w.add_argument("-np", "--parallel", type=int, help="conversations decoded together (default: 4, fewer for a "
+                   "small context; 1: one at a time)")
     w.add_argument("--no-browser", action="store_true", help="do not open the web chat in a browser")
     w.add_argument("--allow-origin", action="append", metavar="ORIGIN",
                    help="let the web page at ORIGIN (e.g. http://localhost:3000) use the API (repeatable)")
@@ -107,6 +109,7 @@ class Runtime:
         self.verbose = bool(args.verbose) or env_flag("BUNDLE_VERBOSE")
         self.cache = None
         self.check = None
+        self.n_seq = 1  # conversations the engine holds at once (load_model)
         self.libdir = None
         self.C = None
         self.engine = None
@@ -153,17 +156,38 @@ class Runtime:
         from . import backend
         from .engine import last_error
 
+        import dataclasses
+
         layout = self.manifest.model.layout
-        self.backend = backend.choose(self.payload, self.settings, self.libdir,
+        # The GPU must hold every slot's KV cache: plan for ctx times the slots.
+        planned = dataclasses.replace(self.settings, ctx=self.settings.ctx * self.n_seq)
+        self.backend = backend.choose(self.payload, planned, self.libdir,
                                       layout.to_json() if layout else None, say=say, last_log=last_error)
         if self.backend.name == "CPU" and backend.CUDA_ENTRY in self.payload.entries and self.settings.gpu != "off":
             say(f"running on the CPU: {self.backend.reason}")
         if self.backend.note:
             say(f"note: {self.backend.note}")
 
-    def load_model(self):
+    KV_BUDGET = 1 << 30  # the KV caches of all slots together, when --parallel is not given
+
+    def parallel(self) -> int:
+        """Slots of the server: --parallel, else 4 (llama-server's default) when their KV caches
+        (one per slot, each of the full context) fit in KV_BUDGET, fewer otherwise: 4 for the
+        demo model at ctx 4096 (90 MiB each), 2 for an 8B GQA model, 1 for a 7B without GQA."""
+        if self.settings.parallel:
+            return self.settings.parallel
+        layout = self.manifest.model.layout
+        if layout is None:
+            return 1
+        from .gpu import kv_bytes_per_layer
+
+        per_slot = kv_bytes_per_layer(layout.to_json(), self.settings.ctx) * layout.n_layer
+        return max(1, min(4, self.KV_BUDGET // max(1, per_slot)))
+
+    def load_model(self, n_seq: int = 1):
         from .engine import Engine, ModelLoadError
 
+        self.n_seq = n_seq
         if self.C is None:
             self.load_libraries()
         if MODEL_ENTRY not in self.payload.entries:
@@ -176,7 +200,7 @@ class Runtime:
         try:
             try:
                 self.engine = Engine(self.C, self.path, offset, self.settings.ctx, self.threads(),
-                                     self.backend.gpu_layers)
+                                     self.backend.gpu_layers, n_seq)
             except ModelLoadError as exc:
                 if self.backend.gpu_layers == 0:
                     raise
@@ -186,7 +210,7 @@ class Runtime:
                 self.backend.name, self.backend.gpu_layers = "CPU", 0
                 self.backend.reason = f"loading the model onto the GPU failed ({exc}); running on the CPU"
                 say(f"running on the CPU: {self.backend.reason}")
-                self.engine = Engine(self.C, self.path, offset, self.settings.ctx, self.threads(), 0)
+                self.engine = Engine(self.C, self.path, offset, self.settings.ctx, self.threads(), 0, n_seq)
         except ModelLoadError as exc:
             # Name the damage if there is any: a hash check costs a read of the model, only on failure.
             problems = [p for p in self.payload.verify() if p.startswith(MODEL_ENTRY)]
@@ -216,6 +240,7 @@ class Runtime:
             self.backend.describe() if self.backend else f"CPU ({self.variant or 'unknown variant'})",
             f"{self.threads()} threads",
             f"ctx {e.n_ctx if e else self.settings.ctx}",
+            f"{e.n_seq} slots" if e and e.n_seq > 1 else "",
         ]
         return " · ".join(p for p in parts if p)
 
@@ -244,6 +269,7 @@ class Runtime:
             "backend": {**self.backend.to_json(), "libraries": str(self.libdir)},
             "threads": self.threads(),
             "context": self.settings.ctx,
+            "parallel": self.parallel(),
             "hardware": _hardware(physical_cores()),
             "stub": self.manifest.stub.to_json(),
             "cache_dir": str(self.cache),

@@ -125,7 +125,8 @@ def last_error() -> str:
 class Engine:
     """One model, one context. Not thread-safe: callers serialise generate()."""
 
-    def __init__(self, C, model_path: str, offset: int, ctx: int, threads: int, gpu_layers: int = 0):
+    def __init__(self, C, model_path: str, offset: int, ctx: int, threads: int, gpu_layers: int = 0,
+                 n_seq: int = 1):
         self.C = C
         C.llama_backend_init()
         params = C.llama_model_default_params()
@@ -146,11 +147,21 @@ class Engine:
         self.threads = threads
         cparams = C.llama_context_default_params()
         cparams.n_ctx = min(ctx, self.n_ctx_train) if self.n_ctx_train > 0 else ctx
-        cparams.n_batch = min(N_BATCH, cparams.n_ctx)
+        cparams.n_batch = min(N_BATCH, cparams.n_ctx)  # (before the context is multiplied by n_seq)
         cparams.n_ubatch = min(N_UBATCH, cparams.n_batch)
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.no_perf = True
+        # Several conversations at once (runtime/batch.py): each gets a KV cache of its own, of
+        # the full context. Measured (issue 11): with one cache shared by all (llama-server's
+        # -kvu) a conversation's cells sit among the others' and the attention sums them in
+        # another order, so greedy answers changed with the load (3 of 8 the same as alone);
+        # with a cache per sequence all 8 matched. The price is memory: n_seq times the KV
+        # cache, which Runtime.parallel() keeps in budget.
+        cparams.n_seq_max = max(1, n_seq)
+        if n_seq > 1:
+            cparams.kv_unified = False
+            cparams.n_ctx *= n_seq
         # No abort_callback: ggml calls it for every graph node, and a Python callback there
         # costs more than the whole decode of a small model. Cancellation is checked between
         # llama_decode calls instead.
@@ -160,7 +171,8 @@ class Engine:
             raise ModelLoadError(
                 f"llama.cpp could not create a context of {cparams.n_ctx} tokens; try a smaller --ctx"
             )
-        self.n_ctx = C.llama_n_ctx(self.ctx)
+        self.n_seq = max(1, n_seq)
+        self.n_ctx = C.llama_n_ctx(self.ctx) // self.n_seq  # what one conversation may hold
         self.n_batch = cparams.n_batch
         self.memory = C.llama_get_memory(self.ctx)
         self.kv_tokens: list[int] = []  # what the KV cache holds, to reuse a shared prefix

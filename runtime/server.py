@@ -1,7 +1,7 @@
 """The local web chat and OpenAI-compatible API: Starlette + uvicorn, built by create_app().
 
-One model, one generation at a time (EngineWorker, first come first served); a client that
-goes away stops its generation at the next token. Loopback by default, Host header checked
+One model, up to --parallel generations decoded together (EngineWorker and runtime.batch,
+admitted first come first served); a client that goes away stops its generation at the next step. Loopback by default, Host header checked
 (DNS rebinding), no CORS headers at all (the page is same-origin), request bodies capped.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from . import api
@@ -282,27 +282,30 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
         cancel = CancelFlag()
         after_cancel = [0]
 
+        def post(event):
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the server is shutting down: nobody is listening
+                cancel.set()
+
         def on_text(text):
             if cancel.is_set():
                 after_cancel[0] += 1
-            loop.call_soon_threadsafe(events.put_nowait, ("text", text))
+            post(("text", text))
 
-        def run(engine, cancelled):
-            try:
-                result = engine.generate(tokens, sampling, on_text=on_text, cancelled=cancelled)
-            except BaseException as exc:
-                loop.call_soon_threadsafe(events.put_nowait, ("error", exc))
-                raise
-            finally:
-                worker.note_token_after_cancel(after_cancel[0])
-            loop.call_soon_threadsafe(events.put_nowait, ("done", result))
-            return result
+        def finished(f):
+            stats = worker.stats
+            stats.max_tokens_after_cancel = max(stats.max_tokens_after_cancel, after_cancel[0])
+            if not f.cancelled():
+                exc = f.exception()
+                post(("error", exc) if exc else ("done", f.result()))
 
-        job = worker.submit(run, cancel)
+        future = worker.generate(tokens, sampling, on_text=on_text, cancel=cancel)
+        future.add_done_callback(finished)
         if not shape.stream:
             watch = asyncio.ensure_future(_watch_disconnect(request, cancel))
             try:
-                result = await asyncio.wrap_future(job.future)
+                result = await asyncio.wrap_future(future)
             except RuntimeFailure as exc:
                 raise ApiError(500, str(exc), None, "generation_failed", "server_error") from None
             finally:
@@ -400,9 +403,14 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
 
     async def health(request: Request):
         s = worker.stats
+        busy = worker.scheduler.busy_slots()
         return JSONResponse({"status": "ok", "queued": worker.pending(),
-                             "stats": {"jobs": s.jobs, "cancelled": s.cancelled, "skipped": s.skipped,
+                             "slots": {"total": worker.parallel, "busy": busy},
+                             "stats": {"jobs": s.finished + busy, "cancelled": s.cancelled, "skipped": s.skipped,
                                        "max_tokens_after_cancel": s.max_tokens_after_cancel}})
+
+    async def metrics(request: Request):
+        return PlainTextResponse(prometheus_text(worker), media_type="text/plain; version=0.0.4")
 
     async def page(request: Request):
         return FileResponse(WEB / "index.html", headers={"Content-Security-Policy": PAGE_CSP,
@@ -440,6 +448,7 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
     routes = [
         Route("/", page),
         Route("/health", health),
+        Route("/metrics", wrap(metrics)),
         Route("/info", wrap(info_route)),
         Route("/v1/models", wrap(models)),
         Route("/v1/chat/completions", wrap(chat_completions), methods=["POST"]),
@@ -458,6 +467,31 @@ async def _watch_disconnect(request: Request, cancel: CancelFlag) -> None:
         if message["type"] == "http.disconnect":
             cancel.set()
             return
+
+
+def prometheus_text(worker) -> str:
+    """/metrics in Prometheus' text format: what someone running this on a LAN wants to graph."""
+    s, sched = worker.stats, worker.scheduler
+    rows = [
+        ("bundle_requests_total", "counter", "generation requests received", s.requests),
+        ("bundle_requests_finished_total", "counter", "generations finished (any reason)", s.finished),
+        ("bundle_requests_cancelled_total", "counter", "generations stopped by their client", s.cancelled),
+        ("bundle_prompt_tokens_total", "counter", "prompt tokens decoded (after prefix reuse)", s.prompt_tokens),
+        ("bundle_generated_tokens_total", "counter", "tokens generated", s.generated_tokens),
+        ("bundle_prompt_seconds_total", "counter", "seconds spent decoding prompts", s.prompt_seconds),
+        ("bundle_decode_seconds_total", "counter", "seconds spent generating", s.decode_seconds),
+        ("bundle_queue_length", "gauge", "requests waiting for a slot", sched.queued()),
+        ("bundle_slots_busy", "gauge", "slots generating now", sched.busy_slots()),
+        ("bundle_slots_total", "gauge", "slots (--parallel)", sched.n_parallel),
+        ("bundle_prompt_tokens_per_second", "gauge", "prompt tokens per second of prompt work",
+         s.prompt_tokens / s.prompt_seconds if s.prompt_seconds else 0.0),
+        ("bundle_generated_tokens_per_second", "gauge", "generated tokens per second of generation work",
+         s.generated_tokens / s.decode_seconds if s.decode_seconds else 0.0),
+    ]
+    out = []
+    for name, kind, help_, value in rows:
+        out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    return "\n".join(out) + "\n"
 
 
 def _sse(body: dict) -> str:

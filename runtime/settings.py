@@ -54,6 +54,7 @@ class Settings:
     gpu_layers: int = -1  # -1: as many as fit
     host: str = "127.0.0.1"  # the web server: loopback unless asked
     port: int = 8080
+    parallel: int = 0  # conversations the server decodes together; 0: auto (runtime.app.Runtime.parallel)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -96,6 +97,8 @@ class Settings:
             problems.append(f"gpu={self.gpu!r} must be auto, off or cuda")
         if self.gpu_layers < -1:
             problems.append(f"gpu_layers={self.gpu_layers} must be -1 (auto) or 0 or more")
+        if not 0 <= self.parallel <= 64:
+            problems.append(f"parallel={self.parallel} must be 0 (auto) to 64")
         if not 0 <= self.port <= 65535:
             problems.append(f"port={self.port} must be between 0 and 65535")
         if not 0 <= self.threads <= MAX_THREADS:

@@ -1,12 +1,12 @@
-"""One model, one generation at a time: a single thread owns the engine and runs jobs in the
-order they arrive. The web server and the terminal chat both submit here, so they can share a
-model without stepping on each other's KV cache.
+"""The one owner of the model: the web server and the terminal chat both go through here.
+
+Generations are batched by runtime.batch.Scheduler (up to --parallel conversations decoded
+together, admitted first come first served); other work (embeddings) runs on the same thread
+between two decoding steps, so nothing else ever touches the llama.cpp context.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -38,55 +38,30 @@ class Job:
     future: Future = field(default_factory=Future)
 
 
-@dataclass
-class Stats:
-    jobs: int = 0
-    cancelled: int = 0
-    skipped: int = 0  # cancelled while still waiting in the queue
-    # Tokens a generation produced after its client had gone: the cost of a disconnect.
-    max_tokens_after_cancel: int = 0
-
-
 class EngineWorker:
-    def __init__(self, engine):
+    def __init__(self, engine, parallel: int | None = None):
+        from .batch import Scheduler
+
         self.engine = engine
-        self.queue: queue.Queue[Job | None] = queue.Queue()
-        self.stats = Stats()
-        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
-        self._thread.start()
+        self.scheduler = Scheduler(engine, parallel or getattr(engine, "n_seq", 1))
+
+    @property
+    def parallel(self) -> int:
+        return self.scheduler.n_parallel
+
+    def generate(self, tokens, sampling, on_text=None, cancel: CancelFlag | None = None) -> Future:
+        """Queue a generation; the Future gives its Result."""
+        return self.scheduler.generate(tokens, sampling, on_text, cancel)
 
     def submit(self, run, cancel: CancelFlag | None = None) -> Job:
+        """run(engine, cancelled) on the engine's thread, between two decoding steps."""
         job = Job(run, cancel or CancelFlag())
-        self.queue.put(job)
+        job.future = self.scheduler.submit_job(lambda engine: run(engine, job.cancel.is_set))
         return job
 
     def pending(self) -> int:
-        return self.queue.qsize()
+        return self.scheduler.queued()
 
-    def note_token_after_cancel(self, count: int) -> None:
-        self.stats.max_tokens_after_cancel = max(self.stats.max_tokens_after_cancel, count)
-
-    def _loop(self) -> None:
-        while True:
-            job = self.queue.get()
-            if job is None:
-                return
-            if job.cancel.is_set():
-                self.stats.skipped += 1
-                job.future.cancel()
-                continue
-            if not job.future.set_running_or_notify_cancel():
-                continue
-            self.stats.jobs += 1
-            try:
-                result = job.run(self.engine, job.cancel.is_set)
-            except BaseException as exc:  # handed to the waiting request, never kills the worker
-                job.future.set_exception(exc)
-                continue
-            # Counted from the result, not the flag: a stream that finished sets its flag too.
-            if getattr(result, "finish_reason", None) == "cancelled":
-                self.stats.cancelled += 1
-            job.future.set_result(result)
-
-    def stop(self) -> None:
-        self.queue.put(None)
+    @property
+    def stats(self):
+        return self.scheduler.stats

@@ -144,3 +144,27 @@ def test_phone_screen_and_dark_mode(browser, server):
     width = pg.evaluate("document.documentElement.scrollWidth")
     assert width <= 390
     context.close()
+
+
+def test_two_tabs_answer_at_once(browser, server):
+    """Two tabs (two browser contexts, so two separate conversations) ask at the same moment;
+    with the server's slots both stream their answers together."""
+    tabs = []
+    for _ in range(2):
+        context = browser.new_context(viewport={"width": 1000, "height": 720}, bypass_csp=True)
+        pg = context.new_page()
+        pg.goto(server.url)
+        pg.wait_for_function("document.getElementById('model-name').textContent !== '…'")
+        set_temperature(pg, 0)
+        tabs.append((context, pg))
+    for _, pg in tabs:
+        pg.fill("#input", QUESTION)
+    for _, pg in tabs:
+        pg.press("#input", "Enter")
+    for _, pg in tabs:
+        pg.wait_for_selector("#send", state="visible", timeout=60_000)
+        assert "Paris" in pg.locator(".msg.assistant").last.inner_text()
+    _, health = server.request("GET", "/health")
+    assert health["slots"]["total"] >= 2
+    for context, _ in tabs:
+        context.close()

@@ -193,7 +193,18 @@ def test_sixteen_concurrent_clients(server):
     assert all(r and "Paris" in r for r in results), results
 
 
-def test_requests_are_served_in_arrival_order(server):
+@pytest.fixture(scope="module")
+def one_slot(built_bundle, tmp_path_factory):
+    env = dict(os.environ, BUNDLE_CACHE_DIR=str(tmp_path_factory.mktemp("slot1")))
+    s = Server(built_bundle, "--parallel", "1", env=env)
+    yield s
+    s.stop()
+
+
+def test_requests_are_served_in_arrival_order(one_slot):
+    """Requests that wait for a slot are admitted first come, first served (one slot here, so
+    the order shows in when their answers begin)."""
+    server = one_slot
     order, lock = [], threading.Lock()
 
     def ask(i):

@@ -1,0 +1,171 @@
+"""Many clients at once (issue 11): aggregate completion tokens/s and time to first token with
+1, 4 and 8 concurrent streamed chat completions, the bundle's server against llama.cpp's
+llama-server built from the same source, with the same parallel setting, alternating, in one run.
+
+    python -m bench.concurrency [--rounds N] [--parallel 8] [--json]
+
+Both servers get a KV cache per slot of the full context (the bundle's design; llama-server
+with -c 4096*N splits that evenly across its N slots, without -kvu).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.serving import free_port, wait_healthy  # noqa: E402
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.", "Explain how a bicycle works.",
+    "Describe the water cycle in detail.", "Write a letter to a friend about a trip to the mountains.",
+    "List ten animals and one fact about each.", "Explain why the sky is blue.",
+    "Write a poem about autumn leaves.", "Describe how bread is made, step by step.",
+]
+MAX_TOKENS = 64
+CTX = 4096
+
+
+def one_client(port: int, prompt: str, out: list) -> None:
+    body = json.dumps({"messages": [{"role": "user", "content": prompt}], "stream": True, "temperature": 0,
+                       "max_tokens": MAX_TOKENS, "stream_options": {"include_usage": True}}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    first, tokens, buf = None, 0, b""
+    while True:
+        chunk = r.read1(65536)
+        if not chunk:
+            break
+        buf += chunk
+        while b"\n\n" in buf:
+            event, buf = buf.split(b"\n\n", 1)
+            if not event.startswith(b"data: ") or event == b"data: [DONE]":
+                continue
+            data = json.loads(event[6:])
+            if data.get("usage"):
+                tokens = data["usage"]["completion_tokens"]
+            choices = data.get("choices") or []
+            if first is None and choices and (choices[0].get("delta") or {}).get("content"):
+                first = time.perf_counter() - t0
+    conn.close()
+    out.append((first or 0.0, tokens, time.perf_counter()))
+
+
+def wave(port: int, n: int) -> tuple[float, list[float]]:
+    """n clients at once: (aggregate completion tokens/s, their times to first token)."""
+    out: list = []
+    threads = [threading.Thread(target=one_client, args=(port, PROMPTS[i % len(PROMPTS)], out)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    end = max(e for _, _, e in out)
+    return sum(tok for _, tok, _ in out) / (end - t0), [f for f, _, _ in out]
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def measure(bundle: Path, model: Path, threads: int, rounds: int, llama_server: Path | None, env: dict,
+            parallel: int = 8, clients=(1, 4, 8)) -> dict:
+    procs = []
+    raw: dict[str, list] = {}
+    try:
+        ours_port = free_port()
+        ours = subprocess.Popen([str(bundle), "--server", "--port", str(ours_port), "--no-browser", "-t", str(threads),
+                                 "--parallel", str(parallel), "-c", str(CTX)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        procs.append(ours)
+        wait_healthy(ours_port, ours)
+        contenders = {"bundle": ours_port}
+        if llama_server:
+            ref_port = free_port()
+            ref = subprocess.Popen([str(llama_server), "-m", str(model), "-t", str(threads), "-c", str(CTX * parallel),
+                                    "-np", str(parallel), "--host", "127.0.0.1", "--port", str(ref_port)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(ref)
+            wait_healthy(ref_port, ref)
+            contenders["llama_server"] = ref_port
+        for port in contenders.values():
+            wave(port, 2)  # warm-up
+        for _ in range(rounds):
+            for n in clients:
+                for name, port in contenders.items():
+                    time.sleep(0.5)
+                    tps, ttfts = wave(port, n)
+                    raw.setdefault(f"{name}_{n}_tps", []).append(tps)
+                    raw.setdefault(f"{name}_{n}_ttft", []).extend(ttfts)
+    finally:
+        for p in procs:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    out: dict = {"parallel": parallel, "max_tokens": MAX_TOKENS, "rounds": rounds}
+    for n in clients:
+        for name in ("bundle", "llama_server"):
+            if f"{name}_{n}_tps" in raw:
+                out[f"{name}_{n}_tps"] = statistics.median(raw[f"{name}_{n}_tps"])
+                out[f"{name}_{n}_ttft_p50"] = pct(raw[f"{name}_{n}_ttft"], 0.5)
+                out[f"{name}_{n}_ttft_p95"] = pct(raw[f"{name}_{n}_ttft"], 0.95)
+        if f"llama_server_{n}_tps" in out:
+            out[f"concurrency_{n}_vs_llama_server"] = out[f"bundle_{n}_tps"] / out[f"llama_server_{n}_tps"]
+        out[f"concurrency_{n}_vs_single"] = out[f"bundle_{n}_tps"] / out["bundle_1_tps"]
+    return out
+
+
+def format_table(r: dict, clients=(1, 4, 8)) -> str:
+    lines = [f"concurrent streamed chats, {r['max_tokens']} tokens each, greedy, --parallel {r['parallel']}, "
+             f"medians of {r['rounds']} alternating rounds",
+             f"{'clients':>7} {'bundle tok/s':>13} {'llama-server':>13} {'ratio':>6} {'vs 1 client':>11} "
+             f"{'TTFT p50/p95 bundle':>20} {'llama-server':>14}"]
+    for n in clients:
+        ref = r.get(f"llama_server_{n}_tps")
+        lines.append(
+            f"{n:>7} {r[f'bundle_{n}_tps']:13.1f} {ref if ref else float('nan'):13.1f} "
+            f"{r.get(f'concurrency_{n}_vs_llama_server', float('nan')):6.2f} {r[f'concurrency_{n}_vs_single']:11.2f} "
+            f"{r[f'bundle_{n}_ttft_p50']:9.3f}/{r[f'bundle_{n}_ttft_p95']:.3f} s "
+            f"{r.get(f'llama_server_{n}_ttft_p50', float('nan')):6.3f}/{r.get(f'llama_server_{n}_ttft_p95', float('nan')):.3f}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    import os
+
+    ap = argparse.ArgumentParser(prog="python -m bench.concurrency", description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--parallel", type=int, default=8)
+    ap.add_argument("--model", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct.gguf")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    from bench.native import ensure_tools
+    from runtime.native import physical_cores
+
+    work = Path(tempfile.mkdtemp(prefix="bundle-conc-"))
+    bundle = work / "b"
+    subprocess.run([str(Path(sys.executable).parent / "bundle"), "build", str(args.model), "-o", str(bundle)],
+                   check=True, capture_output=True)
+    env = dict(os.environ, BUNDLE_CACHE_DIR=str(work / "cache"))
+    r = measure(bundle, args.model, physical_cores(), args.rounds, ensure_tools()["llama-server"], env, args.parallel)
+    print(json.dumps(r, indent=2) if args.json else format_table(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

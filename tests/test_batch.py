@@ -1,0 +1,197 @@
+"""Several conversations at once (issue 11): the scheduler in-process on the real model, and the
+real bundle's server with many clients."""
+
+import http.client
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import QUESTION
+from runtime import native
+from runtime.batch import Scheduler, TextOut
+from runtime.engine import Engine, Sampling, import_bindings, set_logging
+from runtime.payload import MODEL_ENTRY, read_payload
+from runtime.template import load_template
+from runtime.worker import CancelFlag
+from test_server import Server
+
+PROMPTS = ["What is the capital of France? Answer in one word.", "Write a poem about the sea.",
+           "List three fruits.", "Explain gravity briefly.", "Count from one to ten.", "Tell me a joke.",
+           "What is 2+2?", "Describe a cat."]
+
+
+@pytest.fixture(scope="module")
+def batched(built_bundle, tmp_path_factory):
+    payload = read_payload(str(built_bundle))
+    libdir = native.extract_entry(payload, "native/cpu.tar.zst", root=tmp_path_factory.mktemp("cache"))
+    C = import_bindings(libdir)
+    set_logging(C, False)
+    native.load_backends(libdir)
+    e = Engine(C, str(built_bundle), payload.absolute_offset(MODEL_ENTRY), ctx=1024, threads=2, n_seq=4)
+    tmpl = load_template("auto", e.chat_template(), e.bos_text, e.eos_text)
+
+    def prompt(text):
+        return e.tokenize_prompt(tmpl.render([{"role": "user", "content": text}]))
+
+    yield e, Scheduler(e, 4), prompt
+
+
+def sampling(i, **kw):
+    # even: greedy; odd: sampled with a fixed seed
+    return Sampling(temp=0 if i % 2 == 0 else 0.8, top_k=40, top_p=0.95, repeat_penalty=1.0, seed=1234 + i,
+                    max_tokens=kw.pop("max_tokens", 48), **kw)
+
+
+def test_together_gives_the_same_text_as_alone(batched):
+    engine, sched, prompt = batched
+    alone = [sched.generate(prompt(p), sampling(i)).result(120).text for i, p in enumerate(PROMPTS)]
+    futures = [sched.generate(prompt(p), sampling(i)) for i, p in enumerate(PROMPTS)]  # 8 requests, 4 slots
+    together = [f.result(300).text for f in futures]
+    assert together == alone
+    assert "Paris" in together[0]
+
+
+def test_stop_strings_and_limits_per_request(batched):
+    engine, sched, prompt = batched
+    full = sched.generate(prompt("Write a short story about a cat."), sampling(0, max_tokens=60)).result(120)
+    words = full.text.split()
+    stop = words[5]
+    futures = [sched.generate(prompt("Write a short story about a cat."), sampling(0, max_tokens=60, stop=[stop])),
+               sched.generate(prompt("Write a short story about a cat."), sampling(0, max_tokens=5))]
+    cut, short = (f.result(120) for f in futures)
+    assert cut.text == full.text[: full.text.index(stop)] and cut.finish_reason == "stop"
+    assert short.completion_tokens == 5 and short.finish_reason == "length"
+
+
+def test_cancel_frees_the_slot_and_the_others_go_on(batched):
+    engine, sched, prompt = batched
+    flags = [CancelFlag() for _ in range(4)]
+    seen = [[] for _ in range(4)]
+    futures = [sched.generate(prompt("Write a very long story about dragons."), sampling(0, max_tokens=200),
+                              on_text=seen[i].append, cancel=flags[i]) for i in range(4)]
+    deadline = time.time() + 60
+    while not seen[0] and time.time() < deadline:
+        time.sleep(0.01)
+    flags[0].set()
+    r0 = futures[0].result(60)
+    assert r0.finish_reason == "cancelled" and r0.completion_tokens < 200
+    waiter = sched.generate(prompt(QUESTION), sampling(0))  # takes the freed slot at once
+    assert "Paris" in waiter.result(120).text
+    for f in futures[1:]:
+        assert f.result(300).completion_tokens == 200 or f.result().finish_reason == "stop"
+
+
+def test_a_long_prompt_joins_in_chunks(batched):
+    engine, sched, prompt = batched
+    long_text = "Summarise this: " + "The quick brown fox jumps over the lazy dog. " * 60
+    short = sched.generate(prompt("Write a poem about the sea."), sampling(0, max_tokens=60))
+    long = sched.generate(prompt(long_text), sampling(0, max_tokens=8))
+    assert long.result(300).prompt_tokens > sched.prefill_chunk  # decoded over several steps
+    assert short.result(300).text == sched.generate(prompt("Write a poem about the sea."),
+                                                     sampling(0, max_tokens=60)).result(300).text
+
+
+def test_text_out_holds_back_a_stop_string():
+    got = []
+    t = TextOut(["END"], got.append)
+    assert not t.add(b"abc E")
+    assert got == ["abc "]
+    assert t.add(b"ND more")
+    assert t.finish() == "abc "
+
+
+# -- the real server ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server8(built_bundle, tmp_path_factory):
+    env = dict(os.environ, BUNDLE_CACHE_DIR=str(tmp_path_factory.mktemp("batchcache")))
+    s = Server(built_bundle, "--parallel", "8", env=env)
+    yield s
+    s.stop()
+
+
+def stream(server, i, out, max_tokens=40):
+    c = server.client(timeout=300)
+    kw = {"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "seed": 99 + i}
+    pieces = []
+    for chunk in c.chat.completions.create(model="any", messages=[{"role": "user", "content": PROMPTS[i]}],
+                                           max_tokens=max_tokens, stream=True, **kw):
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+    out[i] = "".join(pieces)
+
+
+def test_eight_streamed_clients_get_what_they_get_alone(server8):
+    alone = {}
+    for i in range(8):
+        stream(server8, i, alone)
+    together = {}
+    threads = [threading.Thread(target=stream, args=(server8, i, together)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert together == alone
+    status, health = server8.request("GET", "/health")
+    assert health["slots"] == {"total": 8, "busy": 0}
+
+
+def test_metrics_in_prometheus_format(server8):
+    conn = http.client.HTTPConnection("127.0.0.1", server8.port, timeout=30)
+    conn.request("GET", "/metrics")
+    r = conn.getresponse()
+    text = r.read().decode()
+    assert r.status == 200 and r.getheader("Content-Type").startswith("text/plain")
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.split()
+            values[name] = float(value)
+    assert values["bundle_slots_total"] == 8 and values["bundle_requests_total"] >= 1
+    assert values["bundle_generated_tokens_total"] > 0 and values["bundle_generated_tokens_per_second"] > 0
+
+
+def test_a_client_that_leaves_frees_its_slot(built_bundle):
+    s = Server(built_bundle, "--parallel", "2")
+    try:
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        body = json.dumps({"messages": [{"role": "user", "content": "Write a very long story about dragons."}],
+                           "stream": True, "max_tokens": 2000, "temperature": 0}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        other = {}
+        t = threading.Thread(target=stream, args=(s, 0, other))
+        t.start()
+        sock.settimeout(60)
+        got = b""
+        while got.count(b"data: ") < 4:
+            chunk = sock.recv(4096)
+            assert chunk
+            got += chunk
+        sock.close()
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            _, h = s.request("GET", "/health")
+            if h["stats"]["cancelled"] >= 1:
+                break
+        assert h["stats"]["cancelled"] == 1 and h["stats"]["max_tokens_after_cancel"] <= 1
+        t.join(120)
+        assert "Paris" in other[0]
+    finally:
+        s.stop()
+
+
+def test_banner_and_info_show_the_slots(built_bundle):
+    s = Server(built_bundle, "--parallel", "3")
+    try:
+        assert any("3 slots" in line for line in s.lines)
+    finally:
+        s.stop()
+    from conftest import run_exe
+
+    d = json.loads(run_exe(built_bundle, "--info", "--json", env=dict(os.environ, BUNDLE_PARALLEL="5")).stdout)
+    assert d["parallel"] == 5
