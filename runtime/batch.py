@@ -17,7 +17,6 @@ Other work (embeddings) runs between two steps.
 
 from __future__ import annotations
 
-import codecs
 import collections
 import threading
 import time
@@ -25,49 +24,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .engine import Result, Sampling, _find_stop, _partial_stop
+from .engine import Result, Sampling, TextOut
 from .errors import RuntimeFailure
-
-
-class TextOut:
-    """Pieces of the answer as they become final: UTF-8 assembled across tokens, and text that
-    could still turn into a stop string held back until it cannot."""
-
-    def __init__(self, stops, on_text):
-        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self.stops = [s for s in stops if s]
-        self.on_text = on_text
-        self.pending = ""
-        self.out: list[str] = []
-
-    def add(self, piece: bytes) -> bool:
-        """Add a token's bytes; True when a stop string was reached (the text ends before it)."""
-        self.pending += self.utf8.decode(piece)
-        if self.stops:
-            cut = _find_stop(self.pending, self.stops)
-            if cut is not None:
-                self.pending = self.pending[:cut]
-                return True
-            hold = _partial_stop(self.pending, self.stops)
-            if len(self.pending) > hold:
-                self._emit(self.pending[: len(self.pending) - hold])
-                self.pending = self.pending[len(self.pending) - hold:]
-        elif self.pending:
-            self._emit(self.pending)
-            self.pending = ""
-        return False
-
-    def _emit(self, text: str) -> None:
-        self.out.append(text)
-        if self.on_text:
-            self.on_text(text)
-
-    def finish(self) -> str:
-        self.pending += self.utf8.decode(b"", final=True)
-        if self.pending:
-            self._emit(self.pending)
-            self.pending = ""
-        return "".join(self.out)
 
 
 @dataclass

@@ -328,10 +328,7 @@ class Engine:
         t1 = time.perf_counter()
         result.prompt_seconds = t1 - t0
         chain = self._sampler(sampling, prompt)
-        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        stops = [s for s in sampling.stop if s]
-        pending = ""  # text not yet passed on (may be the start of a stop string)
-        out: list[str] = []
+        text = TextOut(sampling.stop, on_text)
         max_tokens = sampling.max_tokens if sampling.max_tokens > 0 else 1 << 30
         one = self._one
         vocab, ctx = self.vocab, self.ctx
@@ -352,23 +349,8 @@ class Engine:
                 n += 1
                 if n == 1:
                     result.first_token_seconds = time.perf_counter() - t0
-                pending += utf8.decode(self.piece(tok))
-                if stops:
-                    cut = _find_stop(pending, stops)
-                    if cut is not None:
-                        pending = pending[:cut]
-                        break
-                    hold = _partial_stop(pending, stops)
-                    if len(pending) > hold:
-                        ready, pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
-                        out.append(ready)
-                        if on_text:
-                            on_text(ready)
-                elif pending:
-                    out.append(pending)
-                    if on_text:
-                        on_text(pending)
-                    pending = ""
+                if text.add(self.piece(tok)):
+                    break
                 if len(self.kv_tokens) >= self.n_ctx:
                     result.finish_reason = "length"
                     break
@@ -379,12 +361,7 @@ class Engine:
                 self.kv_tokens.append(tok)
         finally:
             C.llama_sampler_free(chain)
-        pending += utf8.decode(b"", final=True)
-        if pending:
-            out.append(pending)
-            if on_text:
-                on_text(pending)
-        result.text = "".join(out)
+        result.text = text.finish()
         result.completion_tokens = n
         result.decode_seconds = time.perf_counter() - t1
         return result
@@ -461,6 +438,48 @@ class Engine:
         if getattr(self, "model", None):
             self.C.llama_model_free(self.model)
             self.model = None
+
+
+class TextOut:
+    """Pieces of an answer as they become final: UTF-8 assembled across tokens, and text that
+    could still turn into a stop string held back until it cannot. One per generation (the
+    single loop above and each slot of runtime.batch)."""
+
+    def __init__(self, stops, on_text):
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.stops = [s for s in stops if s]
+        self.on_text = on_text
+        self.pending = ""  # text not yet passed on (may be the start of a stop string)
+        self.out: list[str] = []
+
+    def add(self, piece: bytes) -> bool:
+        """Add a token's bytes; True when a stop string was reached (the text ends before it)."""
+        self.pending += self.utf8.decode(piece)
+        if self.stops:
+            cut = _find_stop(self.pending, self.stops)
+            if cut is not None:
+                self.pending = self.pending[:cut]
+                return True
+            hold = _partial_stop(self.pending, self.stops)
+            if len(self.pending) > hold:
+                self._emit(self.pending[: len(self.pending) - hold])
+                self.pending = self.pending[len(self.pending) - hold:]
+        elif self.pending:
+            self._emit(self.pending)
+            self.pending = ""
+        return False
+
+    def _emit(self, text: str) -> None:
+        self.out.append(text)
+        if self.on_text:
+            self.on_text(text)
+
+    def finish(self) -> str:
+        self.pending += self.utf8.decode(b"", final=True)
+        if self.pending:
+            self._emit(self.pending)
+            self.pending = ""
+        return "".join(self.out)
 
 
 def _partial_stop(text: str, stops: list[str]) -> int:

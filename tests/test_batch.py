@@ -9,15 +9,15 @@ import threading
 import time
 
 import pytest
-
 from conftest import QUESTION
+from test_server import Server
+
 from runtime import native
-from runtime.batch import Scheduler, TextOut
-from runtime.engine import Engine, Sampling, import_bindings, set_logging
+from runtime.batch import Scheduler
+from runtime.engine import Engine, Sampling, TextOut, import_bindings, set_logging
 from runtime.payload import MODEL_ENTRY, read_payload
 from runtime.template import load_template
 from runtime.worker import CancelFlag
-from test_server import Server
 
 PROMPTS = ["What is the capital of France? Answer in one word.", "Write a poem about the sea.",
            "List three fruits.", "Explain gravity briefly.", "Count from one to ten.", "Tell me a joke.",
