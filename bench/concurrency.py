@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.serving import free_port, wait_healthy  # noqa: E402
+from bench.serving import free_port, sse_events, wait_healthy  # noqa: E402
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.", "Explain how a bicycle works.",
@@ -43,22 +43,13 @@ def one_client(port: int, prompt: str, out: list) -> None:
     t0 = time.perf_counter()
     conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
     r = conn.getresponse()
-    first, tokens, buf = None, 0, b""
-    while True:
-        chunk = r.read1(65536)
-        if not chunk:
-            break
-        buf += chunk
-        while b"\n\n" in buf:
-            event, buf = buf.split(b"\n\n", 1)
-            if not event.startswith(b"data: ") or event == b"data: [DONE]":
-                continue
-            data = json.loads(event[6:])
-            if data.get("usage"):
-                tokens = data["usage"]["completion_tokens"]
-            choices = data.get("choices") or []
-            if first is None and choices and (choices[0].get("delta") or {}).get("content"):
-                first = time.perf_counter() - t0
+    first, tokens = None, 0
+    for data in sse_events(r):
+        if data.get("usage"):
+            tokens = data["usage"]["completion_tokens"]
+        choices = data.get("choices") or []
+        if first is None and choices and (choices[0].get("delta") or {}).get("content"):
+            first = time.perf_counter() - t0
     conn.close()
     out.append((first or 0.0, tokens, time.perf_counter()))
 

@@ -11,7 +11,7 @@ computation on two back ends.
 import sys
 
 import numpy as np
-from gguf import GGUFReader, GGUFWriter, GGMLQuantizationType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 N_EMBD, N_FF, N_HEAD, N_HEAD_KV, N_LAYER, CTX = 128, 384, 4, 2, 4, 2048
 

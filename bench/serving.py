@@ -25,6 +25,20 @@ def free_port() -> int:
     return port
 
 
+def sse_events(response):
+    """The JSON bodies of a server-sent-events response, as they arrive."""
+    buf = b""
+    while True:
+        chunk = response.read1(65536)
+        if not chunk:
+            return
+        buf += chunk
+        while b"\n\n" in buf:
+            event, buf = buf.split(b"\n\n", 1)
+            if event.startswith(b"data: ") and event != b"data: [DONE]":
+                yield json.loads(event[6:])
+
+
 def stream_chat(port: int) -> tuple[float, float]:
     """(seconds to the first content token, decode tokens/s) of one streamed chat completion."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
@@ -38,25 +52,15 @@ def stream_chat(port: int) -> tuple[float, float]:
     first = last = None
     n = 0
     predicted = None
-    buf = b""
-    while True:
-        chunk = r.read1(65536)
-        if not chunk:
-            break
-        buf += chunk
-        while b"\n\n" in buf:
-            event, buf = buf.split(b"\n\n", 1)
-            if not event.startswith(b"data: ") or event == b"data: [DONE]":
-                continue
-            data = json.loads(event[6:])
-            if data.get("timings"):
-                predicted = data["timings"].get("predicted_n")
-            choices = data.get("choices") or []
-            if choices and (choices[0].get("delta") or {}).get("content"):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                n += 1
+    for data in sse_events(r):
+        if data.get("timings"):
+            predicted = data["timings"].get("predicted_n")
+        choices = data.get("choices") or []
+        if choices and (choices[0].get("delta") or {}).get("content"):
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            n += 1
     conn.close()
     tokens = predicted or n
     rate = (tokens - 1) / (last - first) if last and last > first else 0.0

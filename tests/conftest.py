@@ -87,3 +87,18 @@ def as_nobody() -> list[str]:
     if os.geteuid() != 0:
         return []
     return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def load_engine(bundle: Path, cache: Path, **kw):
+    """The real model in-process, as the runtime loads it: libraries unpacked from the bundle
+    into cache, the model mapped from inside the bundle at its payload offset."""
+    from runtime import native
+    from runtime.engine import Engine, import_bindings, set_logging
+    from runtime.payload import MODEL_ENTRY, read_payload
+
+    payload = read_payload(str(bundle))
+    libdir = native.extract_entry(payload, "native/cpu.tar.zst", root=cache)
+    C = import_bindings(libdir)
+    set_logging(C, False)
+    native.load_backends(libdir)
+    return Engine(C, str(bundle), payload.absolute_offset(MODEL_ENTRY), **kw)

@@ -7,7 +7,6 @@ import subprocess
 import time
 from pathlib import Path
 
-
 from conftest import QUESTION, run_bundle_cmd, run_exe
 
 

@@ -9,13 +9,11 @@ import threading
 import time
 
 import pytest
-from conftest import QUESTION
-from test_server import Server
+from conftest import QUESTION, load_engine
+from test_server import Server, serving
 
-from runtime import native
 from runtime.batch import Scheduler
-from runtime.engine import Engine, Sampling, TextOut, import_bindings, set_logging
-from runtime.payload import MODEL_ENTRY, read_payload
+from runtime.engine import Sampling, TextOut
 from runtime.template import load_template
 from runtime.worker import CancelFlag
 
@@ -26,12 +24,7 @@ PROMPTS = ["What is the capital of France? Answer in one word.", "Write a poem a
 
 @pytest.fixture(scope="module")
 def batched(built_bundle, tmp_path_factory):
-    payload = read_payload(str(built_bundle))
-    libdir = native.extract_entry(payload, "native/cpu.tar.zst", root=tmp_path_factory.mktemp("cache"))
-    C = import_bindings(libdir)
-    set_logging(C, False)
-    native.load_backends(libdir)
-    e = Engine(C, str(built_bundle), payload.absolute_offset(MODEL_ENTRY), ctx=1024, threads=2, n_seq=4)
+    e = load_engine(built_bundle, tmp_path_factory.mktemp("cache"), ctx=1024, threads=2, n_seq=4)
     tmpl = load_template("auto", e.chat_template(), e.bos_text, e.eos_text)
 
     def prompt(text):
@@ -108,10 +101,7 @@ def test_text_out_holds_back_a_stop_string():
 
 @pytest.fixture(scope="module")
 def server8(built_bundle, tmp_path_factory):
-    env = dict(os.environ, BUNDLE_CACHE_DIR=str(tmp_path_factory.mktemp("batchcache")))
-    s = Server(built_bundle, "--parallel", "8", env=env)
-    yield s
-    s.stop()
+    yield from serving(built_bundle, tmp_path_factory, "--parallel", "8")
 
 
 def stream(server, i, out, max_tokens=40):

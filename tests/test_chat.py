@@ -11,6 +11,7 @@ import subprocess
 import time
 
 from conftest import QUESTION
+
 from runtime.chat import ChatSession, read_message, run_chat
 
 

@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import BUNDLE_CMD, as_nobody, run_bundle_cmd
 
 

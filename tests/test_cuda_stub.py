@@ -8,7 +8,6 @@ import json
 import os
 
 import pytest
-
 from conftest import QUESTION, STUB_DIR, run_bundle_cmd, run_exe
 from test_gpu import FAKE_NVML, compile_so, native_folders
 

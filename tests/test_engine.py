@@ -5,21 +5,15 @@ loaded from inside the bundle at its payload offset.
 """
 
 import pytest
+from conftest import load_engine
 
-from runtime import native
-from runtime.engine import ContextOverflowError, Engine, Sampling, import_bindings, set_logging
-from runtime.payload import MODEL_ENTRY, read_payload
+from runtime.engine import ContextOverflowError, Sampling
 from runtime.template import load_template
 
 
 @pytest.fixture(scope="session")
 def engine(built_bundle, tmp_path_factory):
-    payload = read_payload(str(built_bundle))
-    libdir = native.extract_entry(payload, "native/cpu.tar.zst", root=tmp_path_factory.mktemp("cache"))
-    C = import_bindings(libdir)
-    set_logging(C, False)
-    native.load_backends(libdir)
-    e = Engine(C, str(built_bundle), payload.absolute_offset(MODEL_ENTRY), ctx=512, threads=2)
+    e = load_engine(built_bundle, tmp_path_factory.mktemp("cache"), ctx=512, threads=2)
     yield e
     e.close()
 

@@ -9,10 +9,10 @@ import random
 import struct
 
 import pytest
+from test_payload import write
 
 from bundler.gguf import GGUFError, read_gguf
 from runtime import payload as P
-from test_payload import write
 
 CASES = int(os.environ.get("BUNDLE_FUZZ_CASES", "300"))
 SEED = int(os.environ.get("BUNDLE_FUZZ_SEED", "8"))

@@ -4,7 +4,6 @@ reason (the real command), and metadata cannot put escape codes on a terminal.""
 import json
 
 import pytest
-
 from conftest import run_bundle_cmd, run_exe
 from ggufmaker import ARRAY, I32, STRING, U32, llama_kv, write_gguf
 from test_cli import assert_one_line_error, listing

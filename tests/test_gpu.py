@@ -14,9 +14,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import QUESTION, STUB_DIR, run_bundle_cmd, run_exe
 
 from bundler.gguf import read_gguf
-from conftest import QUESTION, STUB_DIR, run_bundle_cmd, run_exe
 from runtime import gpu
 
 GIB = 1024**3

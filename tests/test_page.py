@@ -4,9 +4,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import QUESTION
-from test_server import Server
+from test_server import serving
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = "/usr/bin/chromium"
@@ -16,10 +15,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 @pytest.fixture(scope="module")
 def server(built_bundle, tmp_path_factory):
-    env = dict(os.environ, BUNDLE_CACHE_DIR=str(tmp_path_factory.mktemp("pagecache")))
-    s = Server(built_bundle, env=env)
-    yield s
-    s.stop()
+    yield from serving(built_bundle, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

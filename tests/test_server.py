@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import QUESTION
 
 openai = pytest.importorskip("openai")
@@ -61,12 +60,17 @@ class Server:
             self.proc.kill()
 
 
-@pytest.fixture(scope="module")
-def server(built_bundle, tmp_path_factory):
-    env = dict(os.environ, BUNDLE_CACHE_DIR=str(tmp_path_factory.mktemp("srvcache")))
-    s = Server(built_bundle, env=env)
+def serving(built_bundle, tmp_path_factory, *args):
+    """For module fixtures (`yield from`): a real server with a cache of its own, stopped after."""
+    env = dict(os.environ, BUNDLE_CACHE_DIR=str(tmp_path_factory.mktemp("servercache")))
+    s = Server(built_bundle, *args, env=env)
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def server(built_bundle, tmp_path_factory):
+    yield from serving(built_bundle, tmp_path_factory)
 
 
 CHAT = [{"role": "user", "content": QUESTION}]
@@ -195,10 +199,7 @@ def test_sixteen_concurrent_clients(server):
 
 @pytest.fixture(scope="module")
 def one_slot(built_bundle, tmp_path_factory):
-    env = dict(os.environ, BUNDLE_CACHE_DIR=str(tmp_path_factory.mktemp("slot1")))
-    s = Server(built_bundle, "--parallel", "1", env=env)
-    yield s
-    s.stop()
+    yield from serving(built_bundle, tmp_path_factory, "--parallel", "1")
 
 
 def test_requests_are_served_in_arrival_order(one_slot):

@@ -3,7 +3,6 @@ freeze it, no other web page can drive it, and floods of connections cannot star
 
 import http.client
 import json
-import os
 import resource
 import signal
 import socket
@@ -11,20 +10,16 @@ import threading
 import time
 
 import pytest
-
 from attack import read_toc, write_toc
 from conftest import QUESTION
-from test_server import Server
+from test_server import Server, serving
 
 CHAT = [{"role": "user", "content": QUESTION}]
 
 
 @pytest.fixture(scope="module")
 def server(built_bundle, tmp_path_factory):
-    env = dict(os.environ, BUNDLE_CACHE_DIR=str(tmp_path_factory.mktemp("atkcache")))
-    s = Server(built_bundle, env=env)
-    yield s
-    s.stop()
+    yield from serving(built_bundle, tmp_path_factory)
 
 
 def health_time(server) -> float:

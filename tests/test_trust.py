@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from attack import copy, cut_copy, flip, read_toc, write_toc
 from conftest import QUESTION, run_bundle_cmd, run_exe
+
 from runtime import payload as P
 
 
