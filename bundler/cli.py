@@ -93,9 +93,12 @@ def cli():
 @click.option("--stub", type=click.Path(), help="use this runtime stub instead of stubs/<target>/")
 @click.option("--gpu", type=click.Choice(["auto", "cuda", "none"]), default="auto", show_default=True,
               help="carry the CUDA back end (auto: when the stub has one)")
+@click.option("--split", is_flag=True,
+              help="write the model as parts beside the executable, each under 4 GiB (FAT32 USB sticks)")
+@click.option("--max-file-size", help="split so that no file is larger than this (e.g. 4G, 2000M); implies --split")
 @click.option("--force", is_flag=True, help="replace an existing file at the output path even if it is not a bundle")
 def build(model, output, name, template, system, ctx, temp, top_p, top_k, repeat_penalty, max_tokens, target, stub,
-          gpu, force):
+          gpu, split, max_file_size, force):
     """Build one executable from MODEL (a .gguf path or hf://owner/repo/file.gguf)."""
     from . import gguf, hub, stubs, writer
 
@@ -112,6 +115,20 @@ def build(model, output, name, template, system, ctx, temp, top_p, top_k, repeat
     with_cuda = gpu != "none" and stub_info.native_cuda is not None
     writer.check_output(out, model_path, force)
     writer.check_space(out, model_path, stub_info, with_cuda)
+    from . import split as splitter
+
+    limit = splitter.parse_size(max_file_size) if max_file_size else (splitter.FAT32_MAX if split else None)
+    exe_size = stub_info.exe.stat().st_size + stub_info.native_cpu.stat().st_size + (
+        stub_info.native_cuda.stat().st_size if with_cuda else 0)
+    if limit is not None and exe_size + (1 << 20) > limit:
+        raise UsageError(f"--max-file-size {_human(limit)} is smaller than the executable without its model "
+                         f"({_human(exe_size)}); give a larger size")
+    if limit is not None and exe_size + info.file_size <= limit:
+        limit = None  # it fits in one file: nothing to split
+        click.echo(f"note: the bundle fits in one file under the limit; not splitting", err=True)
+    part_stem = out.name
+    if limit is not None:
+        _check_part_targets(out.parent, part_stem, force)
 
     default_ctx = min(Settings.ctx, info.context_length) if info.context_length else Settings.ctx
     settings = Settings(ctx=default_ctx, template=template_name).merged(
@@ -142,17 +159,58 @@ def build(model, output, name, template, system, ctx, temp, top_p, top_k, repeat
         click.echo(f"CUDA back end: {'carried' if with_cuda else 'left out'} ({cuda_size}; "
                    f"{'--gpu none leaves it out' if with_cuda else '--gpu cuda carries it'})", err=True)
     show_bar = err.isatty()
-    with click.progressbar(length=info.file_size, label="writing", file=err, show_eta=True,
-                           hidden=not show_bar) as bar:
-        result = writer.write_bundle(model_path, stub_info, out, manifest, progress=bar.update, with_cuda=with_cuda)
+    parts = None
+    try:
+        with click.progressbar(length=info.file_size, label="writing", file=err, show_eta=True,
+                               hidden=not show_bar) as bar:
+            if limit is not None:
+                try:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise BundleError(f"cannot create the output folder {out.parent}: {exc.strerror}; "
+                                      "choose another with -o") from None
+                try:
+                    parts = splitter.write_parts(model_path, info, out.parent, part_stem, limit, progress=bar.update)
+                except OSError as exc:
+                    raise BundleError(f"cannot write the model's parts in {out.parent}: {exc.strerror}; "
+                                      "check the folder and free space") from None
+            result = writer.write_bundle(model_path, stub_info, out, manifest, progress=bar.update,
+                                         with_cuda=with_cuda, parts=parts)
+    finally:
+        for tmp, *_ in parts or ():
+            tmp.unlink(missing_ok=True)  # renamed into place on success; leftovers of a failure
     seconds = time.perf_counter() - t0
     click.echo(
         f"wrote {out} ({_human(result['size'])}, {stub_info.target}, needs glibc ≥ "
         f"{stub_info.meta.get('glibc_min', '?')}) in {seconds:.2f} s",
         err=True,
     )
+    if parts:
+        from .split import is_part_file
+
+        keep = {name for _, name, _, _ in parts}
+        for old in out.parent.glob(f"{part_stem}-*-of-*.gguf"):
+            if old.name not in keep and is_part_file(old):
+                old.unlink()  # a part of this bundle's previous build, with another part count
+        click.echo(f"and its model in {len(parts)} parts beside it (largest "
+                   f"{_human(max(size for _, _, size, _ in parts))}); copy them together: "
+                   + ", ".join(name for _, name, _, _ in parts), err=True)
+    elif result["size"] > splitter.FAT32_MAX:
+        click.echo(f"note: {out} is {_human(result['size'])}; FAT32 USB sticks hold no file over 4 GiB: "
+                   "build with --split to write the model as parts beside it", err=True)
     shown = out if out.is_absolute() or str(out).startswith(".") else f"./{out}"
     click.echo(f"run it: {shown} -p \"Hello\"   or   {shown} --cli", err=True)
+
+
+def _check_part_targets(folder: Path, stem: str, force: bool) -> None:
+    """Part files of a previous split build may be replaced; anything else only with --force."""
+    from .split import is_part_file
+
+    if not folder.is_dir():
+        return
+    for path in folder.glob(f"{stem}-*-of-*.gguf"):
+        if not force and not is_part_file(path):
+            raise BundleError(f"{path} exists and is not a model part; move it or pass --force to replace it")
 
 
 @cli.command()

@@ -83,6 +83,7 @@ class GGUFInfo:
     tensors: list[TensorInfo] = field(default_factory=list)
     data_offset: int = 0
     file_size: int = 0
+    kv_end: int = 0  # where the metadata ends and the tensor infos begin
 
     def get(self, key, default=None):
         return self.metadata.get(key, default)
@@ -191,7 +192,7 @@ class _Reader:
         self.f, self.path, self.file_size = f, path, file_size
         self.buf = b""
         self.pos = 0
-        self.base = 0  # file offset of buf[0]
+        self.base = f.tell()  # file offset of buf[0] (the magic was read before)
 
     def tell(self) -> int:
         return self.base + self.pos
@@ -329,6 +330,7 @@ def read_gguf(path: str) -> GGUFInfo:
                 raise GGUFError(f"{path} is damaged: metadata key {printable(key[:80])} appears twice; "
                                 "re-convert the model")
             metadata[key] = r.value(r.unpack("<I"))
+        kv_end = r.tell()
         tensors = []
         names = set()
         for _ in range(n_tensors):
@@ -355,7 +357,7 @@ def read_gguf(path: str) -> GGUFInfo:
         data_offset = (r.tell() + alignment - 1) // alignment * alignment
     if not tensors:
         raise GGUFError(f"{path} holds no tensors; it is not a usable model")
-    info = GGUFInfo(path, version, metadata, tensors, data_offset, file_size)
+    info = GGUFInfo(path, version, metadata, tensors, data_offset, file_size, kv_end)
     needed = check_tensors(info, alignment)
     if needed > file_size:
         raise GGUFError(

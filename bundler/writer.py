@@ -17,6 +17,7 @@ from typing import Callable
 
 from runtime.payload import (
     Manifest,
+    ModelPart,
     Region,
     MODEL_ENTRY,
     NATIVE_CPU_ENTRY,
@@ -83,6 +84,7 @@ def check_output(output: Path, model: Path, force: bool) -> None:
 
 def check_space(output: Path, model: Path, stub: Stub, with_cuda: bool = False) -> None:
     folder = _nearest_existing(output.parent)
+    # (split: the parts take the model's size plus a header each, well inside SLACK)
     needed = stub.exe.stat().st_size * 2 + stub.native_cpu.stat().st_size + model.stat().st_size + SLACK
     if with_cuda and stub.native_cuda:
         needed += stub.native_cuda.stat().st_size
@@ -102,8 +104,13 @@ def write_bundle(
     progress: Callable[[int], None] | None = None,
     tail_mode: str = "auto",
     with_cuda: bool = False,
+    parts: list | None = None,
 ) -> dict:
-    """Write the bundle at output (via a temporary file in the same folder). Returns figures."""
+    """Write the bundle at output (via a temporary file in the same folder). Returns figures.
+
+    parts: the model already written as split parts (bundler/split.py: temporary path, final
+    name, size, sha256 each): the executable then carries no model, and the parts are renamed
+    into place beside it just before it is."""
     stub_bytes = stub.exe.read_bytes()
     cookie_pos, archive_start = find_stub_archive(stub_bytes)
     stub_archive = stub_bytes[archive_start : cookie_pos + PYI_COOKIE_SIZE]
@@ -129,11 +136,16 @@ def write_bundle(
                 cuda_meta = stub.meta["native"]["cuda"]
                 writer.add_file(NATIVE_CUDA_ENTRY, stub.native_cuda, cuda_meta.get("compression", "zstd"),
                                 cuda_meta.get("unpacked_size"))
-            model_entry = writer.add_file(MODEL_ENTRY, model, progress=progress)
             if not isinstance(manifest, Manifest):
                 manifest = Manifest.from_json(manifest)
-            manifest = dataclasses.replace(manifest, model=dataclasses.replace(manifest.model,
-                                                                               sha256=model_entry.sha256))
+            if parts:
+                model_entry = None
+                manifest = dataclasses.replace(manifest, model=dataclasses.replace(
+                    manifest.model, parts=tuple(ModelPart(name, size, digest) for _, name, size, digest in parts)))
+            else:
+                model_entry = writer.add_file(MODEL_ENTRY, model, progress=progress)
+                manifest = dataclasses.replace(manifest, model=dataclasses.replace(manifest.model,
+                                                                                   sha256=model_entry.sha256))
             stub_regions = runtime_regions(stub_bytes, archive_start, cookie_pos, payload_start)
             # The tail's cookie reaches back from the payload's end, which depends on the TOC's
             # length, which holds the tail's hash: settle it in a few rounds (it moves by 64 KiB
@@ -157,6 +169,8 @@ def write_bundle(
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o755)
+        for part_tmp, name, *_ in parts or ():
+            os.replace(part_tmp, folder / name)
         os.replace(tmp, output)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -169,8 +183,9 @@ def write_bundle(
     return {
         "path": str(output),
         "size": file_size,
-        "model_offset": payload_start + model_entry.offset,
-        "model_sha256": model_entry.sha256,
+        "model_offset": payload_start + model_entry.offset if model_entry else None,
+        "model_sha256": model_entry.sha256 if model_entry else None,
+        "parts": [(name, size) for _, name, size, _ in parts or ()],
     }
 
 

@@ -26,6 +26,8 @@ PROGRESS_AFTER = 1.0  # seconds: quick checks say nothing
 def verdict_key(payload: Payload) -> str:
     st = os.stat(payload.path)
     ident = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{payload.toc_sha256}"
+    if payload.manifest.model.parts:
+        ident += "|" + payload.model_parts_identity()
     return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
 
@@ -69,15 +71,18 @@ def check_once(payload: Payload, cache_root: Path, say=lambda msg: None) -> dict
     if marker.exists():
         return {"checked": False, "seconds": 0.0, "bytes": 0}
     names = parts_to_check(payload)
-    total = payload.checked_bytes(names)
+    total = payload.checked_bytes(names) + sum(p.size for p in payload.manifest.model.parts)
     t0 = time.perf_counter()
     tty = bool(getattr(sys.stderr, "isatty", lambda: False)())
     progress = _Progress(total, say, tty)
-    problems = payload.check_header() + payload.check_parts(names, progress=progress)
+    problems = (payload.check_header() + payload.check_parts(names, progress=progress)
+                + payload.check_model_parts(progress=progress))
     progress.end()
     seconds = time.perf_counter() - t0
     if problems:
         more = f" ({len(problems) - 1} more damaged part(s): run --verify to list them)" if len(problems) > 1 else ""
+        if problems[0].startswith("model part"):
+            raise DamagedError(f"{problems[0]}{more}; copy that file again (it belongs beside {payload.path})")
         raise DamagedError(f"{payload.path}: {problems[0]}{more}; copy the file again")
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -132,12 +132,17 @@ class Engine:
         params = C.llama_model_default_params()
         params.n_gpu_layers = gpu_layers
         params.use_mmap = True
-        fp = _fopen(model_path, offset)
         t0 = time.perf_counter()
-        try:
-            self.model = C.llama_model_load_from_file_ptr(fp, params)
-        finally:
-            _libc.fclose(fp)  # the mapping stays valid after the FILE is closed
+        if isinstance(model_path, (list, tuple)):
+            # Split GGUF parts beside the executable (bundle build --split): each mapped from its file.
+            paths = (ctypes.c_char_p * len(model_path))(*(os.fsencode(p) for p in model_path))
+            self.model = C.llama_model_load_from_splits(paths, len(model_path), params)
+        else:
+            fp = _fopen(model_path, offset)
+            try:
+                self.model = C.llama_model_load_from_file_ptr(fp, params)
+            finally:
+                _libc.fclose(fp)  # the mapping stays valid after the FILE is closed
         self.load_seconds = time.perf_counter() - t0
         if not self.model:
             raise ModelLoadError("llama.cpp could not load the model" + (f" ({last_error()})" if last_error() else ""))

@@ -55,6 +55,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator
@@ -259,6 +260,32 @@ class Layout:
         )
 
 
+# A model too large for one file on a FAT32 stick (4 GiB) travels as llama.cpp split GGUF parts
+# beside the executable (bundle build --split); the manifest names each, plainly: a file name in
+# the executable's own folder, never a path.
+_PART_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,250}\Z")
+MAX_PARTS = 9999
+
+
+@dataclass(frozen=True)
+class ModelPart:
+    file: str
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, data, where: str) -> "ModelPart":
+        data = _object(data, where)
+        name = _take(data, "file", str, where, required=True, max_len=251)
+        if not _PART_NAME.match(name) or ".." in name:
+            raise _Invalid(f"{where}.file", "not a plain file name")
+        return cls(name, _take(data, "size", int, where, required=True, lo=1, hi=MAX_BYTES),
+                   _hex(data, "sha256", where))
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str = "model"
@@ -274,12 +301,15 @@ class ModelInfo:
     file: str | None = None
     sha256: str | None = None
     layout: Layout | None = None
+    parts: tuple[ModelPart, ...] = ()  # empty: the model is inside the executable
 
     def to_json(self) -> dict:
         data = {k: getattr(self, k) for k in ("name", "architecture", "parameters", "size_label", "quantization",
                                               "context_length", "gguf_version", "tensors", "has_chat_template",
                                               "file_size", "file", "sha256")}
         data["layout"] = self.layout.to_json() if self.layout else None
+        if self.parts:
+            data["parts"] = [p.to_json() for p in self.parts]
         return data
 
     @classmethod
@@ -300,7 +330,19 @@ class ModelInfo:
             file=_take(data, "file", str, where, max_len=4096),
             sha256=_hex(data, "sha256", where, required=False),
             layout=Layout.from_json(layout, f"{where}.layout") if layout is not None else None,
+            parts=_parts(data.get("parts"), f"{where}.parts"),
         )
+
+
+def _parts(value, where: str) -> tuple[ModelPart, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_PARTS:
+        raise _Invalid(where, f"expected a list of 1 to {MAX_PARTS} parts")
+    parts = tuple(ModelPart.from_json(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if len({p.file for p in parts}) != len(parts):
+        raise _Invalid(where, "a part is named twice")
+    return parts
 
 
 @dataclass(frozen=True)
@@ -469,19 +511,75 @@ class Payload:
             return unpack_header(_read_at(f, self.payload_start + self.payload_size - HEADER_SIZE, HEADER_SIZE))
 
     def verify(self, progress=None) -> list[str]:
-        """Recompute every hash: entries, the runtime's regions, the header. Every damaged
-        region is listed (empty when intact)."""
+        """Recompute every hash: entries, the runtime's regions, the header, the model's parts
+        beside the file. Every damaged region is listed (empty when intact)."""
         problems = []
         actual = os.path.getsize(self.path)
         if actual != self.file_size:
             problems.append(incomplete_message(self.path, actual, self.file_size))
         problems += self.check_header()
         problems += self.check_parts(progress=progress)
+        problems += self.check_model_parts(progress=progress)
         return problems
 
     def checked_bytes(self, names) -> int:
         return sum(e.size for e in self.entries.values() if e.name in names) + sum(
             r.size for r in self.regions.values() if r.name in names)
+
+    # -- a model split into parts beside the executable (bundle build --split) ---------------
+
+    def model_part_paths(self) -> list[str]:
+        folder = os.path.dirname(os.path.abspath(self.path))
+        return [os.path.join(folder, p.file) for p in self.manifest.model.parts]
+
+    def part_label(self, i: int) -> str:
+        parts = self.manifest.model.parts
+        return f"model part {i + 1} of {len(parts)} ({parts[i].file})"
+
+    def find_model_parts(self) -> list[str]:
+        """The parts' paths, each present with its recorded size; raises PayloadError naming
+        the first that is missing or of the wrong size."""
+        paths = self.model_part_paths()
+        for i, (path, part) in enumerate(zip(paths, self.manifest.model.parts)):
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                raise PayloadError(f"{self.part_label(i)} is missing: it must be in the same folder as "
+                                   f"{self.path}; copy it there") from None
+            except OSError as exc:
+                raise PayloadError(f"cannot read {self.part_label(i)} beside {self.path}: {exc.strerror}") from None
+            if size != part.size:
+                raise PayloadError(f"{self.part_label(i)} is {size} bytes, not {part.size}: it is incomplete or "
+                                   "from another build; copy it again")
+        return paths
+
+    def check_model_parts(self, progress=None) -> list[str]:
+        problems = []
+        for i, (path, part) in enumerate(zip(self.model_part_paths(), self.manifest.model.parts)):
+            digest = hashlib.sha256()
+            try:
+                for chunk in _file_chunks(path):
+                    digest.update(chunk)
+                    if progress:
+                        progress(len(chunk))
+            except OSError as exc:
+                problems.append(f"{self.part_label(i)}: cannot be read ({exc.strerror})")
+                continue
+            if digest.hexdigest() != part.sha256:
+                problems.append(f"{self.part_label(i)}: damaged (sha256 {digest.hexdigest()[:16]}…, "
+                                f"expected {part.sha256[:16]}…)")
+        return problems
+
+    def model_parts_identity(self) -> str:
+        """Device, inode, size and mtime of every part: what a remembered check is keyed on."""
+        out = []
+        for path in self.model_part_paths():
+            try:
+                st = os.stat(path)
+                out.append(f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
+            except OSError:
+                out.append("missing")
+        return ";".join(out)
 
 
 def _file_chunks(path):
