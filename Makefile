@@ -9,7 +9,7 @@ QUESTION := What is the capital of France? Answer in one word.
 
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv stub model chromium demo test test-cuda fuzz bench clean distclean
+.PHONY: all venv buildtools stub model chromium demo test test-cuda fuzz bench clean distclean
 
 all: demo
 
@@ -21,9 +21,16 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# build.py skips every step whose output is up to date (the llama.cpp compile is cached per
-# version and flags under ~/.cache/bundle/build), so this target is cheap after the first time.
-stub: venv
+# Debian's tools the build and the tests use: dpkg-source unpacks the source packages the
+# portable CPython is built from; debootstrap makes the old userland the portability tests run in.
+buildtools:
+	@command -v dpkg-source >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1 || { \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q dpkg-dev debootstrap; }
+
+# build.py skips every step whose output is up to date (the llama.cpp compile, CPython and the
+# bootloader are cached per version, flags and toolchain under ~/.cache/bundle/build), so this
+# target is cheap after the first time.
+stub: venv buildtools
 	$(PY) build.py
 
 $(MODEL):

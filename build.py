@@ -33,6 +33,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from buildsys import zig
+
 ROOT = Path(__file__).resolve().parent
 LLAMA_CPP_PYTHON = "0.3.36"
 CPU_FLAGS = [
@@ -40,6 +42,8 @@ CPU_FLAGS = [
     "-DGGML_BACKEND_DL=ON",
     "-DGGML_CPU_ALL_VARIANTS=ON",
     "-DLLAVA_BUILD=OFF",  # the runtime has no use for the multimodal library; saves build time
+    # zig ships no OpenMP; ggml's own thread pool is used (threads are capped at the usable cores)
+    "-DGGML_OPENMP=OFF",
 ]
 # The chat page's Markdown renderer and sanitiser, fetched from the npm registry at build time
 # (never committed) and shipped inside the stub with their licences.
@@ -61,10 +65,14 @@ TARGET = "linux-x86_64"
 STUB_NAME = "bundle-runtime"
 NATIVE_NAME = "native-cpu.tar.zst"
 ZSTD_LEVEL = 19
-# ggml links these from the build machine's compiler; a target machine may lack them (libgomp is
-# not in minimal images) or have older ones (GLIBCXX_x.y not found), so they travel too.
-SYSTEM_LIBS = ["libgomp.so.1", "libstdc++.so.6", "libgcc_s.so.1"]
-SYSTEM_LIB_DIRS = ["/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib64", "/lib64", "/usr/lib"]
+# What the stub's Python side is made of: installed from manylinux2014 (glibc 2.17) wheels into
+# the portable CPython (buildsys/python.py), at the versions this environment was tested with.
+STUB_REQUIREMENTS = ["pyinstaller", "jinja2", "zstandard", "starlette", "uvicorn"]
+WHEEL_PLATFORM = "manylinux2014_x86_64"
+# glibc's own libraries: the only ones a stub or its native libraries may need from the system.
+GLIBC_LIBS = {"libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0", "librt.so.1", "ld-linux-x86-64.so.2",
+              "libutil.so.1", "libresolv.so.2"}
+GLIBC_FLOOR = tuple(int(x) for x in zig.GLIBC_FLOOR.split("."))
 # Modules the runtime never imports; keeping them out keeps launch fast (DESIGN.md #8).
 # (ssl stays: uvicorn imports it at module level.)
 EXCLUDES = [
@@ -119,7 +127,9 @@ def run_with_progress(cmd: list[str], env: dict, logfile: Path) -> None:
 
 
 def ensure_wheel(version: str, flags: list[str]) -> Path:
-    key = flags_key(version, flags)
+    """llama-cpp-python compiled by zig for glibc 2.17 (buildsys/zig.py), cached by version,
+    flags and toolchain."""
+    key = flags_key(version, flags + zig.IDENTITY)
     folder = cache_dir() / key
     wheels = sorted(folder.glob("llama_cpp_python-*.whl"))
     if wheels:
@@ -136,7 +146,7 @@ def ensure_wheel(version: str, flags: list[str]) -> Path:
         )
         sdist = next(work.glob("llama_cpp_python-*.tar.gz"))
         log(f"llama-cpp-python {version}: compiling with {' '.join(flags)} (about 10 minutes on 2 cores)")
-        env = dict(os.environ, CMAKE_ARGS=" ".join(flags),
+        env = dict(os.environ, CMAKE_ARGS=" ".join(flags + zig.cmake_args(cache_dir() / "zig-tools")),
                    CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
         # --no-cache-dir: pip's own wheel cache is keyed by the sdist alone, not by CMAKE_ARGS.
         run_with_progress(
@@ -173,11 +183,6 @@ def native_files(wheel: Path) -> dict[str, bytes]:
                 out[base] = z.read(name)
     if "libggml.so.0" not in out or "libllama.so" not in out:
         sys.exit(f"{wheel} lacks libggml.so.0 or libllama.so; delete it from the cache and rebuild")
-    for lib in SYSTEM_LIBS:
-        found = next((Path(d) / lib for d in SYSTEM_LIB_DIRS if (Path(d) / lib).exists()), None)
-        if found is None:
-            sys.exit(f"{lib} not found in {', '.join(SYSTEM_LIB_DIRS)}; install your compiler's runtime libraries")
-        out[lib] = found.resolve().read_bytes()
     return out
 
 
@@ -218,16 +223,31 @@ def pack_native(files: dict[str, bytes], dest: Path) -> dict:
     }
 
 
-def glibc_needed(paths: list[Path]) -> str:
-    """The newest GLIBC_x.y symbol version any of these ELF files needs."""
-    best = (2, 0)
+def elf_needs(path: Path) -> tuple[tuple[int, int], set[str]]:
+    """(newest GLIBC_x.y symbol version, DT_NEEDED names) of one ELF file, read with readelf."""
+    try:
+        out = subprocess.run(["readelf", "-V", "-d", "-W", str(path)], capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        sys.exit("readelf is needed to check the stub's libraries (binutils)")
+    versions = [(int(a), int(b)) for a, b in re.findall(r"Name: GLIBC_(\d+)\.(\d+)", out)]
+    needed = set(re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out))
+    return max(versions, default=(2, 0)), needed
+
+
+def check_portable(paths: list[Path]) -> str:
+    """The glibc floor of these ELF files; exits when one needs a newer glibc than the floor or a
+    system library other than glibc's own (each other name must be among the files themselves)."""
+    own = {p.name for p in paths}
+    best, problems = (2, 0), []
     for p in paths:
-        try:
-            out = subprocess.run(["readelf", "-V", "-W", str(p)], capture_output=True, text=True).stdout
-        except FileNotFoundError:
-            return "unknown (readelf missing)"
-        for major, minor in re.findall(r"Name: GLIBC_(\d+)\.(\d+)", out):
-            best = max(best, (int(major), int(minor)))
+        version, needed = elf_needs(p)
+        best = max(best, version)
+        if version > GLIBC_FLOOR:
+            problems.append(f"{p.name} needs GLIBC_{version[0]}.{version[1]}")
+        for lib in sorted(needed - GLIBC_LIBS - own):
+            problems.append(f"{p.name} needs {lib} from the system")
+    if problems:
+        sys.exit("the stub would not run on every glibc >= " + zig.GLIBC_FLOOR + ":\n  " + "\n  ".join(problems))
     return f"{best[0]}.{best[1]}"
 
 
@@ -373,8 +393,13 @@ def pack_cuda(ggml_cuda: Path, dest: Path, archs: str) -> dict:
             "architectures": archs, "libraries": sorted(files), "cuda_packages": CUDA_PACKAGES}
 
 
-def inputs_digest(wheel: Path) -> str:
+def inputs_digest(wheel: Path, python: Path) -> str:
     h = hashlib.sha256()
+    h.update(str(python).encode())
+    h.update((stub_site(python.parents[1]) / ".bundle-stub-env").read_bytes())
+    for p in sorted((ROOT / "buildsys").glob("*")):
+        if p.is_file():
+            h.update(p.read_bytes())
     for p in sorted((ROOT / "runtime").rglob("*")):
         if p.is_file() and "__pycache__" not in p.parts:
             h.update(str(p.relative_to(ROOT)).encode())
@@ -391,9 +416,70 @@ def inputs_digest(wheel: Path) -> str:
     return h.hexdigest()
 
 
-def run_pyinstaller(out_dir: Path, web_vendor: Path) -> Path:
-    import PyInstaller.__main__
+def stub_requirements() -> list[str]:
+    """STUB_REQUIREMENTS at the versions installed here, and everything they pull in pinned the
+    same way (a constraints list of this environment)."""
+    from importlib import metadata
 
+    pins = []
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name and name.lower() not in ("bundle", "llama_cpp_python", "llama-cpp-python"):
+            pins.append(f"{name}=={dist.version}")
+    return sorted(set(pins), key=str.lower)
+
+
+def stub_site(prefix: Path) -> Path:
+    """The portable interpreter's own site folder (Debian's CPython calls it dist-packages)."""
+    from buildsys.python import python_env
+
+    out = subprocess.run([str(prefix / "bin" / "python3.11"), "-c", "import site; print(site.getsitepackages()[-1])"],
+                         capture_output=True, text=True, check=True, env=python_env(prefix)).stdout.strip()
+    site = Path(out)
+    if prefix not in site.parents:
+        sys.exit(f"the portable CPython's site folder {site} is outside its prefix {prefix}")
+    site.mkdir(parents=True, exist_ok=True)
+    return site
+
+
+def ensure_stub_python(wheel: Path) -> Path:
+    """The portable CPython with the stub's Python side installed: PyInstaller (with the
+    bootloader built here), the runtime's dependencies, llama_cpp's Python modules. Returns its
+    interpreter."""
+    from buildsys import bootloader, python
+
+    prefix = python.build(cache_dir(), os.cpu_count() or 2)
+    import PyInstaller
+
+    run = bootloader.build(cache_dir(), PyInstaller.__version__)
+    site = stub_site(prefix)
+    pins = stub_requirements()
+    wanted = [p for p in pins if p.split("==")[0].lower() in STUB_REQUIREMENTS]
+    marker = site / ".bundle-stub-env"
+    digest = hashlib.sha256("\n".join([*pins, wheel.name, str(wheel.stat().st_size),
+                                       hashlib.sha256(run.read_bytes()).hexdigest()]).encode()).hexdigest()
+    if marker.exists() and marker.read_text() == digest:
+        return prefix / "bin" / "python3.11"
+    log("stub Python: installing " + ", ".join(wanted) + f" ({WHEEL_PLATFORM} wheels)")
+    with tempfile.TemporaryDirectory() as tmp:
+        constraints = Path(tmp) / "constraints.txt"
+        constraints.write_text("\n".join(pins) + "\n")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--upgrade", "--target", str(site),
+                        "--platform", WHEEL_PLATFORM, "--python-version", "3.11", "--implementation", "cp",
+                        "--abi", "cp311", "--only-binary=:all:", "-c", str(constraints), *wanted], check=True)
+    # llama_cpp's Python modules only: its native libraries travel in the payload (DESIGN.md #6)
+    shutil.rmtree(site / "llama_cpp", ignore_errors=True)
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            if name.startswith("llama_cpp/") and name.endswith(".py"):
+                z.extract(name, site)
+    target = site / "PyInstaller" / "bootloader" / "Linux-64bit-intel" / "run"
+    shutil.copy2(run, target)
+    marker.write_text(digest)
+    return prefix / "bin" / "python3.11"
+
+
+def run_pyinstaller(out_dir: Path, web_vendor: Path, python: Path) -> Path:
     work = Path(tempfile.mkdtemp(prefix="bundle-pyi-"))
     try:
         args = [
@@ -405,6 +491,7 @@ def run_pyinstaller(out_dir: Path, web_vendor: Path) -> Path:
             "--paths", str(ROOT),
             "--additional-hooks-dir", str(ROOT / "build_hooks"),
             "--runtime-hook", str(ROOT / "build_hooks" / "rth_bundle_signals.py"),
+            "--runtime-hook", str(ROOT / "build_hooks" / "rth_bundle_tmpdir.py"),
             "--hidden-import", "runtime.app", "--hidden-import", "llama_cpp.llama_cpp",
             "--hidden-import", "jinja2.ext", "--hidden-import", "zstandard.backend_c",
             "--hidden-import", "runtime.server", "--hidden-import", "runtime.modes",
@@ -415,7 +502,10 @@ def run_pyinstaller(out_dir: Path, web_vendor: Path) -> Path:
         ]
         for mod in EXCLUDES:
             args += ["--exclude-module", mod]
-        PyInstaller.__main__.run(args)
+        from buildsys.python import python_env
+
+        subprocess.run([str(python), "-m", "PyInstaller", *args], check=True, env=python_env(python.parents[1]),
+                       cwd=work)
         built = work / "dist" / STUB_NAME
         final = out_dir / STUB_NAME
         tmp = out_dir / (STUB_NAME + ".tmp")
@@ -458,8 +548,9 @@ def main() -> int:
     ensure_installed(wheel)
 
     web_vendor = ensure_web_vendor()
+    python = ensure_stub_python(wheel)
     meta_path = out_dir / "stub.json"
-    digest = inputs_digest(wheel)
+    digest = inputs_digest(wheel, python)
     if not args.force and meta_path.exists() and (out_dir / STUB_NAME).exists() and (out_dir / NATIVE_NAME).exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("inputs") == digest:
@@ -476,7 +567,7 @@ def main() -> int:
     log(f"native libraries: {len(files)} files, {native['unpacked_size'] / 2**20:.1f} MiB -> "
         f"{native['size'] / 2**20:.1f} MiB zstd ({', '.join(native['cpu_variants'])})")
     log("running PyInstaller")
-    stub = run_pyinstaller(out_dir, web_vendor)
+    stub = run_pyinstaller(out_dir, web_vendor, python)
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
         libs = []
@@ -485,9 +576,10 @@ def main() -> int:
             p.write_bytes(data)
             libs.append(p)
         libs += archive_binaries(stub, tmpdir)
-        glibc = glibc_needed([stub] + libs)
+        glibc = check_portable([stub] + libs)
     import PyInstaller
 
+    from buildsys.python import python_env
     from runtime import __version__ as runtime_version
     from runtime.payload import FORMAT_VERSION
 
@@ -500,7 +592,9 @@ def main() -> int:
         "format_version": FORMAT_VERSION,
         "llama_cpp_python": LLAMA_CPP_PYTHON,
         "build_flags": CPU_FLAGS,
-        "python": ".".join(map(str, sys.version_info[:3])),
+        "python": subprocess.run([str(python), "-c", "import platform; print(platform.python_version())"],
+                                 capture_output=True, text=True, check=True,
+                                 env=python_env(python.parents[1])).stdout.strip(),
         "pyinstaller": PyInstaller.__version__,
         "glibc_min": glibc,
         "native": {"cpu": native},

@@ -134,6 +134,8 @@ class Runtime:
         from . import checks, native
 
         if self.check is None:
+            if self.manifest.model.parts:
+                self.payload.find_model_parts()  # a missing part is named before any hashing
             self.cache = native.usable_cache_root()
             self.check = checks.check_once(self.payload, self.cache, say=say)
 
@@ -190,16 +192,19 @@ class Runtime:
         self.n_seq = n_seq
         if self.C is None:
             self.load_libraries()
-        if MODEL_ENTRY not in self.payload.entries:
+        if self.manifest.model.parts:
+            source, offset = self.payload.find_model_parts(), 0
+        elif MODEL_ENTRY not in self.payload.entries:
             raise RuntimeFailure(f"{self.path} holds no model; rebuild it with bundle build")
-        offset = self.payload.absolute_offset(MODEL_ENTRY)
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            if f.read(4) != b"GGUF":
-                raise RuntimeFailure(f"{self.path}: the model inside it is damaged; copy the file again")
+        else:
+            source, offset = self.path, self.payload.absolute_offset(MODEL_ENTRY)
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                if f.read(4) != b"GGUF":
+                    raise RuntimeFailure(f"{self.path}: the model inside it is damaged; copy the file again")
         try:
             try:
-                self.engine = Engine(self.C, self.path, offset, self.settings.ctx, self.threads(),
+                self.engine = Engine(self.C, source, offset, self.settings.ctx, self.threads(),
                                      self.backend.gpu_layers, n_seq)
             except ModelLoadError as exc:
                 if self.backend.gpu_layers == 0:
@@ -210,10 +215,10 @@ class Runtime:
                 self.backend.name, self.backend.gpu_layers = "CPU", 0
                 self.backend.reason = f"loading the model onto the GPU failed ({exc}); running on the CPU"
                 say(f"running on the CPU: {self.backend.reason}")
-                self.engine = Engine(self.C, self.path, offset, self.settings.ctx, self.threads(), 0, n_seq)
+                self.engine = Engine(self.C, source, offset, self.settings.ctx, self.threads(), 0, n_seq)
         except ModelLoadError as exc:
             # Name the damage if there is any: a hash check costs a read of the model, only on failure.
-            problems = [p for p in self.payload.verify() if p.startswith(MODEL_ENTRY)]
+            problems = [p for p in self.payload.verify() if p.startswith((MODEL_ENTRY, "model part"))]
             if problems:
                 raise RuntimeFailure(f"{self.path}: {problems[0]}; copy the file again") from None
             raise RuntimeFailure(f"{exc}; run with -v to see llama.cpp's log") from None
@@ -273,9 +278,19 @@ class Runtime:
             "hardware": _hardware(physical_cores()),
             "stub": self.manifest.stub.to_json(),
             "cache_dir": str(self.cache),
+            "unpacked_in": _unpacked_in(),
             "first_launch_check": self.check,
             "entries": {n: {"size": e.size, "sha256": e.sha256} for n, e in self.payload.entries.items()},
         }
+
+
+def _unpacked_in() -> dict | None:
+    """Where the bootloader unpacked the Python runtime, and why there when it is not the
+    usual temp folder (buildsys/bundle_unpack_dir.c)."""
+    meipass = getattr(sys, "_MEIPASS", None)
+    if not meipass:
+        return None
+    return {"folder": os.path.dirname(os.path.abspath(meipass)), "reason": getattr(sys, "_bundle_unpack_reason", None)}
 
 
 def _hardware(cores: int) -> dict:
@@ -416,6 +431,9 @@ def _format_info(d: dict) -> str:
         f"format:      {d['format_version']} (runtime {d['runtime_version']})",
         f"cache:       {d['cache_dir']}",
     ]
+    unpacked = d.get("unpacked_in")
+    if unpacked:
+        lines.append(f"unpacked in: {unpacked['folder']}" + (f" (because {unpacked['reason']})" if unpacked.get("reason") else ""))
     stub = d.get("stub") or {}
     if stub.get("glibc_min"):
         lines.append(f"needs:       glibc ≥ {stub['glibc_min']} (built with llama-cpp-python {stub.get('llama_cpp_python')})")

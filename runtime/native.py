@@ -56,9 +56,18 @@ def cache_roots(environ=None) -> list[Path]:
     home = _home(environ)
     if home:
         roots.append(Path(home) / ".cache" / "bundle")
-    # Last: a private folder in the temp directory (HOME unset or read-only).
+    # Last: a private folder in a temp directory (HOME unset or read-only); the folder the
+    # bootloader unpacked into is one that can hold code (a noexec /tmp cannot, issue 9).
     uid = os.getuid() if hasattr(os, "getuid") else 0
-    roots.append(Path(tempfile.gettempdir()) / f"bundle-cache-{uid}")
+    temps = [tempfile.gettempdir(), "/var/tmp"] if sys.platform != "win32" else [tempfile.gettempdir()]
+    meipass = getattr(sys, "_MEIPASS", None)
+    if meipass:
+        temps.append(os.path.dirname(os.path.abspath(meipass)))
+    if sys.platform != "win32":
+        temps += [environ.get("XDG_RUNTIME_DIR") or "", "/dev/shm"]
+    for t in temps:
+        if t and os.path.isabs(t):
+            roots.append(Path(t) / f"bundle-cache-{uid}")
     out = []
     for r in roots:
         if r not in out:
@@ -75,6 +84,8 @@ def usable_cache_root(environ=None) -> Path:
     problems = []
     for root in cache_roots(environ):
         try:
+            if _noexec(root):
+                raise OSError(0, "on a filesystem mounted noexec")
             root.mkdir(parents=True, exist_ok=True, mode=0o700)
             st = os.lstat(root)
             if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
@@ -88,6 +99,21 @@ def usable_cache_root(environ=None) -> Path:
             problems.append(f"{root} ({exc.strerror or exc})")
     raise RuntimeFailure("no folder for the runtime cache is writable: " + "; ".join(problems)
                          + "; set BUNDLE_CACHE_DIR to a writable folder")
+
+
+def _noexec(path: Path) -> bool:
+    """Whether the filesystem that holds path (or would: its nearest existing folder) forbids
+    running code from it; the runtime's libraries cannot be loaded from there."""
+    if not hasattr(os, "statvfs"):
+        return False
+    for p in (path, *path.parents):
+        try:
+            return bool(os.statvfs(p).f_flag & os.ST_NOEXEC)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
+    return False
 
 
 def _remove_own(path: Path, root: Path) -> None:
@@ -188,11 +214,11 @@ def _unpack(payload, entry, work: Path) -> None:
         try:
             if entry.compression == "none":  # a plain tar (bench/gpu_check.sh packs one where zstd is missing)
                 with tarfile.open(fileobj=raw, mode="r|") as tar:
-                    tar.extractall(work, filter="data")
+                    _extract_flat(tar, work)
             else:
                 with zstandard.ZstdDecompressor().stream_reader(raw) as stream:
                     with tarfile.open(fileobj=stream, mode="r|") as tar:
-                        tar.extractall(work, filter="data")
+                        _extract_flat(tar, work)
         except (zstandard.ZstdError, tarfile.TarError, EOFError):
             raise RuntimeFailure(
                 f"{payload.path}: the runtime libraries inside it are damaged; copy the file again"
@@ -202,6 +228,30 @@ def _unpack(payload, entry, work: Path) -> None:
             raise RuntimeFailure(
                 f"{payload.path}: the runtime libraries inside it are damaged; copy the file again"
             )
+
+
+_FLAT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,200}\Z")
+
+
+def _extract_flat(tar: tarfile.TarFile, work: Path) -> None:
+    """Extract a native-library tar, which is flat: regular files and symlinks to them, every
+    name a plain file name. Anything else (a path, '..', a device, a link out) is damage. (The
+    stub's CPython predates tarfile's extraction filters, and this is stricter than them.)"""
+    for m in tar:
+        if not _FLAT_NAME.match(m.name) or ".." in m.name:
+            raise tarfile.TarError(f"unexpected member name {m.name!r}")
+        dest = work / m.name
+        if m.issym():
+            if not _FLAT_NAME.match(m.linkname) or ".." in m.linkname:
+                raise tarfile.TarError(f"unexpected link {m.linkname!r}")
+            os.symlink(m.linkname, dest)
+        elif m.isreg():
+            src = tar.extractfile(m)
+            with open(dest, "xb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+            os.chmod(dest, 0o755)
+        else:
+            raise tarfile.TarError(f"unexpected member type in {m.name!r}")
 
 
 def load_backends(libdir: Path, variant: str | None = None):
@@ -247,12 +297,20 @@ def usable_cpus() -> int:
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
     try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
+        with open("/sys/fs/cgroup/cpu.max") as f:  # cgroup v2
             quota, period = f.read().split()[:2]
         if quota != "max" and int(period) > 0:
             n = min(n, max(1, -(-int(quota) // int(period))))
     except (OSError, ValueError):
-        pass
+        try:  # cgroup v1 (CentOS 7, RHEL 8, older Docker)
+            with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
+                quota = int(f.read())
+            with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+                period = int(f.read())
+            if quota > 0 and period > 0:
+                n = min(n, max(1, -(-quota // period)))
+        except (OSError, ValueError):
+            pass
     return max(1, n)
 
 
