@@ -13,7 +13,9 @@ def test_extract_once_and_reuse(built_bundle, tmp_path):
     payload = read_payload(str(built_bundle))
     first = native.extract_entry(payload, ENTRY, root=tmp_path)
     assert (first / "libllama.so").exists() and (first / "libggml.so.0").exists()
-    assert (first / "libggml-cpu-x64.so").exists() and (first / "libgomp.so.1").exists()
+    assert (first / "libggml-cpu-x64.so").exists()
+    # built by zig with ggml's own thread pool and a static libc++: no compiler runtime travels
+    assert not any((first / n).exists() for n in ("libgomp.so.1", "libstdc++.so.6", "libgcc_s.so.1"))
     assert (first / "libggml.so").is_symlink()  # one copy per library, aliases are links
     marker = (first / ".complete").stat().st_mtime_ns
     assert native.extract_entry(payload, ENTRY, root=tmp_path) == first
