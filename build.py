@@ -78,7 +78,7 @@ GLIBC_FLOOR = tuple(int(x) for x in zig.GLIBC_FLOOR.split("."))
 EXCLUDES = [
     "numpy", "llama_cpp.llama", "llama_cpp.server", "llama_cpp.llama_chat_format",
     "llama_cpp.llava_cpp", "llama_cpp.mtmd_cpp", "llama_cpp.llama_speculative",
-    "llama_cpp.llama_cache", "llama_cpp.llama_tokenizer", "llama_cpp.llama_grammar",
+    "llama_cpp.llama_cache", "llama_cpp.llama_tokenizer",
     "tkinter", "sqlite3", "unittest", "pydoc", "doctest", "lib2to3",
     "zstandard.backend_cffi", "cffi", "_cffi_backend", "bundler", "pytest",
     "xmlrpc", "setuptools", "pkg_resources", "websockets", "wsproto",
@@ -494,6 +494,7 @@ def run_pyinstaller(out_dir: Path, web_vendor: Path, python: Path) -> Path:
             "--runtime-hook", str(ROOT / "build_hooks" / "rth_bundle_tmpdir.py"),
             "--hidden-import", "runtime.app", "--hidden-import", "llama_cpp.llama_cpp",
             "--hidden-import", "jinja2.ext", "--hidden-import", "zstandard.backend_c",
+            "--hidden-import", "llama_cpp.llama_grammar",  # JSON schema -> GBNF (structured output)
             "--hidden-import", "runtime.server", "--hidden-import", "runtime.modes",
             "--hidden-import", "uvicorn.protocols.http.h11_impl", "--hidden-import", "uvicorn.loops.asyncio",
             "--hidden-import", "uvicorn.lifespan.off",

@@ -42,6 +42,8 @@ class GenParams:
     include_usage: bool
     frequency_penalty: float
     presence_penalty: float
+    grammar: str | None = None  # GBNF from response_format or the `grammar` extension field
+    logit_bias: dict = None  # token id -> bias
 
 
 # Fields OpenAI accepts that this server cannot honour: rejected with a 400, as OpenAI does for
@@ -68,9 +70,7 @@ def parse_common(body: dict) -> GenParams:
     n = _num(body, "n", 1, 128, integer=True)
     if n not in (None, 1):
         raise ApiError(400, "only n=1 is supported (one generation at a time)", "n", "unsupported_value")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise ApiError(400, "only response_format {'type': 'text'} is supported", "response_format", "unsupported_value")
+    grammar = parse_response_format(body)
     max_tokens = _num(body, "max_completion_tokens", 1, 10**7, integer=True)
     if max_tokens is None:
         max_tokens = _num(body, "max_tokens", 1, 10**7, integer=True)
@@ -99,7 +99,77 @@ def parse_common(body: dict) -> GenParams:
         include_usage=bool(opts.get("include_usage")),
         frequency_penalty=_num(body, "frequency_penalty", -2, 2) or 0.0,
         presence_penalty=_num(body, "presence_penalty", -2, 2) or 0.0,
+        grammar=grammar,
+        logit_bias=parse_logit_bias(body),
     )
+
+
+MAX_SCHEMA_BYTES = 64 * 1024
+MAX_GRAMMAR_BYTES = 256 * 1024
+
+
+def parse_response_format(body: dict) -> str | None:
+    """response_format (OpenAI: text, json_object, json_schema) or `grammar` (llama.cpp's
+    extension, GBNF) -> the GBNF the grammar sampler enforces, or None."""
+    fmt = body.get("response_format")
+    grammar = body.get("grammar")
+    if grammar is not None:
+        if not isinstance(grammar, str) or not grammar.strip():
+            raise ApiError(400, "'grammar' must be a non-empty GBNF string", "grammar", "invalid_type")
+        if len(grammar.encode("utf-8", "surrogatepass")) > MAX_GRAMMAR_BYTES:
+            raise ApiError(400, f"'grammar' is longer than {MAX_GRAMMAR_BYTES} bytes", "grammar", "invalid_value")
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            raise ApiError(400, "give either 'grammar' or a JSON 'response_format', not both", "grammar",
+                           "invalid_value")
+        return _text(grammar, "grammar")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    if kind == "json_object":
+        return JSON_GBNF
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise ApiError(400, "response_format.json_schema must be an object with a 'schema' object",
+                           "response_format", "invalid_type")
+        schema = spec.get("schema") or {}
+        import json
+
+        text = json.dumps(schema)
+        if len(text) > MAX_SCHEMA_BYTES:
+            raise ApiError(400, f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes", "response_format",
+                           "invalid_value")
+        try:
+            return json_schema_to_gbnf(text)
+        except (ValueError, KeyError, TypeError, AssertionError, NotImplementedError, RecursionError) as exc:
+            raise ApiError(400, f"this JSON schema cannot be enforced: {exc}", "response_format",
+                           "invalid_value") from None
+    raise ApiError(400, "response_format.type must be 'text', 'json_object' or 'json_schema'", "response_format",
+                   "unsupported_value")
+
+
+def parse_logit_bias(body: dict) -> dict:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]}; -100 bans the token."""
+    value = body.get("logit_bias")
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > 1024:
+        raise ApiError(400, "'logit_bias' must be an object of at most 1024 token ids", "logit_bias", "invalid_type")
+    out = {}
+    for key, bias in value.items():
+        try:
+            tok = int(key)
+        except (TypeError, ValueError):
+            raise ApiError(400, f"logit_bias key {str(key)[:20]!r} is not a token id", "logit_bias",
+                           "invalid_value") from None
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise ApiError(400, "logit_bias values must be numbers from -100 to 100", "logit_bias", "invalid_value")
+        out[tok] = float("-inf") if bias <= -100 else float(bias)
+    return out
 
 
 def _text(value: str, param: str) -> str:

@@ -82,6 +82,8 @@ class Sampling:
     ignore_eog: bool = False  # benchmarks: keep generating past end-of-generation tokens
     frequency_penalty: float = 0.0  # OpenAI's, applied by llama.cpp's penalties sampler
     presence_penalty: float = 0.0
+    grammar: str | None = None  # GBNF (structured output): only text it accepts is sampled
+    logit_bias: dict = field(default_factory=dict)  # token id -> bias added to its logit
 
 
 @dataclass
@@ -255,10 +257,23 @@ class Engine:
     def _sampler(self, s: Sampling, history: list[int]):
         C = self.C
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+        if s.logit_bias:
+            arr = (C.llama_logit_bias * len(s.logit_bias))(
+                *(C.llama_logit_bias(tok, bias) for tok, bias in s.logit_bias.items()))
+            C.llama_sampler_chain_add(chain, C.llama_sampler_init_logit_bias(self.n_vocab, len(s.logit_bias), arr))
         penalize = s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty
         if penalize:
-            C.llama_sampler_chain_add(chain, C.llama_sampler_init_penalties(
-                self.n_vocab, PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty, s.presence_penalty))
+            pen = C.llama_sampler_init_penalties(self.n_vocab, PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty,
+                                                 s.presence_penalty)
+            for tok in history[-PENALTY_LAST_N:]:  # the history goes to this sampler only (not the grammar)
+                C.llama_sampler_accept(pen, tok)
+            C.llama_sampler_chain_add(chain, pen)
+        if s.grammar:
+            grammar = self.grammar_sampler(s.grammar)
+            if grammar is None:
+                C.llama_sampler_free(chain)
+                raise ValueError("the grammar is not valid GBNF")
+            C.llama_sampler_chain_add(chain, grammar)
         if s.temp <= 0:
             C.llama_sampler_chain_add(chain, C.llama_sampler_init_greedy())
         else:
@@ -269,10 +284,19 @@ class Engine:
             C.llama_sampler_chain_add(chain, C.llama_sampler_init_temp(s.temp))
             seed = s.seed if s.seed >= 0 else random.SystemRandom().randrange(2**32 - 1)
             C.llama_sampler_chain_add(chain, C.llama_sampler_init_dist(seed))
-        if penalize:
-            for tok in history[-PENALTY_LAST_N:]:
-                C.llama_sampler_accept(chain, tok)
         return chain
+
+    def grammar_sampler(self, gbnf: str):
+        """llama.cpp's grammar sampler for gbnf (root rule "root"), or None when it does not parse."""
+        sampler = self.C.llama_sampler_init_grammar(self.vocab, gbnf.encode("utf-8"), b"root")
+        return sampler or None
+
+    def check_grammar(self, gbnf: str) -> bool:
+        sampler = self.grammar_sampler(gbnf)
+        if sampler is None:
+            return False
+        self.C.llama_sampler_free(sampler)
+        return True
 
     def _decode(self, tokens: list[int], cancelled=lambda: False) -> bool:
         """Decode tokens in batches; False when cancelled between two batches."""

@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 from . import api
 from .api import ApiError
-from .engine import Engine, Sampling
+from .engine import Engine, Sampling, last_error
 from .errors import ContextOverflowError, RuntimeFailure, TemplateError
 from .worker import CancelFlag, EngineWorker
 
@@ -259,7 +259,19 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
             stop=list(stops) + p.stop,
             frequency_penalty=p.frequency_penalty,
             presence_penalty=p.presence_penalty,
+            grammar=p.grammar,
+            logit_bias=p.logit_bias or {},
         )
+
+    def check_sampling(params: api.GenParams) -> None:
+        """What only the model can tell: token ids in range, a grammar llama.cpp parses."""
+        for tok in params.logit_bias or {}:
+            if not 0 <= tok < eng.n_vocab:
+                raise ApiError(400, f"logit_bias token {tok} is not in this model's vocabulary (0 to "
+                               f"{eng.n_vocab - 1})", "logit_bias", "invalid_value")
+        if params.grammar and not eng.check_grammar(params.grammar):
+            raise ApiError(400, "the grammar does not parse as GBNF (llama.cpp: " + (last_error() or "no detail")
+                           + ")", "grammar", "invalid_value")
 
     def tokens_for(text: str, raw: bool) -> list[int]:
         param = "messages" if not raw else "prompt"
@@ -358,6 +370,7 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
     def prepare_chat(raw: bytes):
         body = parse_json(raw)
         params = api.parse_common(body)
+        check_sampling(params)
         messages = api.parse_messages(body)
         if settings.system and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": settings.system})
@@ -376,6 +389,7 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
     def prepare_completion(raw: bytes):
         body = parse_json(raw)
         params = api.parse_common(body)
+        check_sampling(params)
         return params, tokens_for(api.parse_prompt(body), raw=True)
 
     async def chat_completions(request: Request):
