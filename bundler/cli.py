@@ -291,6 +291,11 @@ def format_description(d: dict) -> str:
             lines.append(
                 f"  {e['name']:<22} {_human(e['size']):>10}  at {e['offset']:<10} {e['compression']:<5} sha256 {e['sha256']}"
             )
+        parts = (d.get("model") or {}).get("parts") or []
+        if parts:
+            lines.append("model parts (beside the executable; copy them with it):")
+            for part in parts:
+                lines.append(f"  {printable(part['file']):<34} {_human(part['size']):>10}  sha256 {part['sha256']}")
         if d.get("regions"):
             lines.append("runtime (hashed too):")
             for r in d["regions"]:

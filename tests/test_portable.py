@@ -248,6 +248,8 @@ def test_split_demo_model_answers_from_its_parts(tmp_path, stub):
     assert [p.name for p in parts] == [f"demo-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
     assert all(p.stat().st_size <= 40 << 20 for p in [out, *parts])
     assert out.stat().st_size < 30 << 20  # the executable carries no model
+    r = run_bundle_cmd("inspect", out)
+    assert r.returncode == 0 and all(p.name in r.stdout for p in parts), r.stdout
     r = run_exe(out, "-p", QUESTION, "--temp", "0")
     assert r.returncode == 0, r.stderr
     assert ANSWER in r.stdout
