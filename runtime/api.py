@@ -215,27 +215,46 @@ def parse_messages(body: dict) -> list[dict]:
     return out
 
 
-def parse_prompt(body: dict) -> str:
+def _token_ids(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+MAX_TOKEN_IDS = 1 << 20
+
+
+def parse_prompt(body: dict) -> str | list[int]:
+    """A string, a list of one string, or token ids (a list of ints, or a list of one such list)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+    if isinstance(prompt, list) and len(prompt) == 1 and (isinstance(prompt[0], str) or _token_ids(prompt[0])):
         prompt = prompt[0]
+    if _token_ids(prompt):
+        if len(prompt) > MAX_TOKEN_IDS:
+            raise ApiError(400, f"'prompt' holds more than {MAX_TOKEN_IDS} token ids", "prompt", "invalid_value")
+        return prompt
     if not isinstance(prompt, str):
-        raise ApiError(400, "'prompt' must be a string (or a list of one string)", "prompt", "invalid_type")
+        raise ApiError(400, "'prompt' must be a string, token ids, or a list of one of them", "prompt", "invalid_type")
     return _text(prompt, "prompt")
 
 
-def parse_embedding_input(body: dict) -> tuple[list[str], str]:
+def parse_embedding_input(body: dict) -> tuple[list, str]:
+    """Strings or token ids: a string, a list of strings, a list of ints, a list of lists of ints."""
     value = body.get("input")
-    if isinstance(value, str):
+    if isinstance(value, str) or _token_ids(value):
         inputs = [value]
-    elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+    elif isinstance(value, list) and value and (all(isinstance(v, str) for v in value)
+                                                or all(_token_ids(v) for v in value)):
         inputs = value
     else:
-        raise ApiError(400, "'input' must be a string or a non-empty list of strings", "input", "invalid_type")
+        raise ApiError(400, "'input' must be a string, a list of strings, token ids, or a list of token-id lists",
+                       "input", "invalid_type")
     if any(not v for v in inputs):
         raise ApiError(400, "'input' must not contain empty strings", "input", "invalid_value")
+    if sum(len(v) for v in inputs if isinstance(v, list)) > MAX_TOKEN_IDS:
+        raise ApiError(400, f"'input' holds more than {MAX_TOKEN_IDS} token ids", "input", "invalid_value")
     for v in inputs:
-        _text(v, "input")
+        if isinstance(v, str):
+            _text(v, "input")
     fmt = body.get("encoding_format", "float")
     if fmt not in ("float", "base64"):
         raise ApiError(400, "'encoding_format' must be 'float' or 'base64'", "encoding_format", "invalid_value")

@@ -286,6 +286,13 @@ class Engine:
             C.llama_sampler_chain_add(chain, C.llama_sampler_init_dist(seed))
         return chain
 
+    def checked_tokens(self, tokens: list[int]) -> list[int]:
+        """Token ids from a request, each in this vocabulary (llama.cpp would read out of bounds)."""
+        bad = next((t for t in tokens if not 0 <= t < self.n_vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is not in this model's vocabulary (0 to {self.n_vocab - 1})")
+        return list(tokens)
+
     def grammar_sampler(self, gbnf: str):
         """llama.cpp's grammar sampler for gbnf (root rule "root"), or None when it does not parse."""
         sampler = self.C.llama_sampler_init_grammar(self.vocab, gbnf.encode("utf-8"), b"root")
@@ -423,8 +430,9 @@ class Engine:
                 "prompt_tps": pp[len(pp) // 2], "decode_tps": tg[len(tg) // 2],
                 "prompt_tps_all": pp, "decode_tps_all": tg}
 
-    def embed(self, text: str) -> tuple[list[float], int]:
-        """Mean-pooled, L2-normalised embedding of text (a second context, made on first use)."""
+    def embed(self, text) -> tuple[list[float], int]:
+        """Mean-pooled, L2-normalised embedding of text, or of a list of token ids (a second
+        context, made on first use)."""
         C = self.C
         if getattr(self, "_embed_ctx", None) is None:
             p = C.llama_context_default_params()
@@ -438,7 +446,10 @@ class Engine:
             if not self._embed_ctx:
                 raise RuntimeFailure("llama.cpp could not create an embeddings context")
             self._embed_n_ctx = p.n_ctx
-        tokens = self.tokenize_bounded(text, add_special=True, parse_special=False)
+        if isinstance(text, list):
+            tokens = self.checked_tokens(text)
+        else:
+            tokens = self.tokenize_bounded(text, add_special=True, parse_special=False)
         if len(tokens) > self._embed_n_ctx:
             raise ContextOverflowError(
                 f"the input is {len(tokens)} tokens, longer than the embedding context ({self._embed_n_ctx} tokens)"

@@ -276,7 +276,12 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
     def tokens_for(text: str, raw: bool) -> list[int]:
         param = "messages" if not raw else "prompt"
         try:
-            if raw:
+            if isinstance(text, list):  # token ids (completions)
+                try:
+                    tokens = eng.checked_tokens(text)
+                except ValueError as exc:
+                    raise ApiError(400, str(exc), param, "invalid_value") from None
+            elif raw:
                 tokens = eng.tokenize_bounded(text, add_special=True, parse_special=False)
             else:
                 tokens = eng.tokenize_prompt(text)
@@ -406,6 +411,12 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
     async def embeddings(request: Request):
         raw = await read_body(request)
         inputs, fmt = await prep.run(lambda: api.parse_embedding_input(parse_json(raw)))
+        for v in inputs:
+            if isinstance(v, list):
+                try:
+                    eng.checked_tokens(v)
+                except ValueError as exc:
+                    raise ApiError(400, str(exc), "input", "invalid_value") from None
 
         # One job per input: each runs between two decoding steps, so a long list of inputs
         # never holds up the conversations being generated for more than one embedding.

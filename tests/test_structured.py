@@ -100,3 +100,25 @@ def test_logit_bias_bans_a_token(server):
                                   logit_bias={str(t): -100 for t in set(tokens)})
     assert r.choices[0].message.content != text
     assert "Paris" not in r.choices[0].message.content
+
+
+def test_token_id_inputs_for_completions_and_embeddings(server):
+    c = server.client()
+    import gguf
+
+    from conftest import MODEL
+
+    vocab = gguf.GGUFReader(str(MODEL)).fields["tokenizer.ggml.tokens"].contents()
+    ids = [vocab.index(t) for t in ("The", "Ġcapital", "Ġof", "ĠFrance", "Ġis")]
+    by_ids = c.completions.create(model="m", prompt=ids, max_tokens=4, temperature=0)
+    by_text = c.completions.create(model="m", prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert by_ids.usage.prompt_tokens == len(ids)
+    e_ids = c.embeddings.create(model="m", input=[ids, ids[:2]])
+    e_text = c.embeddings.create(model="m", input="The capital of France is")
+    assert len(e_ids.data) == 2 and len(e_ids.data[0].embedding) == len(e_text.data[0].embedding)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="m", prompt=[10**9], max_tokens=2)
+    assert "vocabulary" in str(e.value)
+    with pytest.raises(openai.BadRequestError):
+        c.embeddings.create(model="m", input=[[1, 2], "text"])
