@@ -214,7 +214,23 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True,
                seconds: float = RENDER_SECONDS) -> str:
-        """Render under the limits above; any failure is a TemplateError that names it."""
+        """Render under the limits above; any failure is a TemplateError that names it.
+
+        A template that refuses the system role (Gemma's: raise_exception('System role not
+        supported')) gets the system text folded into the first user turn instead, separated by
+        a blank line, as llama.cpp does for such templates, rather than failing every
+        conversation that has a system prompt."""
+        try:
+            return self._render(messages, add_generation_prompt, seconds)
+        except TemplateError as exc:
+            if "refused the conversation" not in str(exc) or not any(m.get("role") == "system" for m in messages):
+                raise
+            folded = fold_system(messages)
+            if folded is None:
+                raise
+            return self._render(folded, add_generation_prompt, seconds)
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool, seconds: float) -> str:
         from jinja2 import TemplateError as JinjaError
 
         watch = _Watch(self.name, seconds)
@@ -227,6 +243,7 @@ class ChatTemplate:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
+                date_string=datetime.date.today().strftime("%d %b %Y"),  # Llama 3.x: "Today Date: …"
             ):
                 size += len(piece)
                 if size > RENDER_CHARS:
@@ -246,6 +263,18 @@ class ChatTemplate:
         finally:
             sys.settrace(previous)
         return "".join(pieces)
+
+
+def fold_system(messages: list[dict]) -> list[dict] | None:
+    """The system messages' text joined onto the first user message; None when there is none."""
+    system = "\n\n".join(m["content"] for m in messages if m.get("role") == "system" and m.get("content"))
+    rest = [dict(m) for m in messages if m.get("role") != "system"]
+    first_user = next((m for m in rest if m.get("role") == "user"), None)
+    if first_user is None:
+        return None
+    if system:
+        first_user["content"] = system + "\n\n" + (first_user.get("content") or "")
+    return rest
 
 
 def stops_for(name: str, source: str) -> list[str]:

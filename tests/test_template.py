@@ -51,3 +51,29 @@ def test_raise_exception_and_syntax_errors():
         ChatTemplate("{{ raise_exception('no system') }}").render(CONVO)
     with pytest.raises(TemplateError, match="not valid Jinja"):
         ChatTemplate("{% for %}")
+
+
+GEMMA_LIKE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def test_system_folded_into_first_user_turn_when_the_template_refuses_it():
+    from runtime.template import ChatTemplate
+
+    t = ChatTemplate(GEMMA_LIKE, "gemma-like", bos_token="<bos>")
+    out = t.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert out == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    # without a system message nothing changes; a refusal for another reason still fails
+    assert t.render([{"role": "user", "content": "Hi"}]) == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_date_string_is_today():
+    import datetime
+
+    from runtime.template import ChatTemplate
+
+    t = ChatTemplate("Today Date: {{ date_string }}", "t")
+    assert t.render([{"role": "user", "content": "x"}]) == "Today Date: " + datetime.date.today().strftime("%d %b %Y")
