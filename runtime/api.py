@@ -44,6 +44,7 @@ class GenParams:
     presence_penalty: float
     grammar: str | None = None  # GBNF from response_format or the `grammar` extension field
     logit_bias: dict = None  # token id -> bias
+    n: int = 1  # choices to generate (decoded side by side when slots are free)
 
 
 # Fields OpenAI accepts that this server cannot honour: rejected with a 400, as OpenAI does for
@@ -67,9 +68,9 @@ def parse_common(body: dict) -> GenParams:
     for name, unsupported in _UNSUPPORTED.items():
         if name in body and unsupported(body[name]):
             raise ApiError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
-    n = _num(body, "n", 1, 128, integer=True)
-    if n not in (None, 1):
-        raise ApiError(400, "only n=1 is supported (one generation at a time)", "n", "unsupported_value")
+    n = _num(body, "n", 1, MAX_N, integer=True) or 1
+    if n > 1 and body.get("stream"):
+        raise ApiError(400, "n > 1 is supported without streaming only", "n", "unsupported_value")
     grammar = parse_response_format(body)
     max_tokens = _num(body, "max_completion_tokens", 1, 10**7, integer=True)
     if max_tokens is None:
@@ -101,9 +102,11 @@ def parse_common(body: dict) -> GenParams:
         presence_penalty=_num(body, "presence_penalty", -2, 2) or 0.0,
         grammar=grammar,
         logit_bias=parse_logit_bias(body),
+        n=n,
     )
 
 
+MAX_N = 16
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_GRAMMAR_BYTES = 256 * 1024
 

@@ -100,6 +100,9 @@ class Runtime:
     """What a launch has found and loaded: payload, settings, libraries, model."""
 
     def __init__(self, path: str, args):
+        from .native import BusyMeter
+
+        self.busy = BusyMeter()  # read when the thread count is chosen, after the launch's own work
         self.path = path
         self.args = args
         self.payload = read_payload(path)
@@ -117,16 +120,29 @@ class Runtime:
         self.backend = None
 
     def threads(self) -> int:
+        if getattr(self, "_threads", None) is None:
+            self._threads = self._choose_threads()
+        return self._threads
+
+    def _choose_threads(self) -> int:
         from .native import physical_cores, usable_cpus
 
         wanted = self.settings.threads or physical_cores()
         limit = usable_cpus()
         if wanted > limit:
             # More threads than CPUs only slows llama.cpp down (and 10^5 of them crash it).
-            if not getattr(self, "_capped", False):
-                say(f"note: {wanted} threads capped at {limit}, the CPUs this process may use")
-                self._capped = True
+            say(f"note: {wanted} threads capped at {limit}, the CPUs this process may use")
             return limit
+        if not self.settings.threads:
+            # ggml's own thread pool (the portable build has no OpenMP) spins at its barriers:
+            # when a thread competes with other busy programs for a core, decoding collapses
+            # (measured: 2 threads beside 2 busy programs on 2 cores, next to nothing; 1 thread,
+            # 15 tok/s). So the default leaves the cores other programs are using right now.
+            free = max(1, limit - self.busy.busy_cpus())
+            if free < wanted:
+                say(f"note: {free} thread{'s' if free > 1 else ''}: other programs are using {limit - free} of the "
+                    f"{limit} CPUs now (-t sets the count)")
+                return free
         return wanted
 
     def check_payload(self) -> None:

@@ -18,6 +18,7 @@ import stat
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 from .errors import RuntimeFailure
@@ -312,6 +313,43 @@ def usable_cpus() -> int:
         except (OSError, ValueError):
             pass
     return max(1, n)
+
+
+def _cpu_sample():
+    """(wall clock, busy CPU-seconds of the whole machine, this process's CPU-seconds)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    t = os.times()
+    return time.monotonic(), (sum(fields) - idle) / hz, t.user + t.system
+
+
+class BusyMeter:
+    """How many CPUs other programs keep busy, measured from a start (made early in a launch)
+    to the moment a thread count is chosen: the machine's busy time less this process's own,
+    over the wall time between (at least MIN_SECONDS; the launch's own work fills most of it)."""
+
+    MIN_SECONDS = 0.05
+
+    def __init__(self):
+        self.start = _cpu_sample()
+
+    def busy_cpus(self) -> int:
+        if self.start is None:
+            return 0
+        left = self.MIN_SECONDS - (time.monotonic() - self.start[0])
+        if left > 0:
+            time.sleep(left)
+        end = _cpu_sample()
+        if end is None:
+            return 0
+        wall = end[0] - self.start[0]
+        others = (end[1] - self.start[1]) - (end[2] - self.start[2])
+        return max(0, round(others / wall)) if wall > 0 else 0
 
 
 def physical_cores() -> int:

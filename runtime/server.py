@@ -8,6 +8,7 @@ admitted first come first served); a client that goes away stops its generation 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import base64
 import errno
 import json
@@ -292,6 +293,24 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
             raise ApiError(400, "the prompt is empty", "prompt", "invalid_value")
         return tokens
 
+    async def generate_choices(request: Request, tokens, sampling, shape, cancel):
+        samplings = [dataclasses.replace(sampling, seed=sampling.seed + i if sampling.seed >= 0 else -1)
+                     for i in range(shape.n)]
+        futures = [worker.generate(tokens, s, on_text=lambda text: None, cancel=cancel) for s in samplings]
+        watch = asyncio.ensure_future(_watch_disconnect(request, cancel))
+        try:
+            results = [await asyncio.wrap_future(f) for f in futures]
+        except RuntimeFailure as exc:
+            cancel.set()  # the other choices stop too
+            raise ApiError(500, str(exc), None, "generation_failed", "server_error") from None
+        finally:
+            watch.cancel()
+        body = shape.final(results[0])
+        body["choices"] = [dict(shape.final(r)["choices"][0], index=i) for i, r in enumerate(results)]
+        completion = sum(r.completion_tokens for r in results)
+        body["usage"] = api.usage(results[0].prompt_tokens, completion)
+        return JSONResponse(body)
+
     async def generate(request: Request, tokens, sampling, shape):
         """Run one generation; stream it (SSE) or answer once. shape(kind, ...) builds bodies."""
         loop = asyncio.get_running_loop()
@@ -317,6 +336,8 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
                 exc = f.exception()
                 post(("error", exc) if exc else ("done", f.result()))
 
+        if shape.n > 1:  # several choices (never streamed): each its own generation, seeds seed+i
+            return await generate_choices(request, tokens, sampling, shape, cancel)
         future = worker.generate(tokens, sampling, on_text=on_text, cancel=cancel)
         future.add_done_callback(finished)
         if not shape.stream:
@@ -545,6 +566,7 @@ class _ChatShape:
     def __init__(self, model, params, n_prompt):
         self.id, self.model, self.created = api.new_id("chatcmpl"), model, api.now()
         self.stream, self.include_usage, self.n_prompt = params.stream, params.include_usage, n_prompt
+        self.n = params.n
 
     def _chunk(self, delta, finish=None):
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,

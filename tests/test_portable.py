@@ -295,3 +295,30 @@ def test_model_over_4gib_is_split_under_fat32_limit(tmp_path, stub):
     # mapped from the parts, not copied: no file in the cache near the model's size
     cache = Path(os.environ["BUNDLE_CACHE_DIR"])
     assert all(p.stat().st_size < 1 << 30 for p in cache.rglob("*") if p.is_file())
+
+
+# -- threads: ggml's own thread pool must not compete with busy programs ----------------------
+
+
+def test_default_threads_leave_the_cores_other_programs_use(built_bundle):
+    """Without OpenMP, ggml's workers spin at barriers; beside busy programs on every core,
+    two threads on two cores decoded next to nothing. The default leaves busy cores alone."""
+    n = len(os.sched_getaffinity(0))
+    if n < 2:
+        pytest.skip("needs 2 CPUs")
+    hogs = [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range(n)]
+    try:
+        import time
+
+        time.sleep(0.5)
+        r = run_exe(built_bundle, "-p", QUESTION, "-n", "8", "--temp", "0", timeout=120)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    assert r.returncode == 0, r.stderr
+    assert "other programs are using" in r.stderr, r.stderr
+    assert " 1 threads" in r.stderr or "· 1 thread" in r.stderr, r.stderr
+    # an explicit -t is obeyed
+    r = run_exe(built_bundle, "-p", QUESTION, "-n", "2", "-t", "2", "--temp", "0")
+    assert r.returncode == 0 and "other programs" not in r.stderr, r.stderr

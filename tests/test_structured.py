@@ -122,3 +122,22 @@ def test_token_id_inputs_for_completions_and_embeddings(server):
     assert "vocabulary" in str(e.value)
     with pytest.raises(openai.BadRequestError):
         c.embeddings.create(model="m", input=[[1, 2], "text"])
+
+
+def test_n_choices(server):
+    c = server.client()
+    q = [{"role": "user", "content": "Name a colour."}]
+    r = c.chat.completions.create(model="m", messages=q, n=3, temperature=1.0, seed=7, max_tokens=12)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    assert all(ch.message.content for ch in r.choices)
+    assert r.usage.completion_tokens >= 3
+    # greedy: every choice is the same answer; seeds differ per choice, so a seeded run repeats
+    g = c.chat.completions.create(model="m", messages=q, n=2, temperature=0, max_tokens=12)
+    assert g.choices[0].message.content == g.choices[1].message.content
+    again = c.chat.completions.create(model="m", messages=q, n=3, temperature=1.0, seed=7, max_tokens=12)
+    assert [ch.message.content for ch in again.choices] == [ch.message.content for ch in r.choices]
+    cm = c.completions.create(model="m", prompt="Colours: red,", n=2, max_tokens=4, temperature=0)
+    assert len(cm.choices) == 2 and cm.choices[1].index == 1
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="m", messages=q, n=2, stream=True)
+    assert "n > 1" in str(e.value)
