@@ -86,7 +86,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     g.add_argument("--repeat-penalty", type=float, dest="repeat_penalty")
     g.add_argument("--seed", type=int, help="random seed (-1: random)")
     g.add_argument("-c", "--ctx", type=int, help="context length in tokens")
-    g.add_argument("-t", "--threads", type=int, help="CPU threads (default: physical cores)")
+    g.add_argument("-t", "--threads", type=int, help="CPU threads (default: the free physical cores)")
     g.add_argument("--system", help="system prompt")
     g.add_argument("--gpu", choices=["auto", "off", "cuda"],
                    help="auto (default): an NVIDIA GPU when it works, else the CPU; off: CPU only; cuda: fail without it")
