@@ -142,7 +142,7 @@ def test_health_page_and_static(server):
     (json.dumps({"messages": "hi"}).encode(), "'messages' must be a non-empty list", "messages"),
     (json.dumps({"messages": CHAT, "temperature": "hot"}).encode(), "'temperature' must be a number", "temperature"),
     (json.dumps({"messages": CHAT, "max_tokens": 0}).encode(), "'max_tokens' must be between", "max_tokens"),
-    (json.dumps({"messages": CHAT, "n": 2}).encode(), "only n=1", "n"),
+    (json.dumps({"messages": CHAT, "n": 2, "stream": True}).encode(), "n > 1 is supported without streaming", "n"),
     (json.dumps({"messages": CHAT, "logprobs": True}).encode(), "not supported", "logprobs"),
     (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(), "is not one of", "messages[0].role"),
     (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}).encode(),
