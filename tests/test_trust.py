@@ -305,7 +305,10 @@ def _interrupt_at(bundle, when: float, after_output: bool = False):
     whole group) at `when` seconds, or `when` s after the first byte of the answer."""
     proc = subprocess.Popen([str(bundle), "-p", "Write a long story about a dragon and a knight.", "-n", "400",
                              "--temp", "0"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True, bufsize=0)
+                            stderr=subprocess.PIPE, start_new_session=True, bufsize=0,
+                            # a shell gives a foreground program SIGINT at its default, even when
+                            # the test run itself was started in the background (SIGINT ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if after_output:
         first = proc.stdout.read(1)
         assert first
