@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.serving import free_port, sse_events, wait_healthy  # noqa: E402
+from bench.serving import free_port, sse_events, stop_all, wait_healthy  # noqa: E402
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.", "Explain how a bicycle works.",
@@ -102,12 +102,7 @@ def measure(bundle: Path, model: Path, threads: int, rounds: int, llama_server: 
                     raw.setdefault(f"{name}_{n}_tps", []).append(tps)
                     raw.setdefault(f"{name}_{n}_ttft", []).extend(ttfts)
     finally:
-        for p in procs:
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
     out: dict = {"parallel": parallel, "max_tokens": MAX_TOKENS, "rounds": rounds}
     for n in clients:
         for name in ("bundle", "llama_server"):

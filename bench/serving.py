@@ -67,6 +67,16 @@ def stream_chat(port: int) -> tuple[float, float]:
     return first - t0, rate
 
 
+def stop_all(procs) -> None:
+    """Terminate the servers a benchmark started; kill any that do not stop within 10 s."""
+    for p in procs:
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def wait_healthy(port: int, proc, timeout=120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -150,10 +160,5 @@ def measure(bundle: Path, model: Path, threads: int, rounds: int, llama_server: 
                 raw.setdefault(f"{key}_tps", []).append(rate)
         direct.close()
     finally:
-        for p in procs:
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
     return raw
