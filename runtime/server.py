@@ -266,10 +266,10 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
 
     def check_sampling(params: api.GenParams) -> None:
         """What only the model can tell: token ids in range, a grammar llama.cpp parses."""
-        for tok in params.logit_bias or {}:
-            if not 0 <= tok < eng.n_vocab:
-                raise ApiError(400, f"logit_bias token {tok} is not in this model's vocabulary (0 to "
-                               f"{eng.n_vocab - 1})", "logit_bias", "invalid_value")
+        try:
+            eng.checked_tokens(list(params.logit_bias or {}))
+        except ValueError as exc:
+            raise ApiError(400, f"logit_bias: {exc}", "logit_bias", "invalid_value") from None
         if params.grammar and not eng.check_grammar(params.grammar):
             raise ApiError(400, "the grammar does not parse as GBNF (llama.cpp: " + (last_error() or "no detail")
                            + ")", "grammar", "invalid_value")
