@@ -212,7 +212,7 @@ def pack_native(files: dict[str, bytes], dest: Path) -> dict:
     tmp = dest.with_suffix(".tmp")
     tmp.write_bytes(packed)
     os.replace(tmp, dest)
-    variants = sorted(n[len("libggml-cpu-"):-3] for n in files if n.startswith("libggml-cpu-") and n.endswith(".so"))
+    variants = sorted(m.group(1) for n in files if (m := re.match(r"(?:lib)?ggml-cpu-(.+?)\.(?:so|dll)$", n)))
     return {
         "file": dest.name,
         "sha256": hashlib.sha256(packed).hexdigest(),
@@ -479,30 +479,39 @@ def ensure_stub_python(wheel: Path) -> Path:
     return prefix / "bin" / "python3.11"
 
 
+def pyinstaller_args(web_vendor: Path, name: str, native_path=str, strip: bool = True) -> list[str]:
+    """PyInstaller's arguments for the stub, the same for every target; native_path turns a
+    path of this machine into one the target's PyInstaller reads (wine's Z: drive)."""
+    sep = ";" if native_path is not str else os.pathsep
+    p = native_path
+    args = [
+        p(ROOT / "runtime" / "__main__.py"),
+        # --strip: the bootloader unpacks the archive at every launch, and symbols are most of
+        # libpython (23 -> 6 MiB) and of zstandard's extension (12 -> 1 MiB). (ELF only.)
+        "--onefile", *(["--strip"] if strip else []), "--name", name, "--noconfirm", "--clean",
+        "--log-level", "WARN", "--paths", p(ROOT),
+        "--additional-hooks-dir", p(ROOT / "build_hooks"),
+        "--runtime-hook", p(ROOT / "build_hooks" / "rth_bundle_signals.py"),
+        "--runtime-hook", p(ROOT / "build_hooks" / "rth_bundle_tmpdir.py"),
+        "--hidden-import", "runtime.app", "--hidden-import", "llama_cpp.llama_cpp",
+        "--hidden-import", "jinja2.ext", "--hidden-import", "zstandard.backend_c",
+        "--hidden-import", "llama_cpp.llama_grammar",  # JSON schema -> GBNF (structured output)
+        "--hidden-import", "runtime.server", "--hidden-import", "runtime.modes",
+        "--hidden-import", "uvicorn.protocols.http.h11_impl", "--hidden-import", "uvicorn.loops.asyncio",
+        "--hidden-import", "uvicorn.lifespan.off",
+        "--add-data", f"{p(ROOT / 'runtime' / 'web')}{sep}runtime/web",
+        "--add-data", f"{p(web_vendor)}{sep}runtime/web/vendor",
+    ]
+    for mod in EXCLUDES:
+        args += ["--exclude-module", mod]
+    return args
+
+
 def run_pyinstaller(out_dir: Path, web_vendor: Path, python: Path) -> Path:
     work = Path(tempfile.mkdtemp(prefix="bundle-pyi-"))
     try:
-        args = [
-            str(ROOT / "runtime" / "__main__.py"),
-            # --strip: the bootloader unpacks the archive at every launch, and symbols are most of
-            # libpython (23 -> 6 MiB) and of zstandard's extension (12 -> 1 MiB).
-            "--onefile", "--strip", "--name", STUB_NAME, "--noconfirm", "--clean", "--log-level", "WARN",
-            "--distpath", str(work / "dist"), "--workpath", str(work / "build"), "--specpath", str(work),
-            "--paths", str(ROOT),
-            "--additional-hooks-dir", str(ROOT / "build_hooks"),
-            "--runtime-hook", str(ROOT / "build_hooks" / "rth_bundle_signals.py"),
-            "--runtime-hook", str(ROOT / "build_hooks" / "rth_bundle_tmpdir.py"),
-            "--hidden-import", "runtime.app", "--hidden-import", "llama_cpp.llama_cpp",
-            "--hidden-import", "jinja2.ext", "--hidden-import", "zstandard.backend_c",
-            "--hidden-import", "llama_cpp.llama_grammar",  # JSON schema -> GBNF (structured output)
-            "--hidden-import", "runtime.server", "--hidden-import", "runtime.modes",
-            "--hidden-import", "uvicorn.protocols.http.h11_impl", "--hidden-import", "uvicorn.loops.asyncio",
-            "--hidden-import", "uvicorn.lifespan.off",
-            "--add-data", f"{ROOT / 'runtime' / 'web'}{os.pathsep}runtime/web",
-            "--add-data", f"{web_vendor}{os.pathsep}runtime/web/vendor",
-        ]
-        for mod in EXCLUDES:
-            args += ["--exclude-module", mod]
+        args = [*pyinstaller_args(web_vendor, STUB_NAME),
+                "--distpath", str(work / "dist"), "--workpath", str(work / "build"), "--specpath", str(work)]
         from buildsys.python import python_env
 
         subprocess.run([str(python), "-m", "PyInstaller", *args], check=True, env=python_env(python.parents[1]),
@@ -533,15 +542,93 @@ def archive_binaries(stub: Path, into: Path) -> list[Path]:
     return out
 
 
+def build_windows(force: bool) -> int:
+    """stubs/windows-x86_64/: the Windows stub, built here (buildsys/windows.py)."""
+    from buildsys import windows
+
+    out_dir = ROOT / "stubs" / windows.TARGET
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = cache_dir()
+    t0 = time.time()
+    libs = windows.ensure_llama(cache, LLAMA_CPP_PYTHON, os.cpu_count() or 2, run_with_progress)
+    web_vendor = ensure_web_vendor()
+    pydir = windows.ensure_python(cache)
+    pins = stub_requirements()
+    wanted = [p for p in pins if p.split("==")[0].lower() in STUB_REQUIREMENTS]
+    site_digest = windows.ensure_site(pydir, pins, wanted, windows.llama_python_files(cache, LLAMA_CPP_PYTHON))
+    h = hashlib.sha256()
+    h.update(site_digest.encode())
+    h.update(libs.name.encode())
+    h.update(json.dumps(WEB_VENDOR, sort_keys=True).encode())
+    for folder in ("runtime", "buildsys", "build_hooks"):
+        for p in sorted((ROOT / folder).rglob("*")):
+            if p.is_file() and "__pycache__" not in p.parts:
+                h.update(str(p.relative_to(ROOT)).encode())
+                h.update(p.read_bytes())
+    h.update(Path(__file__).read_bytes())
+    digest = h.hexdigest()
+    meta_path = out_dir / "stub.json"
+    stub_name = windows.STUB_NAME
+    if not force and meta_path.exists() and (out_dir / stub_name).exists() and (out_dir / NATIVE_NAME).exists():
+        if json.loads(meta_path.read_text()).get("inputs") == digest:
+            log(f"Windows stub up to date: {out_dir / stub_name}")
+            return 0
+    files = windows.native_files(libs)
+    if "msvcrt.dll" not in windows.dll_imports(libs / "libllama.dll"):
+        # runtime/engine.py hands libllama a FILE* from msvcrt.dll: both must share that C runtime
+        sys.exit(f"{libs / 'libllama.dll'} does not use msvcrt.dll (a UCRT toolchain?); runtime/engine.py must "
+                 "open the model with the C runtime libllama uses")
+    native = pack_native(files, out_dir / NATIVE_NAME)
+    log(f"Windows native libraries: {len(files)} files, {native['unpacked_size'] / 2**20:.1f} MiB -> "
+        f"{native['size'] / 2**20:.1f} MiB zstd ({', '.join(native['cpu_variants'])})")
+    env = windows.ensure_wine(cache / "wine-prefix")
+    version = windows.python_version(pydir, env)
+    log("running PyInstaller under wine")
+    stub = windows.run_pyinstaller(pydir, env, pyinstaller_args(web_vendor, stub_name.removesuffix(".exe"),
+                                                                windows.to_windows_path, strip=False),
+                                   out_dir, cache)
+    import PyInstaller
+
+    from runtime import __version__ as runtime_version
+    from runtime.payload import FORMAT_VERSION
+
+    meta = {
+        "target": windows.TARGET,
+        "stub": stub_name,
+        "stub_sha256": hashlib.sha256(stub.read_bytes()).hexdigest(),
+        "stub_size": stub.stat().st_size,
+        "runtime_version": runtime_version,
+        "format_version": FORMAT_VERSION,
+        "llama_cpp_python": LLAMA_CPP_PYTHON,
+        "build_flags": windows.FLAGS,
+        "toolchain": windows.toolchain_identity(),
+        "python": version,
+        "pyinstaller": PyInstaller.__version__,
+        "windows_min": windows.WINDOWS_MIN,
+        "native": {"cpu": native},
+        "inputs": digest,
+    }
+    write_meta(meta_path, meta)
+    log(f"Windows stub: {stub} ({stub.stat().st_size / 2**20:.1f} MiB) in {time.time() - t0:.0f} s")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="Build the bundle runtime stub for this platform.")
+    ap.add_argument("--target", choices=[TARGET, "windows-x86_64"], default=TARGET,
+                    help=f"the platform of the stub (default {TARGET}); windows-x86_64 is built here "
+                         "with MinGW and wine")
     ap.add_argument("--force", action="store_true", help="rebuild the stub even if nothing changed")
     ap.add_argument("--cuda", action="store_true", help="also build the CUDA back end (CUDA 13 from PyPI)")
     ap.add_argument("--cuda-archs", default=os.environ.get("BUNDLE_CUDA_ARCHS", CUDA_ARCHITECTURES),
                     help=f"CMAKE_CUDA_ARCHITECTURES (default {CUDA_ARCHITECTURES})")
     args = ap.parse_args()
     if sys.platform != "linux" or os.uname().machine != "x86_64":
-        sys.exit(f"build.py builds {TARGET} stubs only; this is {sys.platform}/{os.uname().machine}")
+        sys.exit(f"build.py builds stubs on {TARGET} only; this is {sys.platform}/{os.uname().machine}")
+    if args.target != TARGET:
+        if args.cuda:
+            sys.exit("--cuda: the Windows stub has no CUDA back end yet")
+        return build_windows(args.force)
     out_dir = ROOT / "stubs" / TARGET
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -108,7 +108,12 @@ def build(model, output, name, template, system, ctx, temp, top_p, top_k, repeat
     template_name, template_source = resolve_template(template, info.chat_template)
     stub_info = stubs.find_stub(target, stub)
     stem = Path(model_path.name).stem if not hub.is_hub_ref(model) else Path(model.rsplit("/", 1)[-1]).stem
+    windows = stub_info.target.startswith("windows")
     out = Path(output) if output else Path("dist") / stem
+    if windows and out.suffix.lower() != ".exe":
+        if output:
+            click.echo(f"note: Windows runs programs only by the name .exe: writing {out.name}.exe", err=True)
+        out = out.with_name(out.name + ".exe")
     if gpu == "cuda" and not stub_info.native_cuda:
         raise BundleError(f"--gpu cuda: the stub in {stub_info.folder}/ has no CUDA back end; build one with "
                           "`python build.py --cuda` or pass --gpu none")
@@ -126,7 +131,11 @@ def build(model, output, name, template, system, ctx, temp, top_p, top_k, repeat
     if limit is not None and exe_size + info.file_size <= limit:
         limit = None  # it fits in one file: nothing to split
         click.echo(f"note: the bundle fits in one file under the limit; not splitting", err=True)
-    part_stem = out.name
+    if windows and limit is None and exe_size + info.file_size > splitter.FAT32_MAX:
+        # Windows refuses to start an executable over 4 GiB ("This app can't run on your PC")
+        limit = splitter.FAT32_MAX
+        click.echo("note: Windows runs no executable over 4 GiB: the model goes beside it as parts", err=True)
+    part_stem = out.stem if windows else out.name
     if limit is not None:
         _check_part_targets(out.parent, part_stem, force)
 
@@ -139,7 +148,7 @@ def build(model, output, name, template, system, ctx, temp, top_p, top_k, repeat
     summary = info.summary()
     summary["file"] = model_path.name
     manifest = Manifest(
-        name=name or out.name,
+        name=name or (out.stem if windows else out.name),
         built=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         bundler_version=__version__,
         model=ModelInfo.from_json(summary),
@@ -180,11 +189,10 @@ def build(model, output, name, template, system, ctx, temp, top_p, top_k, repeat
         for tmp, *_ in parts or ():
             tmp.unlink(missing_ok=True)  # renamed into place on success; leftovers of a failure
     seconds = time.perf_counter() - t0
-    click.echo(
-        f"wrote {out} ({_human(result['size'])}, {stub_info.target}, needs glibc ≥ "
-        f"{stub_info.meta.get('glibc_min', '?')}) in {seconds:.2f} s",
-        err=True,
-    )
+    needs = (f"Windows {stub_info.meta.get('windows_min', '10')}+" if windows
+             else f"glibc ≥ {stub_info.meta.get('glibc_min', '?')}")
+    click.echo(f"wrote {out} ({_human(result['size'])}, {stub_info.target}, needs {needs}) in {seconds:.2f} s",
+               err=True)
     if parts:
         from .split import is_part_file
 
@@ -198,7 +206,7 @@ def build(model, output, name, template, system, ctx, temp, top_p, top_k, repeat
     elif result["size"] > splitter.FAT32_MAX:
         click.echo(f"note: {out} is {_human(result['size'])}; FAT32 USB sticks hold no file over 4 GiB: "
                    "build with --split to write the model as parts beside it", err=True)
-    shown = out if out.is_absolute() or str(out).startswith(".") else f"./{out}"
+    shown = out if out.is_absolute() or str(out).startswith(".") or windows else f"./{out}"
     click.echo(f"run it: {shown} -p \"Hello\"   or   {shown} --cli", err=True)
 
 
@@ -284,7 +292,8 @@ def format_description(d: dict) -> str:
         st = d["stub"]
         lines.append(
             f"stub:        {st.get('target')} · runtime {st.get('runtime_version')} · llama-cpp-python "
-            f"{st.get('llama_cpp_python')} · needs glibc ≥ {st.get('glibc_min')}"
+            f"{st.get('llama_cpp_python')} · needs "
+            + (f"Windows {st['windows_min']}+" if st.get("windows_min") else f"glibc ≥ {st.get('glibc_min')}")
         )
         lines.append("entries:")
         for e in d["entries"]:

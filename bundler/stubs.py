@@ -39,7 +39,7 @@ class Stub:
     native_cuda: Path | None = None
 
     def manifest_info(self) -> dict:
-        keys = ("target", "runtime_version", "format_version", "llama_cpp_python", "glibc_min",
+        keys = ("target", "runtime_version", "format_version", "llama_cpp_python", "glibc_min", "windows_min",
                 "python", "pyinstaller", "stub_sha256", "build_flags", "cuda_version_min", "cuda_architectures")
         return {k: self.meta.get(k) for k in keys if k in self.meta}
 

@@ -28,6 +28,8 @@ from runtime.payload import (
     align_up,
     PYI_COOKIE_SIZE,
     find_cookie,
+    masked,
+    pe_hash_mask,
     TAIL_PAD,
     make_tail,
     read_payload,
@@ -198,7 +200,12 @@ def runtime_regions(stub_bytes: bytes, archive_start: int, cookie_pos: int, payl
     itself: the bootloader, PyInstaller's archive, and what follows it up to the payload."""
     cookie_end = cookie_pos + PYI_COOKIE_SIZE
     end = stub_bytes[cookie_end:] + bytes(payload_start - len(stub_bytes))
-    return [_region("bootloader", 0, stub_bytes[:archive_start]),
+    import io
+
+    # A Windows stub's checksum and certificate-table entry are hashed as zeros: signing the
+    # finished bundle (Authenticode) rewrites them, and must not read as damage.
+    bootloader = masked(stub_bytes[:archive_start], 0, pe_hash_mask(io.BytesIO(stub_bytes)))
+    return [_region("bootloader", 0, bootloader),
             _region("archive", archive_start, stub_bytes[archive_start:cookie_end]),
             _region("stub-end", cookie_end, end)]
 

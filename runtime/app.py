@@ -309,8 +309,38 @@ def _unpacked_in() -> dict | None:
     return {"folder": os.path.dirname(os.path.abspath(meipass)), "reason": getattr(sys, "_bundle_unpack_reason", None)}
 
 
+def _windows_hardware() -> tuple[str | None, int | None]:
+    """The processor's name (from the registry) and the memory size (GlobalMemoryStatusEx)."""
+    model = mem = None
+    try:
+        import winreg
+
+        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, r"HARDWARE\DESCRIPTION\System\CentralProcessor\0") as key:
+            model = str(winreg.QueryValueEx(key, "ProcessorNameString")[0]).strip() or None
+    except OSError:
+        pass
+    try:
+        import ctypes
+
+        class MemoryStatus(ctypes.Structure):
+            _fields_ = [("dwLength", ctypes.c_uint32), ("dwMemoryLoad", ctypes.c_uint32),
+                        ("ullTotalPhys", ctypes.c_uint64), ("ullAvailPhys", ctypes.c_uint64),
+                        ("ullTotalPageFile", ctypes.c_uint64), ("ullAvailPageFile", ctypes.c_uint64),
+                        ("ullTotalVirtual", ctypes.c_uint64), ("ullAvailVirtual", ctypes.c_uint64),
+                        ("ullAvailExtendedVirtual", ctypes.c_uint64)]
+
+        status = MemoryStatus(dwLength=ctypes.sizeof(MemoryStatus))
+        if ctypes.WinDLL("kernel32").GlobalMemoryStatusEx(ctypes.byref(status)):
+            mem = status.ullTotalPhys
+    except (OSError, AttributeError):
+        pass
+    return model, mem
+
+
 def _hardware(cores: int) -> dict:
-    model = None
+    model = mem = None
+    if sys.platform == "win32":
+        model, mem = _windows_hardware()
     try:
         with open("/proc/cpuinfo", errors="replace") as f:
             for line in f:
@@ -319,9 +349,8 @@ def _hardware(cores: int) -> dict:
                     break
     except OSError:
         pass
-    mem = None
     try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        mem = mem or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         pass
     return {
@@ -384,7 +413,7 @@ def run(argv) -> int:
     if args.cli:
         return modes.chat(rt)
     if sys.stdin.isatty():
-        return modes.chat_with_server(rt)
+        return modes.chat_with_server(rt, open_page=started_in_own_window())
     # No terminal: started from a file manager (double-click). Serve, and open the page.
     return modes.serve(rt, open_page=True)
 
@@ -399,7 +428,10 @@ def started_in_own_window() -> bool:
         try:
             import ctypes
 
-            return ctypes.windll.kernel32.GetConsoleProcessList((ctypes.c_uint * 4)(), 4) <= 2
+            # The console's processes: the bootloader and us when Explorer opened it for this
+            # program; a cmd.exe or PowerShell too when started from one; none at all when the
+            # streams are pipes or files (no console to close).
+            return 0 < ctypes.windll.kernel32.GetConsoleProcessList((ctypes.c_uint * 4)(), 4) <= 2
         except Exception:
             return False
     if not (sys.stdin and sys.stdin.isatty()):
@@ -453,6 +485,9 @@ def _format_info(d: dict) -> str:
     stub = d.get("stub") or {}
     if stub.get("glibc_min"):
         lines.append(f"needs:       glibc ≥ {stub['glibc_min']} (built with llama-cpp-python {stub.get('llama_cpp_python')})")
+    elif stub.get("windows_min"):
+        lines.append(f"needs:       Windows {stub['windows_min']}+ (built with llama-cpp-python "
+                     f"{stub.get('llama_cpp_python')})")
     return "\n".join(lines)
 
 

@@ -44,7 +44,7 @@ class Backend:
 
 
 def _ggml(libdir: Path):
-    ggml = ctypes.CDLL(str(libdir / "libggml.so.0"))
+    ggml = ctypes.CDLL(str(libdir / native.GGML_LIB))
     ggml.ggml_backend_load.restype = ctypes.c_void_p
     ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
     ggml.ggml_backend_reg_dev_count.restype = ctypes.c_size_t

@@ -37,6 +37,9 @@ def import_bindings(libdir: Path):
     its submodules without running __init__.
     """
     os.environ["LLAMA_CPP_LIB_PATH"] = str(libdir)
+    from . import native
+
+    native.prepare_library_search(libdir)
     if "llama_cpp.llama_cpp" in sys.modules:
         return sys.modules["llama_cpp.llama_cpp"]
     if "llama_cpp" not in sys.modules:
@@ -52,20 +55,39 @@ def import_bindings(libdir: Path):
 _libc = None
 
 
-def _fopen(path: str, offset: int):
-    """A C FILE* positioned at offset (llama_model_load_from_file_ptr reads from there)."""
+def _c_runtime():
+    """The C runtime whose FILE* libllama reads: glibc's on Linux; on Windows msvcrt.dll, the
+    one the MinGW-built DLLs link (build.py checks that they do)."""
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(None)
-        _libc.fopen.restype = ctypes.c_void_p
-        _libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
-        _libc.fseeko.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+        if sys.platform == "win32":
+            _libc = ctypes.CDLL("msvcrt")
+            _libc._wfopen.restype = ctypes.c_void_p
+            _libc._wfopen.argtypes = [ctypes.c_wchar_p, ctypes.c_wchar_p]
+            _libc._fseeki64.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+            _libc.fseek_ = _libc._fseeki64
+        else:
+            _libc = ctypes.CDLL(None)
+            _libc.fopen.restype = ctypes.c_void_p
+            _libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+            _libc.fseeko.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+            _libc.fseek_ = _libc.fseeko
         _libc.fclose.argtypes = [ctypes.c_void_p]
-    fp = _libc.fopen(os.fsencode(path), b"rb")
+    return _libc
+
+
+def _fopen(path: str, offset: int):
+    """A C FILE* positioned at offset (llama_model_load_from_file_ptr reads from there). On
+    Windows opened by its wide name: any path (spaces, non-ASCII) in any code page."""
+    libc = _c_runtime()
+    if sys.platform == "win32":
+        fp = libc._wfopen(str(path), "rb")
+    else:
+        fp = libc.fopen(os.fsencode(path), b"rb")
     if not fp:
         raise ModelLoadError(f"cannot open {path} to load the model")
-    if _libc.fseeko(fp, offset, 0) != 0:
-        _libc.fclose(fp)
+    if libc.fseek_(fp, offset, 0) != 0:
+        libc.fclose(fp)
         raise ModelLoadError(f"cannot seek to the model inside {path}")
     return fp
 
@@ -137,7 +159,9 @@ class Engine:
         t0 = time.perf_counter()
         if isinstance(model_path, (list, tuple)):
             # Split GGUF parts beside the executable (bundle build --split): each mapped from its file.
-            paths = (ctypes.c_char_p * len(model_path))(*(os.fsencode(p) for p in model_path))
+            # (ggml opens them by their UTF-8 names on Windows too: it converts to wide names)
+            paths = (ctypes.c_char_p * len(model_path))(
+                *(str(p).encode("utf-8") if sys.platform == "win32" else os.fsencode(p) for p in model_path))
             self.model = C.llama_model_load_from_splits(paths, len(model_path), params)
         else:
             fp = _fopen(model_path, offset)

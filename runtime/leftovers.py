@@ -66,26 +66,56 @@ def _is_partial_copy(folder: str, ours: dict[str, int]) -> bool:
     return True
 
 
-def claim_and_sweep(now: float | None = None) -> int:
-    """Lock our own folder's marker, then remove dead bundles' folders. Returns how many."""
-    global _held
-    here = getattr(sys, "_MEIPASS", None)
-    if not here or sys.platform == "win32":
-        return 0
+def _try_lock(f) -> bool:
+    """An exclusive lock on the open file f, without waiting; released when its process ends."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        try:
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
     import fcntl
 
     try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _claim(here: str) -> bool:
+    global _held
+    try:
+        if sys.platform == "win32":
+            # Windows cannot rename a file that is open; the marker is made under its own name,
+            # and a sweeper leaves folders younger than UNCLAIMED_AGE alone (the moment between
+            # creating and locking it is covered by that).
+            _held = open(os.path.join(here, MARKER), "a")
+            return _try_lock(_held)
         # Locked before it gets its real name, so a visible marker is never unlocked while
         # its bundle runs.
         tmp = os.path.join(here, MARKER + ".new")
         _held = open(tmp, "a")
-        fcntl.flock(_held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not _try_lock(_held):
+            return False
         os.rename(tmp, os.path.join(here, MARKER))
+        return True
     except OSError:
+        return False
+
+
+def claim_and_sweep(now: float | None = None) -> int:
+    """Lock our own folder's marker, then remove dead bundles' folders. Returns how many."""
+    here = getattr(sys, "_MEIPASS", None)
+    if not here or not _claim(here):
         return 0
+    windows = sys.platform == "win32"
     parent = os.path.dirname(here)
     now = time.time() if now is None else now
-    uid = os.getuid()
+    uid = os.getuid() if hasattr(os, "getuid") else None  # Windows: the temp folder is the user's own
     ours = None
     removed = 0
     try:
@@ -100,20 +130,22 @@ def claim_and_sweep(now: float | None = None) -> int:
             st = os.lstat(folder)
         except OSError:
             continue
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+        if not stat.S_ISDIR(st.st_mode) or (uid is not None and st.st_uid != uid):
             continue
+        young = now - st.st_mtime < UNCLAIMED_AGE
         marker = os.path.join(folder, MARKER)
         try:
             with open(marker, "r") as f:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                dead = _try_lock(f) and not (windows and young)
+            if dead:
                 shutil.rmtree(folder, ignore_errors=True)
                 removed += 1
             continue
         except FileNotFoundError:
             pass  # unclaimed: see below
-        except OSError:  # locked: still running
+        except OSError:
             continue
-        if now - st.st_mtime < UNCLAIMED_AGE:
+        if young:
             continue
         if ours is None:
             ours = _own_files(here)

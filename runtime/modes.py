@@ -68,7 +68,7 @@ def chat(rt, worker=None) -> int:
             tokens = engine.tokenize_prompt(tmpl.render(messages))
             engine.check_fits(len(tokens))
             sampling = rt.sampling(tmpl.stop)
-            result = worker.generate(tokens, sampling, on_text=write_, cancel=cancel).result()
+            result = _wait(worker.generate(tokens, sampling, on_text=write_, cancel=cancel))
         except RuntimeFailure as exc:  # e.g. the conversation outgrew the context
             write_(f"\n[{exc}]")
             return "", True
@@ -78,6 +78,18 @@ def chat(rt, worker=None) -> int:
 
     run_chat(ChatSession(rt.settings.system), input, write, respond, banner=rt.banner())
     return 0
+
+
+def _wait(future):
+    """A Future's result, waited for in short steps: Python runs signal handlers only between
+    them on Windows (a plain wait on a lock there cannot be interrupted by Ctrl+C)."""
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    while True:
+        try:
+            return future.result(timeout=0.1)
+        except FutureTimeout:
+            continue
 
 
 def _display_available() -> bool:
@@ -142,8 +154,9 @@ def serve(rt, open_page: bool) -> int:
     return 0
 
 
-def chat_with_server(rt) -> int:
-    """No arguments in a terminal: the chat in the foreground, the web chat in the background."""
+def chat_with_server(rt, open_page: bool = False) -> int:
+    """No arguments in a terminal: the chat in the foreground, the web chat in the background
+    (and, in a console window opened for this program by a double-click, in the browser)."""
     from .server import PortInUseError
     from .worker import EngineWorker
 
@@ -152,6 +165,8 @@ def chat_with_server(rt) -> int:
         server, url = start_server(rt, worker, fallback_ports=10)
         server.start()
         say(f"web chat: {url}")
+        if open_page:
+            open_browser(url)
     except (PortInUseError, RuntimeFailure) as exc:
         say(f"(web chat not started: {exc})")
     return chat(rt, worker)

@@ -25,6 +25,7 @@ from .errors import RuntimeFailure
 from .payload import is_sha256_hex
 
 COMPLETE_MARKER = ".complete"
+WINDOWS = sys.platform == "win32"
 # The only names the runtime ever creates, and so the only ones it ever removes, in <cache>/native/.
 _OWN_NAME = re.compile(r"(?:[0-9a-f]{24}|\.work-[0-9a-f]{24}-\d+)\Z")
 
@@ -147,11 +148,20 @@ class _HashingReader:
 
 def _lock(path: Path, say):
     f = open(path, "a+b")
-    if sys.platform == "win32":  # pragma: no cover - Windows stub
+    if WINDOWS:
         import msvcrt
 
-        msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
-        return f
+        waited = False
+        while True:  # LK_LOCK gives up after 10 s; another launch may unpack for longer
+            try:
+                f.seek(0)
+                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+                return f
+            except OSError:
+                if not waited:
+                    say("waiting for another launch to finish unpacking the runtime…")
+                    waited = True
+                time.sleep(0.2)
     import fcntl
 
     try:
@@ -255,36 +265,76 @@ def _extract_flat(tar: tarfile.TarFile, work: Path) -> None:
             raise tarfile.TarError(f"unexpected member type in {m.name!r}")
 
 
-def load_backends(libdir: Path, variant: str | None = None):
-    """Load ggml and its best CPU variant (or the one named) from libdir.
+# The ggml library libllama links against: on Linux its soname (a second copy under another name
+# gives a registry libllama never sees, DESIGN.md #5b); on Windows the DLL name it imports.
+GGML_LIB = "ggml.dll" if WINDOWS else "libggml.so.0"
+# Loaded by full path before libllama on Windows, in dependency order: the loader then reuses
+# them by name instead of searching the PATH (where another program's ggml.dll may sit).
+WINDOWS_PRELOAD = ["libwinpthread-1.dll", "libgcc_s_seh-1.dll", "libstdc++-6.dll", "ggml-base.dll", "ggml.dll"]
+_VARIANT_FILE = re.compile(r"(?:lib)?ggml-cpu-([A-Za-z0-9_.]+?)\.(?:so|dll)\Z")
+_libdir: Path | None = None  # the folder the back ends were loaded from
 
-    Called through libggml.so.0, the file libllama links against: loading through a second
-    copy of ggml gives a registry libllama never sees (DESIGN.md #5b).
-    """
-    ggml = ctypes.CDLL(str(libdir / "libggml.so.0"), mode=ctypes.RTLD_GLOBAL)
+
+def cpu_variant_file(variant: str) -> str:
+    return f"ggml-cpu-{variant}.dll" if WINDOWS else f"libggml-cpu-{variant}.so"
+
+
+def cpu_variants_in(libdir: Path) -> list[str]:
+    return sorted(m.group(1) for p in libdir.iterdir() if (m := _VARIANT_FILE.match(p.name)))
+
+
+def prepare_library_search(libdir: Path) -> None:
+    """Windows: make libllama.dll find its ggml and MinGW DLLs in libdir and only there."""
+    global _libdir
+    _libdir = libdir
+    if not WINDOWS:
+        return
+    os.add_dll_directory(str(libdir))
+    os.environ["PATH"] = str(libdir) + os.pathsep + os.environ.get("PATH", "")
+    for name in WINDOWS_PRELOAD:
+        if (libdir / name).exists():
+            ctypes.CDLL(str(libdir / name))
+
+
+def load_backends(libdir: Path, variant: str | None = None):
+    """Load ggml and its best CPU variant (or the one named) from libdir, through the ggml
+    library libllama itself uses (GGML_LIB)."""
+    global _libdir
+    _libdir = libdir
+    ggml = ctypes.CDLL(str(libdir / GGML_LIB), **({} if WINDOWS else {"mode": ctypes.RTLD_GLOBAL}))
     if variant:
-        path = libdir / f"libggml-cpu-{variant}.so"
+        path = libdir / cpu_variant_file(variant)
         if not path.exists():
-            choices = sorted(p.name[len("libggml-cpu-"):-3] for p in libdir.glob("libggml-cpu-*.so"))
-            raise RuntimeFailure(f"no CPU variant {variant!r}; this bundle has: {', '.join(choices)}")
+            raise RuntimeFailure(f"no CPU variant {variant!r}; this bundle has: {', '.join(cpu_variants_in(libdir))}")
         ggml.ggml_backend_load.restype = ctypes.c_void_p
         ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
-        if not ggml.ggml_backend_load(str(path).encode()):
+        if not ggml.ggml_backend_load(os.fsencode(path) if not WINDOWS else str(path).encode("utf-8")):
             raise RuntimeFailure(f"the CPU variant {variant!r} does not run on this processor")
     else:
         ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-        ggml.ggml_backend_load_all_from_path(str(libdir).encode())
+        ggml.ggml_backend_load_all_from_path(os.fsencode(libdir) if not WINDOWS else str(libdir).encode("utf-8"))
     return ggml
 
 
 def loaded_cpu_variant() -> str | None:
-    """Which libggml-cpu-*.so this process mapped (read from /proc/self/maps)."""
+    """Which CPU variant library this process loaded: on Linux read from /proc/self/maps, on
+    Windows asked of the loader for each variant file in the libraries' folder."""
+    if WINDOWS:
+        if _libdir is None:
+            return None
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        kernel32.GetModuleHandleW.restype = ctypes.c_void_p
+        kernel32.GetModuleHandleW.argtypes = [ctypes.c_wchar_p]
+        for v in cpu_variants_in(_libdir):
+            if kernel32.GetModuleHandleW(str(_libdir / cpu_variant_file(v))):
+                return v
+        return None
     try:
         with open("/proc/self/maps", errors="surrogateescape") as f:
             for line in f:
-                name = line.rsplit("/", 1)[-1].strip()
-                if name.startswith("libggml-cpu-") and name.endswith(".so"):
-                    return name[len("libggml-cpu-"):-3]
+                m = _VARIANT_FILE.match(line.rsplit("/", 1)[-1].strip())
+                if m:
+                    return m.group(1)
     except OSError:
         pass
     return None
@@ -317,6 +367,8 @@ def usable_cpus() -> int:
 
 def _cpu_sample():
     """(wall clock, busy CPU-seconds of the whole machine, this process's CPU-seconds)."""
+    if WINDOWS:
+        return _cpu_sample_windows()
     try:
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:9]]
@@ -326,6 +378,24 @@ def _cpu_sample():
     idle = fields[3] + fields[4]  # idle + iowait
     t = os.times()
     return time.monotonic(), (sum(fields) - idle) / hz, t.user + t.system
+
+
+def _cpu_sample_windows():
+    """GetSystemTimes: idle, kernel (which includes idle) and user time of all CPUs, in 100 ns."""
+    from ctypes import wintypes
+
+    idle, kernel, user = wintypes.FILETIME(), wintypes.FILETIME(), wintypes.FILETIME()
+    try:
+        if not ctypes.WinDLL("kernel32").GetSystemTimes(ctypes.byref(idle), ctypes.byref(kernel), ctypes.byref(user)):
+            return None
+    except (OSError, AttributeError):
+        return None
+
+    def seconds(ft):
+        return ((ft.dwHighDateTime << 32) | ft.dwLowDateTime) / 1e7
+
+    t = os.times()
+    return time.monotonic(), seconds(kernel) + seconds(user) - seconds(idle), t.user + t.system
 
 
 class BusyMeter:
@@ -358,6 +428,8 @@ def physical_cores() -> int:
         allowed = os.sched_getaffinity(0)
     except (AttributeError, OSError):
         allowed = set(range(os.cpu_count() or 1))
+    if WINDOWS:
+        return max(1, min(_windows_physical_cores() or len(allowed), usable_cpus()))
     cores = set()
     try:
         with open("/proc/cpuinfo", errors="replace") as f:
@@ -374,3 +446,25 @@ def physical_cores() -> int:
     except (OSError, ValueError):
         pass
     return max(1, min(len(cores) or len(allowed), usable_cpus()))
+
+
+def _windows_physical_cores() -> int | None:
+    """Processor cores, from GetLogicalProcessorInformationEx(RelationProcessorCore)."""
+    from ctypes import wintypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    size = wintypes.DWORD(0)
+    kernel32.GetLogicalProcessorInformationEx(0, None, ctypes.byref(size))  # RelationProcessorCore = 0
+    if not size.value:
+        return None
+    buf = ctypes.create_string_buffer(size.value)
+    if not kernel32.GetLogicalProcessorInformationEx(0, buf, ctypes.byref(size)):
+        return None
+    count, offset = 0, 0
+    while offset < size.value:  # each record: DWORD Relationship, DWORD Size, ...
+        rec_size = int.from_bytes(buf.raw[offset + 4:offset + 8], "little")
+        if rec_size <= 0:
+            break
+        count += 1
+        offset += rec_size
+    return count or None

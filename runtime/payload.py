@@ -352,6 +352,7 @@ class StubInfo:
     format_version: int | None = None
     llama_cpp_python: str | None = None
     glibc_min: str | None = None
+    windows_min: str | None = None
     python: str | None = None
     pyinstaller: str | None = None
     stub_sha256: str | None = None
@@ -359,7 +360,7 @@ class StubInfo:
     cuda_version_min: tuple[int, ...] | None = None
     cuda_architectures: str | None = None
 
-    _TEXT = ("target", "runtime_version", "llama_cpp_python", "glibc_min", "python", "pyinstaller",
+    _TEXT = ("target", "runtime_version", "llama_cpp_python", "glibc_min", "windows_min", "python", "pyinstaller",
              "cuda_architectures")
 
     def to_json(self) -> dict:
@@ -451,6 +452,7 @@ class Payload:
     manifest: Manifest = field(default_factory=Manifest)
     regions: dict[str, Region] = field(default_factory=dict)
     toc_sha256: str = ""
+    signature: tuple[int, int] | None = None  # a Windows bundle's Authenticode table after it
 
     def absolute_offset(self, name: str) -> int:
         return self.payload_start + self.entries[name].offset
@@ -480,12 +482,20 @@ class Payload:
         parts = [(e.name, self.payload_start + e.offset, e.size, e.sha256, f"{e.name} ({ENTRY_LABELS[e.name]})")
                  for e in self.entries.values()]
         parts += [(r.name, r.offset, r.size, r.sha256, REGIONS[r.name]) for r in self.regions.values()]
+        mask = []
+        if "bootloader" in self.regions:
+            with open(self.path, "rb") as f:
+                mask = pe_hash_mask(f)
         for name, offset, size, expected, label in parts:
             if names is not None and name not in names:
                 continue
             digest = hashlib.sha256()
+            at = offset
             try:
                 for chunk in self._chunks(offset, size, label):
+                    if name == "bootloader" and mask:
+                        chunk = masked(chunk, at, mask)
+                    at += len(chunk)
                     digest.update(chunk)
                     if progress:
                         progress(len(chunk))
@@ -515,6 +525,8 @@ class Payload:
         beside the file. Every damaged region is listed (empty when intact)."""
         problems = []
         actual = os.path.getsize(self.path)
+        if self.signature and actual == self.signature[0] + self.signature[1]:
+            actual = self.file_size  # the signature after the bundle is not part of it
         if actual != self.file_size:
             problems.append(incomplete_message(self.path, actual, self.file_size))
         problems += self.check_header()
@@ -654,6 +666,114 @@ def elf_end(f: BinaryIO) -> int | None:
     return e_shoff + e_shentsize * e_shnum
 
 
+def pe_image_end(f: BinaryIO) -> int | None:
+    """Where a PE file's (Windows .exe) last section ends: PyInstaller's archive follows."""
+    f.seek(0)
+    head = f.read(64)
+    if len(head) < 64 or head[:2] != b"MZ":
+        return None
+    (e_lfanew,) = struct.unpack_from("<I", head, 0x3C)
+    f.seek(e_lfanew)
+    coff = f.read(24)
+    if len(coff) < 24 or coff[:4] != b"PE\0\0":
+        return None
+    n_sections, = struct.unpack_from("<H", coff, 6)
+    opt_size, = struct.unpack_from("<H", coff, 20)
+    f.seek(e_lfanew + 24 + opt_size)
+    table = f.read(40 * n_sections)
+    if len(table) < 40 * n_sections:
+        return None
+    end = 0
+    for i in range(n_sections):
+        raw_size, raw_ptr = struct.unpack_from("<II", table, 40 * i + 16)
+        end = max(end, raw_ptr + raw_size)
+    return end
+
+
+def _pe_optional_header(f: BinaryIO) -> tuple[int, bytes] | None:
+    """(file offset, bytes) of a PE file's optional header; None when f is no PE file."""
+    f.seek(0)
+    head = f.read(64)
+    if len(head) < 64 or head[:2] != b"MZ":
+        return None
+    (e_lfanew,) = struct.unpack_from("<I", head, 0x3C)
+    f.seek(e_lfanew)
+    coff = f.read(24)
+    if len(coff) < 24 or coff[:4] != b"PE\0\0":
+        return None
+    (opt_size,) = struct.unpack_from("<H", coff, 20)
+    opt = f.read(opt_size)
+    return (e_lfanew + 24, opt) if len(opt) == opt_size and opt_size >= 96 else None
+
+
+def _pe_signature_fields(opt: bytes) -> tuple[int, int] | None:
+    """Offsets, inside the optional header, of the checksum and of the certificate-table entry
+    (data directory 4): the two fields Authenticode signing rewrites."""
+    magic = struct.unpack_from("<H", opt, 0)[0]
+    dirs = {0x20B: 112, 0x10B: 96}.get(magic)  # PE32+, PE32
+    if dirs is None or len(opt) < dirs + 5 * 8 or struct.unpack_from("<I", opt, dirs - 4)[0] < 5:
+        return None
+    return 64, dirs + 4 * 8
+
+
+def pe_signature(f: BinaryIO, file_size: int) -> tuple[int, int] | None:
+    """(offset, size) of a Windows bundle's Authenticode certificate table when one ends the
+    file (a bundle signed with signtool or osslsigncode after it was built), else None."""
+    found = _pe_optional_header(f)
+    fields = found and _pe_signature_fields(found[1])
+    if not fields:
+        return None
+    offset, size = struct.unpack_from("<II", found[1], fields[1])
+    if offset and size and offset + size == file_size:
+        return offset, size
+    return None
+
+
+def pe_hash_mask(f: BinaryIO) -> list[tuple[int, int]]:
+    """The (offset, length) spans a hash of a PE stub leaves out (hashed as zeros): its checksum
+    and its certificate-table entry, which signing the bundle rewrites. Empty for ELF files."""
+    found = _pe_optional_header(f)
+    fields = found and _pe_signature_fields(found[1])
+    if not fields:
+        return []
+    return [(found[0] + fields[0], 4), (found[0] + fields[1], 8)]
+
+
+def masked(chunk: bytes, at: int, mask: list[tuple[int, int]]) -> bytes:
+    """chunk (read at file offset at) with the mask's spans zeroed."""
+    for offset, length in mask:
+        lo, hi = max(offset, at), min(offset + length, at + len(chunk))
+        if lo < hi:
+            chunk = chunk[:lo - at] + bytes(hi - lo) + chunk[hi - at:]
+    return chunk
+
+
+def stub_end(f: BinaryIO, file_size: int) -> int | None:
+    """Where the stub (the runtime) ends in a bundle, read from its front: the ELF section
+    headers' end on Linux; on Windows the end of the cookie of the archive that starts right
+    after the PE image (found scanning forward; file_size + 1 when the file ends before it:
+    cut inside the runtime). None when this is neither."""
+    end = elf_end(f)
+    if end is not None:
+        return end
+    image_end = pe_image_end(f)
+    if image_end is None:
+        return None
+    step, at, limit = 1 << 20, image_end, min(file_size, image_end + HEADER_SEARCH)
+    while at < limit:
+        chunk = _read_at(f, at, step + PYI_COOKIE_SIZE)
+        pos = chunk.find(PYI_COOKIE_MAGIC)
+        while 0 <= pos < step:
+            cookie = chunk[pos:pos + PYI_COOKIE_SIZE]
+            if len(cookie) == PYI_COOKIE_SIZE:
+                _, pkg_len, *_ = struct.unpack(PYI_COOKIE_FORMAT, cookie)
+                if at + pos + PYI_COOKIE_SIZE - pkg_len == image_end:
+                    return at + pos + PYI_COOKIE_SIZE
+            pos = chunk.find(PYI_COOKIE_MAGIC, pos + 1)
+        at += step
+    return file_size + 1
+
+
 def _read_at(f: BinaryIO, offset: int, n: int) -> bytes:
     if offset < 0:
         return b""
@@ -679,7 +799,7 @@ def _find_trailer(f: BinaryIO, file_size: int) -> tuple[int, tuple] | None:
 def _find_header_from_front(f: BinaryIO, file_size: int) -> tuple | None:
     """The payload header of a file whose tail is gone: right after the stub's ELF data, or
     failing that on a 64 KiB boundary near the front."""
-    end = elf_end(f)
+    end = stub_end(f, file_size)
     candidates = [align_up(end)] if end else []
     candidates += range(ENTRY_ALIGN, min(file_size, HEADER_SEARCH), ENTRY_ALIGN)
     for offset in candidates:
@@ -692,7 +812,7 @@ def _find_header_from_front(f: BinaryIO, file_size: int) -> tuple | None:
 def _no_payload(path: str, f: BinaryIO, file_size: int) -> PayloadError:
     """Why a file with no payload table at either end has none: cut short right after (or
     inside) its runtime, or not a bundle at all."""
-    end = elf_end(f)
+    end = stub_end(f, file_size)
     if end and file_size < end:
         return IncompleteError(f"this file is incomplete: it ends after {file_size} bytes, inside its "
                                f"runtime ({path}); copy it again")
@@ -718,6 +838,11 @@ def read_payload(path: str) -> Payload:
     damaged = f"{path}: the bundle's table of contents is damaged"
     with f:
         try:
+            signature = pe_signature(f, file_size)
+            if signature:  # signed after it was built: the bundle ends where the signature starts
+                payload = _read_payload(path, f, signature[0], damaged, signed=True)
+                payload.signature = signature
+                return payload
             return _read_payload(path, f, file_size, damaged)
         except _Invalid as exc:
             raise PayloadError(f"{damaged} ({exc}); copy the file again") from None
@@ -725,7 +850,7 @@ def read_payload(path: str) -> Payload:
             raise PayloadError(f"{damaged}; copy the file again") from None
 
 
-def _read_payload(path: str, f: BinaryIO, file_size: int, damaged: str) -> Payload:
+def _read_payload(path: str, f: BinaryIO, file_size: int, damaged: str, signed: bool = False) -> Payload:
     found = _find_trailer(f, file_size)
     if found is None:
         # No trailer: not a bundle, or its end was cut off.
@@ -739,8 +864,11 @@ def _read_payload(path: str, f: BinaryIO, file_size: int, damaged: str) -> Paylo
     payload_end, trailer = found
     _, version, flags, payload_size, expected_size, toc_offset, toc_size, toc_digest = trailer
     _check_version(path, version)
-    if file_size != expected_size:
+    # (a signature starts on an 8-byte boundary: up to 7 zero bytes of padding before it)
+    if file_size != expected_size and not (signed and 0 < file_size - expected_size < 8
+                                           and not any(_read_at(f, expected_size, file_size - expected_size))):
         raise IncompleteError(incomplete_message(path, file_size, expected_size))
+    file_size = expected_size
     payload_start = payload_end - payload_size
     # The header's numbers, before any is used: the layout the writer makes, exactly.
     if (flags != 0 or payload_start < 0 or payload_start % ENTRY_ALIGN or payload_size % ENTRY_ALIGN

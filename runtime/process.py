@@ -41,10 +41,16 @@ def ensure_std_streams() -> None:
             stream = open(fd, mode, buffering=1 if name == "stderr" else -1, encoding="utf-8",
                           errors="replace", closefd=False)
             setattr(sys, name, stream)
-    for stream in (sys.stdout, sys.stderr):
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
         try:
-            stream.reconfigure(errors="replace" if stream is sys.stdout else "backslashreplace")
-        except (AttributeError, ValueError):
+            if sys.platform == "win32" and not stream.isatty():
+                # Pipes and files on Windows default to the ANSI code page (cp1252: no CJK, no
+                # emoji); text in and out of a bundle is UTF-8 there too, as on Linux. (A console
+                # is written in UTF-16 by Python itself, whatever its code page.)
+                stream.reconfigure(encoding="utf-8")
+            if stream is not sys.stdin:
+                stream.reconfigure(errors="replace" if stream is sys.stdout else "backslashreplace")
+        except (AttributeError, ValueError, OSError):
             pass
 
 
@@ -68,7 +74,11 @@ def exit_on_sigint() -> None:
 
 def die_with_parent() -> None:
     """Ask Linux to kill this process when the bootloader that started it dies, then check that
-    it has not died already (it could have, just before the request)."""
+    it has not died already (it could have, just before the request). On Windows, where the
+    bootloader's death leaves its child running, a thread waits on the parent's handle."""
+    if sys.platform == "win32":
+        _die_with_parent_windows()
+        return
     if not sys.platform.startswith("linux"):
         return
     parent = os.getppid()
@@ -81,6 +91,29 @@ def die_with_parent() -> None:
         return
     if os.getppid() != parent or parent == 1:
         os._exit(1)
+
+
+def _die_with_parent_windows() -> None:
+    import ctypes
+    import threading
+
+    SYNCHRONIZE, INFINITE = 0x00100000, 0xFFFFFFFF
+    try:
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        kernel32.OpenProcess.restype = ctypes.c_void_p
+        kernel32.OpenProcess.argtypes = [ctypes.c_uint32, ctypes.c_int, ctypes.c_uint32]
+        kernel32.WaitForSingleObject.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+        handle = kernel32.OpenProcess(SYNCHRONIZE, 0, os.getppid())
+    except (OSError, AttributeError):
+        return
+    if not handle:
+        return  # the parent is gone already or cannot be watched: nothing to tie to
+
+    def watch():
+        kernel32.WaitForSingleObject(handle, INFINITE)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def silence_stdout() -> None:

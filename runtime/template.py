@@ -90,11 +90,42 @@ def _raise_exception(message):
 
 
 def _resident_bytes() -> int:
+    if sys.platform == "win32":
+        return _working_set_bytes()
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError, AttributeError):
         return 0
+
+
+_memory_counters = None
+
+
+def _working_set_bytes() -> int:
+    """Windows: the process's working set (K32GetProcessMemoryInfo), its resident memory."""
+    global _memory_counters
+    try:
+        import ctypes
+
+        if _memory_counters is None:
+            class Counters(ctypes.Structure):
+                _fields_ = [("cb", ctypes.c_uint32), ("PageFaultCount", ctypes.c_uint32)] + [
+                    (n, ctypes.c_size_t) for n in ("PeakWorkingSetSize", "WorkingSetSize", "QuotaPeakPagedPoolUsage",
+                                                   "QuotaPagedPoolUsage", "QuotaPeakNonPagedPoolUsage",
+                                                   "QuotaNonPagedPoolUsage", "PagefileUsage", "PeakPagefileUsage")]
+
+            kernel32 = ctypes.WinDLL("kernel32")
+            kernel32.GetCurrentProcess.restype = ctypes.c_void_p
+            kernel32.K32GetProcessMemoryInfo.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32]
+            _memory_counters = (kernel32, Counters)
+        kernel32, Counters = _memory_counters
+        c = Counters(cb=ctypes.sizeof(Counters))
+        if kernel32.K32GetProcessMemoryInfo(kernel32.GetCurrentProcess(), ctypes.byref(c), c.cb):
+            return c.WorkingSetSize
+    except (OSError, AttributeError):
+        pass
+    return 0
 
 
 class _Watch:

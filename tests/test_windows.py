@@ -1,0 +1,178 @@
+"""The Windows bundle (`bundle build --target windows-x86_64` -> model.exe), run under wine.
+
+Everything runs the real thing: the stub built by `python build.py --target windows-x86_64`
+(MinGW-compiled llama.cpp, python.org's Windows CPython, PyInstaller's Windows bootloader), the
+real `bundle build`, the .exe started by wine in a fresh prefix of its own, with pipes for its
+standard streams (tests/wine.py), and the official openai client on this side of loopback.
+Wine is not Windows: what only a real Windows can show is listed in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import QUESTION, ROOT, run_bundle_cmd
+from wine import NATIVE, WINE, WINESERVER, Wine, wait_for_http
+
+pytestmark = pytest.mark.windows
+STUB_DIR = ROOT / "stubs" / "windows-x86_64"
+STUB = STUB_DIR / "bundle-runtime.exe"
+# A folder and a name with spaces and letters outside ASCII (and outside most code pages).
+FOLDER = "My Models Ünïcode 模型"
+NAME = "SmolLM2 démo"
+
+
+@pytest.fixture(scope="session")
+def wine(tmp_path_factory):
+    if not NATIVE and (not WINE or not WINESERVER):
+        pytest.fail("wine is missing: run `make buildtools-windows` (Debian's wine64)")
+    w = Wine(tmp_path_factory.mktemp("wineprefix") / "prefix").start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="session")
+def win_stub() -> Path:
+    if not STUB.exists():
+        pytest.fail("the Windows stub is missing: run `make stub-windows` (python build.py --target windows-x86_64)")
+    return STUB
+
+
+@pytest.fixture(scope="session")
+def win_bundle(tmp_path_factory, model, win_stub) -> Path:
+    out = tmp_path_factory.mktemp("windist") / FOLDER / NAME
+    r = run_bundle_cmd("build", model, "--target", "windows-x86_64", "-o", out)
+    assert r.returncode == 0, r.stderr
+    exe = out.with_name(NAME + ".exe")
+    assert exe.is_file(), r.stderr  # the .exe name is added for Windows
+    assert "needs Windows" in r.stderr
+    return exe
+
+
+def test_default_output_is_dist_model_exe(tmp_path, model, win_stub):
+    r = run_bundle_cmd("build", model, "--target", "windows-x86_64", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "dist" / "SmolLM2-135M-Instruct.exe").is_file()
+    assert (tmp_path / "dist" / "SmolLM2-135M-Instruct.exe").read_bytes()[:2] == b"MZ"
+
+
+def test_exe_answers_paris_from_a_path_with_spaces_and_non_ascii(wine, win_bundle):
+    r = wine.run(win_bundle, "-p", QUESTION, "--temp", "0", "-n", "16")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+def test_info_names_the_cpu_variant_and_the_cache_under_localappdata(wine, win_bundle):
+    r = wine.run(win_bundle, "--info", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    meta = json.loads((STUB_DIR / "stub.json").read_text())
+    assert info["backend"]["cpu_variant"] in meta["native"]["cpu"]["cpu_variants"]
+    assert info["stub"]["target"] == "windows-x86_64"
+    # the runtime's cache is in %LOCALAPPDATA%\bundle, and the libraries were unpacked there
+    assert re.match(r"[A-Za-z]:\\users\\[^\\]+\\AppData\\Local\\bundle\\cache", info["cache_dir"], re.I), info["cache_dir"]
+    native = wine.local_appdata / "bundle" / "cache" / "native"
+    assert any((d / "ggml.dll").exists() for d in native.iterdir())
+    assert info["hardware"]["logical_cpus"] >= 1 and info["hardware"]["physical_cores"] >= 1
+
+
+def test_bundle_verify_and_exe_verify(wine, win_bundle):
+    r = run_bundle_cmd("verify", win_bundle)
+    assert r.returncode == 0, r.stderr
+    r = wine.run(win_bundle, "--verify")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_cut_copy_says_it_is_incomplete(wine, win_bundle, tmp_path):
+    cut = tmp_path / "cut.exe"
+    data = win_bundle.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    r = wine.run(cut, "-p", "hi")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "incomplete" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 2, r.stderr  # a message, not a traceback
+
+
+def test_damaged_model_byte_is_named(wine, win_bundle, tmp_path):
+    bad = tmp_path / "bad.exe"
+    shutil.copy2(win_bundle, bad)
+    size = bad.stat().st_size
+    with open(bad, "r+b") as f:  # a byte of the model, well inside the file
+        f.seek(size // 2)
+        b = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([b[0] ^ 0xFF]))
+    r = wine.run(bad, "-p", "hi")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "damaged" in r.stderr and "copy" in r.stderr, r.stderr
+
+
+def test_split_parts_beside_the_exe_and_a_missing_part_is_named(wine, model, win_stub, tmp_path):
+    out = tmp_path / "parts" / "small"
+    r = run_bundle_cmd("build", model, "--target", "windows-x86_64", "--max-file-size", "60M", "-o", out)
+    assert r.returncode == 0, r.stderr
+    exe = out.with_name("small.exe")
+    parts = sorted(p.name for p in exe.parent.glob("small-*-of-*.gguf"))
+    assert len(parts) >= 2, os.listdir(exe.parent)
+    assert all((exe.parent / p).stat().st_size <= 60 * 2**20 for p in parts)
+    r = wine.run(exe, "-p", QUESTION, "--temp", "0", "-n", "16")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    (exe.parent / parts[-1]).rename(exe.parent / "elsewhere.gguf")
+    r = wine.run(exe, "-p", "hi")
+    assert r.returncode == 1
+    assert parts[-1] in r.stderr, r.stderr
+
+
+def test_server_answers_the_openai_client(wine, win_bundle):
+    openai = pytest.importorskip("openai")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = wine.popen(win_bundle, "--server", "--port", port, "--no-browser")
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="x", messages=[{"role": "user", "content": QUESTION}],
+                                               temperature=0, max_tokens=16)
+        assert "Paris" in reply.choices[0].message.content
+        chunks = client.chat.completions.create(model="x", messages=[{"role": "user", "content": QUESTION}],
+                                                temperature=0, max_tokens=16, stream=True)
+        assert "Paris" in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finally:
+        proc.kill()
+        wine.stop()  # the runtime process (the bootloader's child) goes with the prefix's server
+        proc.wait(timeout=30)
+        wine.start()
+
+
+def test_the_model_is_never_copied_to_disk(wine, win_bundle):
+    """After the runs above: no file written since the prefix was made, in the wine prefix
+    (Windows' temp folders, %LOCALAPPDATA%) or in the Linux temp folders, is over half the
+    model's size (the bundles and parts the tests built are not looked at)."""
+    wine.run(win_bundle, "-p", "Hi", "-n", "4")
+    limit = (ROOT / "models" / "SmolLM2-135M-Instruct.gguf").stat().st_size // 2
+    built = win_bundle.parents[2]  # pytest's base folder: the bundles themselves live there
+    big = []
+    for root in (wine.prefix, Path("/tmp"), Path("/var/tmp")):
+        for folder, dirs, files in os.walk(root):
+            if root != wine.prefix and Path(folder).is_relative_to(built):
+                dirs.clear()
+                continue
+            for name in files:
+                p = Path(folder) / name
+                try:
+                    st = p.lstat()
+                except OSError:
+                    continue
+                if st.st_size > limit and st.st_mtime >= wine.started and p.is_file() and not p.is_symlink():
+                    big.append(f"{p} ({st.st_size} bytes)")
+    assert not big, big
