@@ -35,9 +35,9 @@ buildtools:
 # The Windows stub is built on this machine: MinGW-w64 cross-compiles llama.cpp, wine runs the
 # Windows CPython and PyInstaller (and the tests of the .exe).
 buildtools-windows:
-	@command -v x86_64-w64-mingw32-g++-posix >/dev/null 2>&1 && [ -x /usr/lib/wine/wine64 ] || { \
+	@command -v x86_64-w64-mingw32-g++-posix >/dev/null 2>&1 && [ -x /usr/lib/wine/wine64 ] && command -v osslsigncode >/dev/null 2>&1 || { \
 		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q \
-		g++-mingw-w64-x86-64-posix wine64; }
+		g++-mingw-w64-x86-64-posix wine64 osslsigncode; }
 
 # build.py skips every step whose output is up to date (the llama.cpp compile, CPython and the
 # bootloader are cached per version, flags and toolchain under ~/.cache/bundle/build), so this

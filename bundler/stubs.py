@@ -57,12 +57,13 @@ def find_stub(target: str | None = None, stub_path: str | None = None) -> Stub:
         folder = stubs_root() / target
         exe = folder / STUB_NAMES.get(target, "bundle-runtime")
         if not exe.is_file():
-            how = (
-                "run `python build.py` (or `make stub`) to build it"
-                if target == host_target()
-                else f"build it with build.py on a {target} machine (PyInstaller does not cross-compile) "
-                f"or download it from the project's CI artifacts, and put it in {folder}/"
-            )
+            if target == host_target():
+                how = "run `python build.py` (or `make stub`) to build it"
+            elif target == "windows-x86_64" and host_target() == "linux-x86_64":
+                how = "build it here with `python build.py --target windows-x86_64` (or `make stub-windows`)"
+            else:
+                how = (f"build it with build.py on a {target} machine (PyInstaller does not cross-compile) "
+                       f"or download it from the project's CI artifacts, and put it in {folder}/")
             raise BundleError(f"no runtime stub for {target} in {folder}/; {how}")
     meta_file = folder / "stub.json"
     native = folder / NATIVE_CPU

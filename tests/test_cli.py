@@ -195,8 +195,10 @@ def test_missing_stub_names_the_folder(model, out_dir, tmp_path):
     env = dict(os.environ, BUNDLE_STUBS_DIR=str(tmp_path / "nostubs"))
     r = run_bundle_cmd("build", model, "-o", out_dir / "x", env=env)
     assert_one_line_error(r, str(tmp_path / "nostubs" / "linux-x86_64"), "build.py")
-    r = run_bundle_cmd("build", model, "-o", out_dir / "x", "--target", "windows-x86_64")
-    assert_one_line_error(r, "windows-x86_64", "does not cross-compile")
+    r = run_bundle_cmd("build", model, "-o", out_dir / "x", "--target", "windows-x86_64", env=env)
+    assert_one_line_error(r, "windows-x86_64", "python build.py --target windows-x86_64")
+    r = run_bundle_cmd("build", model, "-o", out_dir / "x", "--target", "macos-arm64")
+    assert_one_line_error(r, "macos-arm64", "does not cross-compile")
     assert listing(out_dir) == []
 
 

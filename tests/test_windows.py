@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,33 @@ def test_the_model_is_never_copied_to_disk(wine, win_bundle):
                 if st.st_size > limit and st.st_mtime >= wine.started and p.is_file() and not p.is_symlink():
                     big.append(f"{p} ({st.st_size} bytes)")
     assert not big, big
+
+
+def test_a_bundle_signed_after_it_was_built_still_runs_and_verifies(wine, win_bundle, tmp_path):
+    """Authenticode signing (osslsigncode here; signtool on Windows) appends a certificate table
+    and rewrites the PE checksum and one header entry: the bundle must still start, answer and
+    verify, and damage must still be found."""
+    if not shutil.which("osslsigncode") or not shutil.which("openssl"):
+        pytest.fail("osslsigncode and openssl are needed: run `make buildtools-windows`")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=bundle test signer"], check=True, capture_output=True)
+    signed = tmp_path / "signed.exe"
+    r = subprocess.run(["osslsigncode", "sign", "-certs", cert, "-key", key, "-n", "demo", "-in", win_bundle,
+                        "-out", signed], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert signed.stat().st_size > win_bundle.stat().st_size
+    r = subprocess.run(["osslsigncode", "verify", "-in", signed, "-CAfile", cert], capture_output=True, text=True)
+    assert "Signature verification: ok" in r.stdout, r.stdout + r.stderr
+    r = run_bundle_cmd("verify", signed)
+    assert r.returncode == 0, r.stderr
+    r = wine.run(signed, "-p", QUESTION, "--temp", "0", "-n", "16")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    # one byte of the bootloader (not one of the fields signing rewrites) changed: found
+    data = bytearray(signed.read_bytes())
+    data[0x1000] ^= 0xFF
+    bad = tmp_path / "bad-signed.exe"
+    bad.write_bytes(bytes(data))
+    r = run_bundle_cmd("verify", bad)
+    assert r.returncode == 1 and "bootloader" in r.stderr, r.stderr
