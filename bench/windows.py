@@ -83,7 +83,8 @@ def main() -> int:
                 wine.run(exe, "-p", QUESTION, "--temp", "0", "-n", "16")
                 rows["windows_oneshot"].append(time.perf_counter() - t0)
                 err(f"round {i + 1}: decode {rows['linux'][-1]['decode_tps']:.1f} (linux) vs "
-                    f"{rows['windows'][-1]['decode_tps']:.1f} (wine) tok/s")
+                    f"{rows['windows'][-1]['decode_tps']:.1f} (wine) tok/s; one-shot "
+                    f"{rows['linux_oneshot'][-1]:.2f} s vs {rows['windows_oneshot'][-1]:.2f} s")
         finally:
             wine.stop()
     med = statistics.median

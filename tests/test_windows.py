@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -148,11 +149,22 @@ def test_server_answers_the_openai_client(wine, win_bundle):
         chunks = client.chat.completions.create(model="x", messages=[{"role": "user", "content": QUESTION}],
                                                 temperature=0, max_tokens=16, stream=True)
         assert "Paris" in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    finally:
+        # Killing the bootloader (the process the user started) ends the runtime it started
+        # too (runtime/process.py waits on its parent's handle): the port closes.
         proc.kill()
-        wine.stop()  # the runtime process (the bootloader's child) goes with the prefix's server
         proc.wait(timeout=30)
-        wine.start()
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) != 0:
+                    break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the server still answers 20 s after its bootloader was killed")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 def test_the_model_is_never_copied_to_disk(wine, win_bundle):
@@ -207,3 +219,41 @@ def test_a_bundle_signed_after_it_was_built_still_runs_and_verifies(wine, win_bu
     bad.write_bytes(bytes(data))
     r = run_bundle_cmd("verify", bad)
     assert r.returncode == 1 and "bootloader" in r.stderr, r.stderr
+
+
+def test_temp_folder_of_a_killed_bundle_is_removed_by_the_next_launch(wine, win_bundle):
+    """PyInstaller's bootloader removes its _MEI folder when the runtime ends; a bootloader that
+    is killed cannot. The next launch removes such a folder once it is older than two minutes
+    (its marker is no longer locked by a live runtime)."""
+    import socket
+
+    temp = wine.local_appdata / "Temp" if NATIVE else wine.prefix / "drive_c" / "users" / os.environ.get(
+        "USER", "root") / "Temp"
+    before = set(temp.glob("_MEI*")) if temp.exists() else set()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = wine.popen(win_bundle, "--server", "--port", port, "--no-browser")
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
+        left = set(temp.glob("_MEI*")) - before
+        assert len(left) == 1, left
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    (folder,) = left
+    deadline = time.time() + 20
+    while time.time() < deadline and wine_process_running(wine):
+        time.sleep(0.2)
+    assert folder.exists()  # killed: nobody removed it
+    old = time.time() - 600
+    os.utime(folder, (old, old))
+    r = wine.run(win_bundle, "--info")
+    assert r.returncode == 0, r.stderr
+    assert not folder.exists()
+
+
+def wine_process_running(wine) -> bool:
+    """Whether a runtime of the test bundle still runs (its folder is in use until it ends)."""
+    out = subprocess.run(["ps", "-eo", "comm"], capture_output=True, text=True).stdout if not NATIVE else ""
+    return any(NAME[:15] in line for line in out.splitlines())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -48,11 +49,22 @@ class Wine:
         null = subprocess.DEVNULL
         subprocess.run([WINESERVER, "-p"], env=self.env, stdin=null, stdout=null, stderr=null)
         subprocess.run([WINE, "wineboot", "-i"], env=self.env, stdin=null, stdout=null, stderr=null, timeout=600)
+        # A Windows process that lives as long as the prefix is used: wine stops its own
+        # background processes (services, explorer, plugplay) when the last program ends and
+        # starts them again with the next one, which they then slow down by seconds and whose
+        # pipes they hold open after it has exited. cmd.exe waits on a pipe we never write to.
+        self.keeper = subprocess.Popen([WINE, "cmd.exe"], env=self.env, stdin=subprocess.PIPE, stdout=null,
+                                       stderr=null)
         return self
 
     def stop(self) -> None:
         if NATIVE:
             return
+        keeper = getattr(self, "keeper", None)
+        if keeper is not None:
+            keeper.kill()
+            keeper.wait()
+            self.keeper = None
         subprocess.run([WINESERVER, "-k"], env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
 
@@ -72,9 +84,38 @@ class Wine:
 
     def run(self, exe: Path, *args, input: str = "", timeout: float = 300, cwd=None,
             env: dict | None = None) -> subprocess.CompletedProcess:
-        """exe under wine with pipes for stdin, stdout and stderr (text, UTF-8)."""
-        return subprocess.run([*self.launcher, str(exe), *map(str, args)], input=input, capture_output=True, timeout=timeout,
-                              env=env or self.env, cwd=cwd, encoding="utf-8", errors="replace")
+        """exe under wine with pipes for stdin, stdout and stderr (text, UTF-8). Its output is
+        what arrived by the time it exited and a moment after: a wine background process it
+        started may hold the pipes open for longer."""
+        proc = subprocess.Popen([*self.launcher, str(exe), *map(str, args)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env or self.env, cwd=cwd)
+        chunks = {1: [], 2: []}
+
+        def drain(stream, key):
+            for block in iter(lambda: os.read(stream.fileno(), 1 << 16), b""):
+                chunks[key].append(block)
+
+        readers = [threading.Thread(target=drain, args=(proc.stdout, 1), daemon=True),
+                   threading.Thread(target=drain, args=(proc.stderr, 2), daemon=True)]
+        for r in readers:
+            r.start()
+        try:
+            proc.stdin.write(input.encode())
+            proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        for r in readers:
+            r.join(timeout=1.0)
+
+        def text(key):
+            return b"".join(chunks[key]).decode("utf-8", "replace")
+
+        return subprocess.CompletedProcess(proc.args, proc.returncode, text(1), text(2))
 
     def popen(self, exe: Path, *args, env: dict | None = None) -> subprocess.Popen:
         return subprocess.Popen([*self.launcher, str(exe), *map(str, args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
