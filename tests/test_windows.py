@@ -257,3 +257,23 @@ def wine_process_running(wine) -> bool:
     """Whether a runtime of the test bundle still runs (its folder is in use until it ends)."""
     out = subprocess.run(["ps", "-eo", "comm"], capture_output=True, text=True).stdout if not NATIVE else ""
     return any(NAME[:15] in line for line in out.splitlines())
+
+
+def test_model_over_4gib_goes_beside_the_exe_by_default(wine, model, win_stub, tmp_path):
+    """Windows refuses to start an executable over 4 GiB: for this target the parts are written
+    without being asked for, and the .exe answers from them (a sparse, all-zero model: its words
+    are nonsense, its loading is real)."""
+    from bigmodel import make_big_model
+
+    big = tmp_path / "big.gguf"
+    assert make_big_model(big, model) > 4 << 30
+    out = tmp_path / "dist" / "big"
+    r = run_bundle_cmd("build", big, "--target", "windows-x86_64", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "Windows runs no executable over 4 GiB" in r.stderr, r.stderr
+    exe = out.with_name("big.exe")
+    parts = sorted(exe.parent.glob("big-*-of-*.gguf"))
+    assert len(parts) == 2, os.listdir(exe.parent)
+    assert all(p.stat().st_size < 4 << 30 for p in [exe, *parts])
+    r = wine.run(exe, "-p", "Hi", "-n", "2", "--temp", "0", "--ctx", "256", timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
