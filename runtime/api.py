@@ -45,13 +45,30 @@ class GenParams:
     grammar: str | None = None  # GBNF from response_format or the `grammar` extension field
     logit_bias: dict = None  # token id -> bias
     n: int = 1  # choices to generate (decoded side by side when slots are free)
+    logprobs: int | None = None  # log-probabilities wanted: how many alternatives per token
+
+
+MAX_TOP_LOGPROBS = 20  # chat (OpenAI's limit); legacy completions allow 5
+
+
+def parse_logprobs(body: dict, chat: bool) -> int | None:
+    """Chat: `logprobs: true` and `top_logprobs` 0..20 (which needs logprobs). Completions:
+    `logprobs` 0..5, the number of alternatives. None when not asked for."""
+    if chat:
+        want = body.get("logprobs")
+        if want is not None and not isinstance(want, bool):
+            raise ApiError(400, f"'logprobs' must be a boolean, got {type(want).__name__}", "logprobs",
+                           "invalid_type")
+        top = _num(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
+        if top is not None and not want:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs' set to true", "top_logprobs", "invalid_value")
+        return (top or 0) if want else None
+    return _num(body, "logprobs", 0, 5, integer=True)
 
 
 # Fields OpenAI accepts that this server cannot honour: rejected with a 400, as OpenAI does for
 # values it does not support, rather than silently ignored.
 _UNSUPPORTED = {
-    "logprobs": lambda v: bool(v),
-    "top_logprobs": lambda v: v not in (None, 0),
     "tools": lambda v: bool(v),
     "functions": lambda v: bool(v),
     "audio": lambda v: v is not None,

@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .engine import Result, Sampling, TextOut
+from .engine import Result, Sampling, TextOut, TokenLogprob, token_logprobs
 from .errors import RuntimeFailure
 
 
@@ -34,6 +34,7 @@ class GenRequest:
     sampling: Sampling
     on_text: Callable[[str], None] | None
     cancel: object  # CancelFlag
+    on_logprobs: Callable[[list], None] | None = None  # TokenLogprobs of the text just passed on
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.perf_counter)
 
@@ -87,10 +88,11 @@ class Scheduler:
         self._thread.start()
 
     # -- what the server and the chat call -----------------------------------------------------
-    def generate(self, tokens: list[int], sampling: Sampling, on_text=None, cancel=None) -> Future:
+    def generate(self, tokens: list[int], sampling: Sampling, on_text=None, cancel=None,
+                 on_logprobs=None) -> Future:
         from .worker import CancelFlag
 
-        req = GenRequest(list(tokens), sampling, on_text, cancel or CancelFlag())
+        req = GenRequest(list(tokens), sampling, on_text, cancel or CancelFlag(), on_logprobs=on_logprobs)
         with self.lock:
             self.stats.requests += 1
             self.waiting.append(req)
@@ -172,8 +174,12 @@ class Scheduler:
         slot.req = req
         slot.todo = req.tokens[len(slot.cached):]
         slot.chain = self.engine._sampler(req.sampling, req.tokens)
-        slot.text = TextOut(req.sampling.stop, req.on_text)
         slot.result = Result(prompt_tokens=len(req.tokens))
+        on_text = req.on_text
+        if req.sampling.logprobs is not None:
+            slot.result.logprobs = []
+            on_text = self._with_logprobs(slot, req)
+        slot.text = TextOut(req.sampling.stop, on_text)
         slot.next_token = None
         slot.started = time.perf_counter()
         slot.decode_started = 0.0
@@ -236,6 +242,27 @@ class Scheduler:
         b.seq_id[i][0] = seq
         b.logits[i] = 1 if logits else 0
 
+    @staticmethod
+    def _with_logprobs(slot: _Slot, req: GenRequest):
+        """on_text for a request that wants log-probabilities: after the text, the entries of
+        the tokens whose text has now begun to be passed on (a token held back as the start of
+        a possible stop string goes out with the text that follows it)."""
+        state = {"emitted": 0, "sent": 0}
+        entries = slot.result.logprobs
+
+        def on_text(text):
+            if req.on_text:
+                req.on_text(text)
+            state["emitted"] += len(text)
+            n = state["sent"]
+            while n < len(entries) and entries[n].start < state["emitted"]:
+                n += 1
+            if n > state["sent"] and req.on_logprobs:
+                req.on_logprobs(entries[state["sent"]:n])
+            state["sent"] = n
+
+        return on_text
+
     def _sample(self, slot: _Slot, idx: int, now: float) -> None:
         C, eng, r, s = self.C, self.engine, slot.result, slot.req.sampling
         if not slot.decode_started:
@@ -251,7 +278,15 @@ class Scheduler:
             r.first_token_seconds = now - slot.started
         if slot.req.cancel.is_set():
             self.stats.max_tokens_after_cancel = max(self.stats.max_tokens_after_cancel, 1)
-        if slot.text.add(eng.piece(tok)):
+        piece = eng.piece(tok)
+        if r.logprobs is not None:
+            lp, top = token_logprobs(C, eng.ctx, idx, eng.n_vocab, tok, s.logprobs)
+            start = r.logprobs[-1].end if r.logprobs else 0
+            r.logprobs.append(TokenLogprob(tok, piece, lp, [(t, eng.piece(t), v) for t, v in top], start, start))
+        stopped = slot.text.add(piece)
+        if r.logprobs is not None:
+            r.logprobs[-1].end = slot.text.decoded
+        if stopped:
             self._finish(slot)
             return
         max_tokens = s.max_tokens if s.max_tokens > 0 else 1 << 30
@@ -264,6 +299,8 @@ class Scheduler:
     def _finish(self, slot: _Slot, forget: bool = False) -> None:
         r, req = slot.result, slot.req
         r.text = slot.text.finish()
+        if r.logprobs is not None:  # tokens of a stop string (cut from the text) are not part of it
+            r.logprobs = [e for e in r.logprobs if e.start < len(r.text)]
         r.decode_seconds = time.perf_counter() - (slot.decode_started or slot.started)
         self.C.llama_sampler_free(slot.chain)
         slot.chain = slot.req = slot.text = None

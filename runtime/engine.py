@@ -106,6 +106,7 @@ class Sampling:
     presence_penalty: float = 0.0
     grammar: str | None = None  # GBNF (structured output): only text it accepts is sampled
     logit_bias: dict = field(default_factory=dict)  # token id -> bias added to its logit
+    logprobs: int | None = None  # record each token's log-probability and this many alternatives
 
 
 @dataclass
@@ -117,6 +118,47 @@ class Result:
     prompt_seconds: float = 0.0
     decode_seconds: float = 0.0
     first_token_seconds: float = 0.0
+    logprobs: list | None = None  # TokenLogprob per token of text (when Sampling.logprobs is set)
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token: its bytes, its log-probability under the model, the most likely
+    alternatives at that step [(token id, bytes, log-probability)], and where its text starts
+    and ends in the answer (characters)."""
+
+    token: int
+    piece: bytes
+    logprob: float
+    top: list
+    start: int = 0
+    end: int = 0
+
+
+def token_logprobs(C, ctx, idx: int, n_vocab: int, token: int, top: int) -> tuple[float, list]:
+    """log softmax of the logits llama.cpp computed at batch position idx: the sampled token's
+    value and the top alternatives' [(id, value)]. The model's own distribution: before the
+    sampling settings, logit_bias and any grammar. (Pure Python over the vocabulary: a few ms
+    a token, paid only by requests that ask for log-probabilities.)"""
+    import array
+    import heapq
+    import itertools
+    import math
+    import operator
+
+    logits = array.array("f", ctypes.string_at(C.llama_get_logits_ith(ctx, idx), 4 * n_vocab))
+    try:  # logits are small numbers: exp() of each fits a double (2.5x faster than shifting first)
+        total = sum(map(math.exp, logits))
+        lse = math.log(total)
+    except (OverflowError, ValueError):  # a logit over ~709, or all of them far below zero
+        m = max(logits)
+        lse = m + math.log(math.fsum(map(math.exp, map(operator.sub, logits, itertools.repeat(m)))))
+    best, seen = [], {}
+    for v in heapq.nlargest(top, logits) if top else ():
+        i = logits.index(v, seen.get(v, 0))  # (equal values: each index once)
+        seen[v] = i + 1
+        best.append(i)
+    return logits[token] - lse, [(i, logits[i] - lse) for i in best]
 
 
 _log_callback = None  # module-level on purpose: C keeps the pointer for the process's life
@@ -515,10 +557,13 @@ class TextOut:
         self.on_text = on_text
         self.pending = ""  # text not yet passed on (may be the start of a stop string)
         self.out: list[str] = []
+        self.decoded = 0  # characters decoded so far (passed on, held back or cut)
 
     def add(self, piece: bytes) -> bool:
         """Add a token's bytes; True when a stop string was reached (the text ends before it)."""
-        self.pending += self.utf8.decode(piece)
+        text = self.utf8.decode(piece)
+        self.decoded += len(text)
+        self.pending += text
         if self.stops:
             cut = _find_stop(self.pending, self.stops)
             if cut is not None:

@@ -262,6 +262,7 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
             presence_penalty=p.presence_penalty,
             grammar=p.grammar,
             logit_bias=p.logit_bias or {},
+            logprobs=p.logprobs,
         )
 
     def check_sampling(params: api.GenParams) -> None:
@@ -329,6 +330,9 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
                 after_cancel[0] += 1
             post(("text", text))
 
+        def on_logprobs(entries):
+            post(("logprobs", entries))
+
         def finished(f):
             stats = worker.stats
             stats.max_tokens_after_cancel = max(stats.max_tokens_after_cancel, after_cancel[0])
@@ -338,7 +342,8 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
 
         if shape.n > 1:  # several choices (never streamed): each its own generation, seeds seed+i
             return await generate_choices(request, tokens, sampling, shape, cancel)
-        future = worker.generate(tokens, sampling, on_text=on_text, cancel=cancel)
+        future = worker.generate(tokens, sampling, on_text=on_text, cancel=cancel,
+                                 on_logprobs=on_logprobs if shape.stream and sampling.logprobs is not None else None)
         future.add_done_callback(finished)
         if not shape.stream:
             watch = asyncio.ensure_future(_watch_disconnect(request, cancel))
@@ -368,22 +373,25 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
                         items = []
                     while not events.empty():
                         items.append(events.get_nowait())
-                    out, text = [], []
+                    out, text, logprobs = [], [], []
                     for kind, value in items:
                         if kind == "text":
                             text.append(value)
                             continue
-                        if text:
-                            out.append(_sse(shape.delta("".join(text))))
-                            text = []
+                        if kind == "logprobs":
+                            logprobs += value
+                            continue
+                        if text or logprobs:
+                            out.append(_sse(shape.delta("".join(text), logprobs)))
+                            text, logprobs = [], []
                         if kind == "error":
                             out.append(_sse(ApiError(500, str(value), None, "generation_failed", "server_error").body()))
                         else:
                             out.extend(_sse(body) for body in shape.last(value))
                         done = True
                         break
-                    if text:
-                        out.append(_sse(shape.delta("".join(text))))
+                    if text or logprobs:
+                        out.append(_sse(shape.delta("".join(text), logprobs)))
                     if out:
                         yield "".join(out)
                 yield "data: [DONE]\n\n"
@@ -396,6 +404,7 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
     def prepare_chat(raw: bytes):
         body = parse_json(raw)
         params = api.parse_common(body)
+        params.logprobs = api.parse_logprobs(body, chat=True)
         check_sampling(params)
         messages = api.parse_messages(body)
         if settings.system and not any(m["role"] == "system" for m in messages):
@@ -415,6 +424,7 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
     def prepare_completion(raw: bytes):
         body = parse_json(raw)
         params = api.parse_common(body)
+        params.logprobs = api.parse_logprobs(body, chat=False)
         check_sampling(params)
         return params, tokens_for(api.parse_prompt(body), raw=True)
 
@@ -562,21 +572,45 @@ def _sse(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
+def _text(piece: bytes) -> str:
+    return piece.decode("utf-8", "replace")
+
+
+def _chat_logprob(e) -> dict:
+    """One token as OpenAI's chat API gives it (ChatCompletionTokenLogprob)."""
+    return {"token": _text(e.piece), "logprob": e.logprob, "bytes": list(e.piece),
+            "top_logprobs": [{"token": _text(p), "logprob": v, "bytes": list(p)} for _, p, v in e.top]}
+
+
+def _completion_logprobs(entries, top: int | None) -> dict | None:
+    """Tokens as the legacy completions API gives them (offsets within the generated text)."""
+    if entries is None or top is None:
+        return None
+    return {"tokens": [_text(e.piece) for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{_text(p): v for _, p, v in e.top} for e in entries] if top else None,
+            "text_offset": [e.start for e in entries]}
+
+
 class _ChatShape:
     def __init__(self, model, params, n_prompt):
         self.id, self.model, self.created = api.new_id("chatcmpl"), model, api.now()
         self.stream, self.include_usage, self.n_prompt = params.stream, params.include_usage, n_prompt
         self.n = params.n
+        self.logprobs = params.logprobs
 
-    def _chunk(self, delta, finish=None):
+    def _chunk(self, delta, finish=None, logprobs=None):
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        if logprobs is not None:
+            choice["logprobs"] = {"content": [_chat_logprob(e) for e in logprobs], "refusal": None}
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                "choices": [choice]}
 
     def first(self):
         return self._chunk({"role": "assistant", "content": ""})
 
-    def delta(self, text):
-        return self._chunk({"content": text})
+    def delta(self, text, logprobs=None):
+        return self._chunk({"content": text}, logprobs=logprobs if self.logprobs is not None else None)
 
     def last(self, result):
         end = self._chunk({}, api.finish_reason(result))
@@ -591,6 +625,8 @@ class _ChatShape:
     def final(self, result):
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                             "logprobs": None if result.logprobs is None else {
+                                 "content": [_chat_logprob(e) for e in result.logprobs], "refusal": None},
                              "finish_reason": api.finish_reason(result)}],
                 "usage": api.usage(result.prompt_tokens, result.completion_tokens),
                 "timings": api.timings(result)}
@@ -601,15 +637,16 @@ class _CompletionShape(_ChatShape):
         super().__init__(model, params, n_prompt)
         self.id = api.new_id("cmpl")
 
-    def _chunk(self, text, finish=None):
+    def _chunk(self, text, finish=None, logprobs=None):
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
 
     def first(self):
         return self._chunk("")
 
-    def delta(self, text):
-        return self._chunk(text)
+    def delta(self, text, logprobs=None):
+        return self._chunk(text, logprobs=_completion_logprobs(logprobs, self.logprobs)
+                           if self.logprobs is not None else None)
 
     def last(self, result):
         end = self._chunk("", api.finish_reason(result))
@@ -620,7 +657,8 @@ class _CompletionShape(_ChatShape):
 
     def final(self, result):
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": result.text, "logprobs": None,
+                "choices": [{"index": 0, "text": result.text,
+                             "logprobs": _completion_logprobs(result.logprobs, self.logprobs),
                              "finish_reason": api.finish_reason(result)}],
                 "usage": api.usage(result.prompt_tokens, result.completion_tokens)}
 

@@ -49,9 +49,10 @@ class EngineWorker:
     def parallel(self) -> int:
         return self.scheduler.n_parallel
 
-    def generate(self, tokens, sampling, on_text=None, cancel: CancelFlag | None = None) -> Future:
+    def generate(self, tokens, sampling, on_text=None, cancel: CancelFlag | None = None,
+                 on_logprobs=None) -> Future:
         """Queue a generation; the Future gives its Result."""
-        return self.scheduler.generate(tokens, sampling, on_text, cancel)
+        return self.scheduler.generate(tokens, sampling, on_text, cancel, on_logprobs)
 
     def submit(self, run, cancel: CancelFlag | None = None) -> Job:
         """run(engine, cancelled) on the engine's thread, between two decoding steps."""

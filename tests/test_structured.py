@@ -141,3 +141,63 @@ def test_n_choices(server):
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model="m", messages=q, n=2, stream=True)
     assert "n > 1" in str(e.value)
+
+
+# -- logprobs (issue 10.3) ------------------------------------------------------------------------
+
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+
+
+def test_chat_logprobs_are_the_models_own(server):
+    r = server.client().chat.completions.create(model="m", messages=QUESTION, temperature=0, max_tokens=12,
+                                                logprobs=True, top_logprobs=3)
+    choice = r.choices[0]
+    content = choice.logprobs.content
+    assert "".join(t.token for t in content) == choice.message.content
+    for t in content:
+        assert t.logprob <= 0 and bytes(t.bytes).decode("utf-8", "replace") == t.token
+        assert len(t.top_logprobs) == 3
+        values = [a.logprob for a in t.top_logprobs]
+        assert values == sorted(values, reverse=True) and sum(2.718281828 ** v for v in values) <= 1.0001
+        # greedy: the token chosen is the most likely one, with the same log-probability
+        assert t.top_logprobs[0].token == t.token and abs(t.top_logprobs[0].logprob - t.logprob) < 1e-5
+
+
+def test_streamed_chat_logprobs_match_the_unstreamed_ones(server):
+    client = server.client()
+    kw = dict(model="m", messages=QUESTION, temperature=0, max_tokens=12, logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**kw).choices[0].logprobs.content
+    text, streamed = [], []
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        if chunk.choices and chunk.choices[0].delta.content:
+            text.append(chunk.choices[0].delta.content)
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.content
+    assert [t.token for t in streamed] == [t.token for t in whole]
+    assert "".join(t.token for t in streamed) == "".join(text)
+    assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(streamed, whole))
+
+
+def test_completion_logprobs_and_a_stop_string_cuts_them_too(server):
+    client = server.client()
+    r = client.completions.create(model="m", prompt="The capital of France is", temperature=0, max_tokens=8,
+                                  logprobs=2)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    # the same request stopped at its second word: no token of the stop string is listed
+    words = r.choices[0].text.split()
+    assert len(words) >= 2, r.choices[0].text
+    stopped = client.completions.create(model="m", prompt="The capital of France is", temperature=0, max_tokens=8,
+                                        logprobs=0, stop=[words[1]])
+    slp = stopped.choices[0].logprobs
+    assert words[1] not in stopped.choices[0].text
+    assert "".join(slp.tokens).startswith(stopped.choices[0].text) and len(slp.tokens) < len(lp.tokens)
+    assert slp.top_logprobs is None
+
+
+def test_no_logprobs_unless_asked(server):
+    r = server.client().chat.completions.create(model="m", messages=QUESTION, temperature=0, max_tokens=4)
+    assert r.choices[0].logprobs is None

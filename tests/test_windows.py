@@ -227,8 +227,7 @@ def test_temp_folder_of_a_killed_bundle_is_removed_by_the_next_launch(wine, win_
     (its marker is no longer locked by a live runtime)."""
     import socket
 
-    temp = wine.local_appdata / "Temp" if NATIVE else wine.prefix / "drive_c" / "users" / os.environ.get(
-        "USER", "root") / "Temp"
+    temp = Path(os.environ["TEMP"]) if NATIVE else wine.profile / "Temp"
     before = set(temp.glob("_MEI*")) if temp.exists() else set()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -72,8 +72,16 @@ class Wine:
     def local_appdata(self) -> Path:
         if NATIVE:
             return Path(os.environ["LOCALAPPDATA"])
-        users = self.prefix / "drive_c" / "users"
-        return users / os.environ.get("USER", "root") / "AppData" / "Local"
+        return self.profile / "AppData" / "Local"
+
+    @property
+    def profile(self) -> Path:
+        """The user's folder in the prefix (wine names it after $USER, else the passwd entry)."""
+        if NATIVE:
+            return Path(os.environ["USERPROFILE"])
+        users = [p for p in (self.prefix / "drive_c" / "users").iterdir() if p.name.lower() != "public"]
+        assert len(users) == 1, users
+        return users[0]
 
     @property
     def launcher(self) -> list[str]:
