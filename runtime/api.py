@@ -308,3 +308,87 @@ def timings(result) -> dict:
 
 def finish_reason(result) -> str:
     return "length" if result.finish_reason == "length" else "stop"
+
+
+# -- the Responses API (POST /v1/responses), translated to a chat request ----------------------
+
+# Accepted and not acted on (listed in the README): nothing is stored, so there is nothing to
+# retrieve later; the others describe the caller, not the answer.
+RESPONSES_IGNORED = ("store", "metadata", "user", "parallel_tool_calls", "truncation", "service_tier",
+                     "safety_identifier", "prompt_cache_key")
+_RESPONSES_UNSUPPORTED = {
+    "tools": lambda v: bool(v),
+    "previous_response_id": lambda v: v is not None,
+    "conversation": lambda v: v is not None,
+    "background": lambda v: bool(v),
+    "prompt": lambda v: v is not None,
+    "reasoning": lambda v: v is not None,
+    "include": lambda v: bool(v),
+    "tool_choice": lambda v: v not in (None, "none", "auto"),
+    "max_tool_calls": lambda v: v is not None,
+    "top_logprobs": lambda v: v not in (None, 0),
+}
+_RESPONSES_KNOWN = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream",
+                    "text", *RESPONSES_IGNORED, *_RESPONSES_UNSUPPORTED}
+_INPUT_PART_TYPES = ("input_text", "output_text", "text")
+
+
+def responses_to_chat(body: dict) -> dict:
+    """A Responses API request as the chat request it asks for ({"messages", "max_tokens",
+    "temperature", "top_p", "stream", "response_format"}), every field checked; 400s name the
+    Responses field."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", None, "invalid_type")
+    for name, unsupported in _RESPONSES_UNSUPPORTED.items():
+        if name in body and unsupported(body[name]):
+            raise ApiError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
+    unknown = sorted(set(body) - _RESPONSES_KNOWN)
+    if unknown:
+        raise ApiError(400, f"'{unknown[0]}' is not a field of the Responses API this server knows", unknown[0],
+                       "unknown_parameter")
+    messages = []
+    instructions = body.get("instructions")
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            raise ApiError(400, "'instructions' must be a string", "instructions", "invalid_type")
+        messages.append({"role": "system", "content": instructions})
+    items = body.get("input")
+    if isinstance(items, str):
+        if not items.strip():
+            raise ApiError(400, "'input' is empty", "input", "invalid_value")
+        items = [{"role": "user", "content": items}]
+    if not isinstance(items, list) or not items:
+        raise ApiError(400, "'input' must be a string or a non-empty list of messages", "input", "invalid_type")
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        if not isinstance(item, dict) or item.get("type", "message") != "message":
+            kind = item.get("type") if isinstance(item, dict) else type(item).__name__
+            raise ApiError(400, f"{where}: only messages are supported (not {kind!r})", where, "unsupported_content")
+        content = item.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") not in _INPUT_PART_TYPES \
+                        or not isinstance(part.get("text"), str):
+                    raise ApiError(400, f"{where}.content[{j}]: only text parts are supported by this model",
+                                   f"{where}.content", "unsupported_content")
+                texts.append(part["text"])
+            content = "".join(texts)
+        messages.append({"role": item.get("role"), "content": content})
+    chat = {"messages": messages, "stream": body.get("stream", False)}
+    if body.get("max_output_tokens") is not None:
+        chat["max_tokens"] = _num(body, "max_output_tokens", 1, 10**7, integer=True)
+    for name in ("temperature", "top_p"):
+        if body.get(name) is not None:
+            chat[name] = body[name]
+    text = body.get("text")
+    if text is not None:
+        fmt = text.get("format") if isinstance(text, dict) else None
+        if not isinstance(text, dict) or (fmt is not None and not isinstance(fmt, dict)):
+            raise ApiError(400, "'text' must be an object with an optional 'format' object", "text", "invalid_type")
+        if fmt and fmt.get("type") == "json_schema":
+            chat["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": fmt.get("name"), "schema": fmt.get("schema"), "strict": fmt.get("strict")}}
+        elif fmt:
+            chat["response_format"] = fmt
+    return chat

@@ -359,8 +359,10 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
             """Under load several tokens wait in the queue at once: they go out as one delta in
             one write, and the timer for the keep-alive comment is set only when the queue is
             empty (a task and a timer per token cost more than the token, with 8 streams)."""
+            sse = getattr(shape, "sse", _sse)
             try:
-                yield _sse(shape.first())
+                first = shape.first()
+                yield "".join(sse(b) for b in (first if isinstance(first, list) else [first]))
                 done = False
                 while not done:
                     if events.empty():
@@ -382,19 +384,20 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
                             logprobs += value
                             continue
                         if text or logprobs:
-                            out.append(_sse(shape.delta("".join(text), logprobs)))
+                            out.append(sse(shape.delta("".join(text), logprobs)))
                             text, logprobs = [], []
                         if kind == "error":
-                            out.append(_sse(ApiError(500, str(value), None, "generation_failed", "server_error").body()))
+                            error = ApiError(500, str(value), None, "generation_failed", "server_error")
+                            out.append(sse(shape.error(error) if hasattr(shape, "error") else error.body()))
                         else:
-                            out.extend(_sse(body) for body in shape.last(value))
+                            out.extend(sse(body) for body in shape.last(value))
                         done = True
                         break
                     if text or logprobs:
-                        out.append(_sse(shape.delta("".join(text), logprobs)))
+                        out.append(sse(shape.delta("".join(text), logprobs)))
                     if out:
                         yield "".join(out)
-                yield "data: [DONE]\n\n"
+                yield getattr(shape, "end_of_stream", "data: [DONE]\n\n")
             finally:
                 cancel.set()  # a client that disconnected stops its generation at the next token
 
@@ -402,7 +405,14 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def prepare_chat(raw: bytes):
+        return prepare_chat_body(parse_json(raw))
+
+    def prepare_responses(raw: bytes):
         body = parse_json(raw)
+        params, tokens = prepare_chat_body(api.responses_to_chat(body))
+        return params, tokens, body
+
+    def prepare_chat_body(body: dict):
         params = api.parse_common(body)
         params.logprobs = api.parse_logprobs(body, chat=True)
         check_sampling(params)
@@ -433,6 +443,12 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
         params, tokens = await prep.run(lambda: prepare_chat(raw))
         return await generate(request, tokens, sampling_for(params, template.stop),
                               _ChatShape(model_id, params, len(tokens)))
+
+    async def responses(request: Request):
+        raw = await read_body(request)
+        params, tokens, body = await prep.run(lambda: prepare_responses(raw))
+        return await generate(request, tokens, sampling_for(params, template.stop),
+                              _ResponsesShape(model_id, params, len(tokens), body))
 
     async def completions(request: Request):
         raw = await read_body(request)
@@ -527,6 +543,7 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
         Route("/v1/models", wrap(models)),
         Route("/v1/chat/completions", wrap(chat_completions), methods=["POST"]),
         Route("/v1/completions", wrap(completions), methods=["POST"]),
+        Route("/v1/responses", wrap(responses), methods=["POST"]),
         Route("/v1/embeddings", wrap(embeddings), methods=["POST"]),
         Route("/static/{name:path}", static),
     ]
@@ -661,6 +678,85 @@ class _CompletionShape(_ChatShape):
                              "logprobs": _completion_logprobs(result.logprobs, self.logprobs),
                              "finish_reason": api.finish_reason(result)}],
                 "usage": api.usage(result.prompt_tokens, result.completion_tokens)}
+
+
+class _ResponsesShape:
+    """POST /v1/responses: one message of output text; streamed as OpenAI's typed events
+    (`event:` lines, a sequence number each, no [DONE])."""
+
+    end_of_stream = ""
+
+    def __init__(self, model, params, n_prompt, body):
+        self.id, self.model, self.created = api.new_id("resp"), model, api.now()
+        self.item = api.new_id("msg")
+        self.stream, self.include_usage, self.n_prompt, self.n, self.logprobs = params.stream, False, n_prompt, 1, None
+        self.body, self.seq, self.text = body, 0, []
+
+    def sse(self, event: dict) -> str:
+        event = dict(event, sequence_number=self.seq)
+        self.seq += 1
+        return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+    def _message(self, text: str | None, status: str) -> dict:
+        content = [] if text is None else [self._part(text)]
+        return {"type": "message", "id": self.item, "status": status, "role": "assistant", "content": content}
+
+    @staticmethod
+    def _part(text: str) -> dict:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def _response(self, status: str, result=None) -> dict:
+        b = self.body
+        fmt = (b.get("text") or {}).get("format") or {"type": "text"}
+        out = {"id": self.id, "object": "response", "created_at": self.created, "status": status, "error": None,
+               "incomplete_details": None, "instructions": b.get("instructions"),
+               "max_output_tokens": b.get("max_output_tokens"), "model": self.model, "output": [],
+               "parallel_tool_calls": b.get("parallel_tool_calls", True), "previous_response_id": None,
+               "reasoning": None, "store": False, "temperature": b.get("temperature"), "text": {"format": fmt},
+               "tool_choice": b.get("tool_choice", "auto"), "tools": [], "top_p": b.get("top_p"),
+               "truncation": b.get("truncation", "disabled"), "usage": None, "metadata": b.get("metadata") or {}}
+        if result is not None:
+            out["output"] = [self._message(result.text, "completed" if status == "completed" else "incomplete")]
+            out["usage"] = {"input_tokens": result.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+                            "output_tokens": result.completion_tokens,
+                            "output_tokens_details": {"reasoning_tokens": 0},
+                            "total_tokens": result.prompt_tokens + result.completion_tokens}
+            if status == "incomplete":
+                out["incomplete_details"] = {"reason": "max_output_tokens"}
+        return out
+
+    @staticmethod
+    def _status(result) -> str:
+        return "incomplete" if result.finish_reason == "length" else "completed"
+
+    def first(self) -> list:
+        pending = self._response("in_progress")
+        return [{"type": "response.created", "response": pending},
+                {"type": "response.in_progress", "response": pending},
+                {"type": "response.output_item.added", "output_index": 0, "item": self._message(None, "in_progress")},
+                {"type": "response.content_part.added", "item_id": self.item, "output_index": 0,
+                 "content_index": 0, "part": self._part("")}]
+
+    def delta(self, text, logprobs=None) -> dict:
+        self.text.append(text)
+        return {"type": "response.output_text.delta", "item_id": self.item, "output_index": 0, "content_index": 0,
+                "delta": text, "logprobs": []}
+
+    def last(self, result) -> list:
+        status = self._status(result)
+        item = self._message(result.text, "completed" if status == "completed" else "incomplete")
+        return [{"type": "response.output_text.done", "item_id": self.item, "output_index": 0, "content_index": 0,
+                 "text": result.text, "logprobs": []},
+                {"type": "response.content_part.done", "item_id": self.item, "output_index": 0, "content_index": 0,
+                 "part": self._part(result.text)},
+                {"type": "response.output_item.done", "output_index": 0, "item": item},
+                {"type": f"response.{status}", "response": self._response(status, result)}]
+
+    def error(self, exc: ApiError) -> dict:
+        return {"type": "error", "code": exc.code, "message": exc.message, "param": None}
+
+    def final(self, result) -> dict:
+        return self._response(self._status(result), result)
 
 
 def allowed_hosts_for(host: str, port: int) -> set[str] | None:

@@ -201,3 +201,54 @@ def test_completion_logprobs_and_a_stop_string_cuts_them_too(server):
 def test_no_logprobs_unless_asked(server):
     r = server.client().chat.completions.create(model="m", messages=QUESTION, temperature=0, max_tokens=4)
     assert r.choices[0].logprobs is None
+
+
+# -- the Responses API (issue 10.3) ---------------------------------------------------------------
+
+
+def test_responses_api_through_the_openai_client(server):
+    client = server.client()
+    r = client.responses.create(model="m", input="What is the capital of France? Answer in one word.",
+                                temperature=0)
+    assert r.status == "completed" and "Paris" in r.output_text
+    assert r.output[0].role == "assistant" and r.output[0].content[0].type == "output_text"
+    assert r.usage.input_tokens > 0 and r.usage.output_tokens > 0
+    # instructions are the system message; max_output_tokens cuts the answer (status incomplete)
+    r = client.responses.create(model="m", instructions="Always answer in French.", input=[
+        {"role": "user", "content": [{"type": "input_text", "text": "Tell me a long story about a cat."}]}],
+        max_output_tokens=5, temperature=0)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.output_tokens == 5
+
+
+def test_responses_api_streams_typed_events(server):
+    client = server.client()
+    kinds, deltas, final = [], [], None
+    with client.responses.stream(model="m", input="What is the capital of France? Answer in one word.",
+                                 temperature=0) as stream:
+        for event in stream:
+            kinds.append(event.type)
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+        final = stream.get_final_response()
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert "".join(deltas) == final.output_text and "Paris" in final.output_text
+
+
+def test_responses_api_json_schema_and_refusals(server):
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+              "additionalProperties": False}
+    r = server.client().responses.create(model="m", input="Give the capital of France as JSON.", temperature=0,
+                                         text={"format": {"type": "json_schema", "name": "c", "schema": schema,
+                                                          "strict": True}})
+    assert json.loads(r.output_text)["city"]
+    for body, param in ([{"input": "hi", "tools": [{"type": "function", "name": "f"}]}, "tools"],
+                        [{"input": "hi", "previous_response_id": "resp_x"}, "previous_response_id"],
+                        [{"input": [{"type": "function_call_output", "output": "x"}]}, "input[0]"],
+                        [{"input": "hi", "frobnicate": 1}, "frobnicate"],
+                        [{"input": ""}, "input"]):
+        status, answer = server.request("POST", "/v1/responses", body)
+        assert status == 400 and answer["error"]["param"] == param, answer
