@@ -32,12 +32,20 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def resolve_template(choice: str, gguf_template: str | None) -> tuple[str, str | None]:
-    """--template value -> (name stored in the manifest, Jinja source)."""
-    from runtime.template import ChatTemplate, TemplateError, TemplateLimitError
+def resolve_template(choice: str, gguf_template: str | None, info=None) -> tuple[str, str | None]:
+    """--template value -> (name stored in the manifest, Jinja source). A GGUF without a template
+    gets its family's preset (info: the GGUF's metadata), and a note says so."""
+    from runtime.template import ChatTemplate, TemplateError, TemplateLimitError, fallback_preset
 
+    if choice == "auto" and not gguf_template:
+        fallback = fallback_preset(info.architecture, info.get("tokenizer.ggml.pre"), info.get("tokenizer.ggml.model"),
+                                   info.get("general.name")) if info is not None else "chatml"
+        click.echo(f"note: the model carries no chat template: using the {fallback} preset (chosen by its "
+                   f"family); --template sets another, --template none sends prompts as they are (base models)",
+                   err=True)
+        choice = fallback
     if choice == "auto":
-        name, source = ("auto", gguf_template) if gguf_template else ("chatml", PRESETS["chatml"][0])
+        name, source = "auto", gguf_template
     elif choice in PRESETS:
         name, source = choice, PRESETS[choice][0]
     elif choice.endswith((".jinja", ".j2", ".jinja2")) or os.path.sep in choice:
@@ -105,7 +113,7 @@ def build(model, output, name, template, system, ctx, temp, top_p, top_k, repeat
     t0 = time.perf_counter()
     model_path = hub.fetch(model) if hub.is_hub_ref(model) else Path(model)
     info = gguf.read_gguf(str(model_path))
-    template_name, template_source = resolve_template(template, info.chat_template)
+    template_name, template_source = resolve_template(template, info.chat_template, info)
     stub_info = stubs.find_stub(target, stub)
     stem = Path(model_path.name).stem if not hub.is_hub_ref(model) else Path(model.rsplit("/", 1)[-1]).stem
     windows = stub_info.target.startswith("windows")

@@ -244,13 +244,19 @@ class Runtime:
         e = self.engine
         name = self.manifest.template_name or self.settings.template or "auto"
         source = self.manifest.template or (e.chat_template() if e else None)
-        return load_template(name, source, e.bos_text if e else "", e.eos_text if e else "")
+        return load_template(name, source, e.bos_text if e else "", e.eos_text if e else "",
+                             e.add_bos if e else True)
 
     def sampling(self, stop):
         from .engine import Sampling
 
         s = self.settings
         return Sampling(s.temp, s.top_p, s.top_k, s.repeat_penalty, s.seed, s.max_tokens, list(stop))
+
+    def template_label(self) -> str:
+        """The chat format in words: the GGUF's own, a preset, a file."""
+        name = self.manifest.template_name or self.settings.template or "auto"
+        return "from the GGUF" if name == "auto" else printable(name)
 
     def banner(self) -> str:
         m = self.manifest.model
@@ -262,6 +268,7 @@ class Runtime:
             f"{self.threads()} threads",
             f"ctx {e.n_ctx if e else self.settings.ctx}",
             f"{e.n_seq} slots" if e and e.n_seq > 1 else "",
+            f"template {self.template_label()}",
         ]
         return " · ".join(p for p in parts if p)
 

@@ -252,6 +252,7 @@ class Engine:
         self._piece_buf = ctypes.create_string_buffer(256)
         self._one = (C.llama_token * 1)()
         self.bos_text = self.token_text(C.llama_vocab_bos(self.vocab))
+        self.add_bos = bool(C.llama_vocab_get_add_bos(self.vocab))  # the GGUF's add_bos_token
         self.eos_text = self.token_text(C.llama_vocab_eos(self.vocab))
 
     # -- metadata ---------------------------------------------------------------------------

@@ -70,7 +70,31 @@ PRESETS: dict[str, tuple[str, list[str]]] = {
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
         ["<|end|>", "<|user|>", "<|endoftext|>"],
     ),
+    # No chat format: the text itself (a base model continues it; `-p "2+2="` is sent as is).
+    # Several messages are joined by blank lines, roles left out.
+    "none": (
+        "{% for m in messages %}{% if not loop.first %}{{ '\\n\\n' }}{% endif %}{{ m['content'] }}{% endfor %}",
+        [],
+    ),
 }
+# Presets whose text starts with the BOS token where the vocabulary wants one.
+_BOS_PRESETS = {"llama2", "llama3", "mistral", "gemma"}
+
+
+def fallback_preset(architecture: str, tokenizer_pre: str | None, tokenizer_model: str | None,
+                    name: str | None) -> str:
+    """The preset for a GGUF that carries no chat template, by its family: what llama.cpp's
+    built-in templates would give that family, ChatML when nothing tells."""
+    arch = (architecture or "").lower()
+    if arch.startswith("gemma"):
+        return "gemma"
+    if arch == "phi3":
+        return "phi3"
+    if tokenizer_pre == "llama-bpe":
+        return "llama3"
+    if arch in ("llama", "mistral") and tokenizer_model == "llama":  # SentencePiece: Llama 2, Mistral 7B
+        return "mistral" if "mistral" in (name or "").lower() else "llama2"
+    return "chatml"
 
 # Stop strings worth adding for the GGUF's own template, by the markers it uses.
 _MARKER_STOPS = {
@@ -318,11 +342,15 @@ def stops_for(name: str, source: str) -> list[str]:
     return stops
 
 
-def load_template(name: str, source: str | None, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
-    """name is 'auto' (use source, the GGUF's template), a preset name, or 'file:...' (source given)."""
+def load_template(name: str, source: str | None, bos_token: str = "", eos_token: str = "",
+                  add_bos: bool = True) -> ChatTemplate:
+    """name is 'auto' (use source, the GGUF's template), a preset name, or 'file:...' (source
+    given). A preset writes the BOS token only when the vocabulary adds one (add_bos_token)."""
     if name in PRESETS:
         source = PRESETS[name][0]
+        if not add_bos and name in _BOS_PRESETS:
+            bos_token = ""
     if not source:
-        # A GGUF without a template: ChatML is what most small instruct models expect.
+        # A GGUF without a template, in a bundle built before fallbacks were chosen by family.
         name, source = "chatml", PRESETS["chatml"][0]
     return ChatTemplate(source, name, tuple(stops_for(name, source)), bos_token, eos_token)
