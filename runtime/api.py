@@ -46,6 +46,7 @@ class GenParams:
     logit_bias: dict = None  # token id -> bias
     n: int = 1  # choices to generate (decoded side by side when slots are free)
     logprobs: int | None = None  # log-probabilities wanted: how many alternatives per token
+    tools: object = None  # runtime.tools.ToolSpec of a chat request with tools
 
 
 MAX_TOP_LOGPROBS = 20  # chat (OpenAI's limit); legacy completions allow 5
@@ -69,7 +70,6 @@ def parse_logprobs(body: dict, chat: bool) -> int | None:
 # Fields OpenAI accepts that this server cannot honour: rejected with a 400, as OpenAI does for
 # values it does not support, rather than silently ignored.
 _UNSUPPORTED = {
-    "tools": lambda v: bool(v),
     "functions": lambda v: bool(v),
     "audio": lambda v: v is not None,
     "prediction": lambda v: v is not None,
@@ -218,6 +218,7 @@ def parse_messages(body: dict) -> list[dict]:
             raise ApiError(400, f"messages[{i}].role '{role}' is not one of system, user, assistant, tool",
                            f"messages[{i}].role", "invalid_value")
         content = m.get("content")
+        calls = _tool_calls(m, i) if role == "assistant" and m.get("tool_calls") else None
         if content is None and role == "assistant":
             content = ""
         if isinstance(content, list):
@@ -231,7 +232,30 @@ def parse_messages(body: dict) -> list[dict]:
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
                            f"messages[{i}].content", "invalid_type")
-        out.append({"role": role, "content": _text(content, f"messages[{i}].content")})
+        msg = {"role": role, "content": _text(content, f"messages[{i}].content")}
+        if calls:
+            msg["tool_calls"] = calls
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            msg["tool_call_id"] = m["tool_call_id"]
+        out.append(msg)
+    return out
+
+
+def _tool_calls(m: dict, i: int) -> list[dict]:
+    """An assistant message's earlier tool calls: [{"id", "type", "function": {"name", "arguments"}}]."""
+    calls = m["tool_calls"]
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise ApiError(400, f"{where} must be a list", where, "invalid_type")
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
+                or not isinstance(fn.get("arguments", "{}"), (str, dict)):
+            raise ApiError(400, f"{where}[{j}] must have a function with a name and arguments", f"{where}[{j}]",
+                           "invalid_type")
+        out.append({"id": str(c.get("id") or f"call_{j}"), "type": "function",
+                    "function": {"name": fn["name"], "arguments": fn.get("arguments", "{}")}})
     return out
 
 

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from . import api
+from . import api, tools
 from .api import ApiError
 from .engine import Engine, Sampling, last_error
 from .errors import ContextOverflowError, RuntimeFailure, TemplateError
@@ -384,7 +384,7 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
                             logprobs += value
                             continue
                         if text or logprobs:
-                            out.append(sse(shape.delta("".join(text), logprobs)))
+                            out += [sse(d) for d in [shape.delta("".join(text), logprobs)] if d is not None]
                             text, logprobs = [], []
                         if kind == "error":
                             error = ApiError(500, str(value), None, "generation_failed", "server_error")
@@ -394,7 +394,7 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
                         done = True
                         break
                     if text or logprobs:
-                        out.append(sse(shape.delta("".join(text), logprobs)))
+                        out += [sse(d) for d in [shape.delta("".join(text), logprobs)] if d is not None]
                     if out:
                         yield "".join(out)
                 yield getattr(shape, "end_of_stream", "data: [DONE]\n\n")
@@ -415,6 +415,17 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
     def prepare_chat_body(body: dict):
         params = api.parse_common(body)
         params.logprobs = api.parse_logprobs(body, chat=True)
+        try:
+            spec = tools.parse(body)
+            if spec is not None:
+                spec.style = tools.style_of(template.source)
+                if spec.active and params.grammar:
+                    raise ApiError(400, "give either tools or a JSON response_format/grammar, not both", "tools",
+                                   "invalid_value")
+                params.grammar = tools.grammar(spec) if spec.active else params.grammar
+        except tools.ToolError as exc:
+            raise ApiError(400, str(exc), exc.param, "invalid_value") from None
+        params.tools = spec
         check_sampling(params)
         messages = api.parse_messages(body)
         if settings.system and not any(m["role"] == "system" for m in messages):
@@ -425,8 +436,10 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
             eng.check_text_fits(sum(len(m["content"].encode("utf-8")) for m in messages))
         except ContextOverflowError as exc:
             raise ApiError(400, str(exc), "messages", "context_length_exceeded") from None
+        messages = tools.for_template(messages, spec)
+        native = spec is not None and spec.active and spec.style != "generic"
         try:
-            text = template.render(messages)
+            text = template.render(messages, tools=spec.wanted() if native else None)
         except TemplateError as exc:
             raise ApiError(400, str(exc), "messages", "template_error") from None
         return params, tokens_for(text, raw=False)
@@ -615,6 +628,8 @@ class _ChatShape:
         self.stream, self.include_usage, self.n_prompt = params.stream, params.include_usage, n_prompt
         self.n = params.n
         self.logprobs = params.logprobs
+        spec = getattr(params, "tools", None)
+        self.tools = spec if spec is not None and spec.active else None  # answers parsed for calls
 
     def _chunk(self, delta, finish=None, logprobs=None):
         choice = {"index": 0, "delta": delta, "finish_reason": finish}
@@ -627,12 +642,30 @@ class _ChatShape:
         return self._chunk({"role": "assistant", "content": ""})
 
     def delta(self, text, logprobs=None):
+        if self.tools:  # the answer is parsed for calls once it is whole: nothing goes out before
+            return None
         return self._chunk({"content": text}, logprobs=logprobs if self.logprobs is not None else None)
 
+    def _answer(self, result) -> tuple[dict, str]:
+        """The assistant message and finish reason of a finished generation."""
+        content, calls = tools.parse_answer(result.text, self.tools)
+        message = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        return message, "tool_calls" if calls else api.finish_reason(result)
+
     def last(self, result):
-        end = self._chunk({}, api.finish_reason(result))
+        out, finish = [], api.finish_reason(result)
+        if self.tools:
+            message, finish = self._answer(result)
+            if message.get("tool_calls"):
+                out.append(self._chunk({"content": None, "tool_calls": [
+                    dict(c, index=i) for i, c in enumerate(message["tool_calls"])]}))
+            elif message["content"]:
+                out.append(self._chunk({"content": message["content"]}))
+        end = self._chunk({}, finish)
         end["timings"] = api.timings(result)
-        out = [end]
+        out.append(end)
         if self.include_usage:
             out.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                         "model": self.model, "choices": [],
@@ -640,11 +673,13 @@ class _ChatShape:
         return out
 
     def final(self, result):
+        message, finish = self._answer(result) if self.tools else (
+            {"role": "assistant", "content": result.text}, api.finish_reason(result))
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                "choices": [{"index": 0, "message": message,
                              "logprobs": None if result.logprobs is None else {
                                  "content": [_chat_logprob(e) for e in result.logprobs], "refusal": None},
-                             "finish_reason": api.finish_reason(result)}],
+                             "finish_reason": finish}],
                 "usage": api.usage(result.prompt_tokens, result.completion_tokens),
                 "timings": api.timings(result)}
 
