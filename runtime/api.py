@@ -47,6 +47,7 @@ class GenParams:
     n: int = 1  # choices to generate (decoded side by side when slots are free)
     logprobs: int | None = None  # log-probabilities wanted: how many alternatives per token
     tools: object = None  # runtime.tools.ToolSpec of a chat request with tools
+    think: bool | None = None  # reasoning template: whether the answer starts inside <think>
 
 
 MAX_TOP_LOGPROBS = 20  # chat (OpenAI's limit); legacy completions allow 5

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from . import api, tools
+from . import api, reasoning, tools
 from .api import ApiError
 from .engine import Engine, Sampling, last_error
 from .errors import ContextOverflowError, RuntimeFailure, TemplateError
@@ -439,9 +439,18 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
         messages = tools.for_template(messages, spec)
         native = spec is not None and spec.active and spec.style != "generic"
         try:
-            text = template.render(messages, tools=spec.wanted() if native else None)
+            thinking = reasoning.thinking_wanted(body)
+        except reasoning.ReasoningError as exc:
+            raise ApiError(400, str(exc), exc.param, "invalid_value") from None
+        variables = {}
+        if "enable_thinking" in (template.source or ""):
+            variables["enable_thinking"] = True if thinking is None else thinking
+        try:
+            text = template.render(messages, tools=spec.wanted() if native else None, **variables)
         except TemplateError as exc:
             raise ApiError(400, str(exc), "messages", "template_error") from None
+        if reasoning.is_thinking_template(template.source):
+            params.think = reasoning.starts_inside(text)
         return params, tokens_for(text, raw=False)
 
     def prepare_completion(raw: bytes):
@@ -630,6 +639,9 @@ class _ChatShape:
         self.logprobs = params.logprobs
         spec = getattr(params, "tools", None)
         self.tools = spec if spec is not None and spec.active else None  # answers parsed for calls
+        think = getattr(params, "think", None)
+        self.splitter = reasoning.Splitter(think) if think is not None else None  # <think> … </think>
+        self.think = think
 
     def _chunk(self, delta, finish=None, logprobs=None):
         choice = {"index": 0, "delta": delta, "finish_reason": finish}
@@ -644,20 +656,40 @@ class _ChatShape:
     def delta(self, text, logprobs=None):
         if self.tools:  # the answer is parsed for calls once it is whole: nothing goes out before
             return None
-        return self._chunk({"content": text}, logprobs=logprobs if self.logprobs is not None else None)
+        lp = logprobs if self.logprobs is not None else None
+        if self.splitter is None:
+            return self._chunk({"content": text}, logprobs=lp)
+        return self._split_chunk(self.splitter.feed(text), lp)
+
+    def _split_chunk(self, parts, lp=None):
+        delta = {}
+        for kind, piece in parts:
+            key = "reasoning_content" if kind == "reasoning" else "content"
+            delta[key] = delta.get(key, "") + piece
+        return self._chunk(delta, logprobs=lp) if delta or lp else None
 
     def _answer(self, result) -> tuple[dict, str]:
-        """The assistant message and finish reason of a finished generation."""
-        content, calls = tools.parse_answer(result.text, self.tools)
+        """The assistant message and finish reason of a finished generation: the thinking apart
+        (reasoning templates), tool calls parsed (requests with tools)."""
+        thought, text = (None, result.text) if self.think is None else reasoning.split(result.text, self.think)
+        content, calls = tools.parse_answer(text, self.tools)
         message = {"role": "assistant", "content": content}
+        if thought:
+            message["reasoning_content"] = thought
         if calls:
             message["tool_calls"] = calls
         return message, "tool_calls" if calls else api.finish_reason(result)
 
     def last(self, result):
         out, finish = [], api.finish_reason(result)
+        if self.splitter is not None and not self.tools:
+            rest = self._split_chunk(self.splitter.finish())
+            if rest is not None:
+                out.append(rest)
         if self.tools:
             message, finish = self._answer(result)
+            if message.get("reasoning_content"):
+                out.append(self._chunk({"reasoning_content": message["reasoning_content"]}))
             if message.get("tool_calls"):
                 out.append(self._chunk({"content": None, "tool_calls": [
                     dict(c, index=i) for i, c in enumerate(message["tool_calls"])]}))
@@ -673,7 +705,7 @@ class _ChatShape:
         return out
 
     def final(self, result):
-        message, finish = self._answer(result) if self.tools else (
+        message, finish = self._answer(result) if self.tools or self.think is not None else (
             {"role": "assistant", "content": result.text}, api.finish_reason(result))
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "message": message,

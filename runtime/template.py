@@ -268,7 +268,7 @@ class ChatTemplate:
             raise TemplateError(f"the chat template ({self.name}) cannot be compiled: {type(exc).__name__}") from None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True,
-               seconds: float = RENDER_SECONDS, tools: list | None = None) -> str:
+               seconds: float = RENDER_SECONDS, tools: list | None = None, **variables) -> str:
         """Render under the limits above; any failure is a TemplateError that names it.
 
         A template that refuses the system role (Gemma's: raise_exception('System role not
@@ -276,17 +276,17 @@ class ChatTemplate:
         a blank line, as llama.cpp does for such templates, rather than failing every
         conversation that has a system prompt."""
         try:
-            return self._render(messages, add_generation_prompt, seconds, tools)
+            return self._render(messages, add_generation_prompt, seconds, tools, variables)
         except TemplateError as exc:
             if "refused the conversation" not in str(exc) or not any(m.get("role") == "system" for m in messages):
                 raise
             folded = fold_system(messages)
             if folded is None:
                 raise
-            return self._render(folded, add_generation_prompt, seconds, tools)
+            return self._render(folded, add_generation_prompt, seconds, tools, variables)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool, seconds: float,
-                tools: list | None = None) -> str:
+                tools: list | None = None, variables: dict | None = None) -> str:
         from jinja2 import TemplateError as JinjaError
 
         watch = _Watch(self.name, seconds)
@@ -301,6 +301,7 @@ class ChatTemplate:
                 eos_token=self.eos_token,
                 date_string=datetime.date.today().strftime("%d %b %Y"),  # Llama 3.x: "Today Date: …"
                 **({"tools": tools} if tools else {}),
+                **(variables or {}),
             ):
                 size += len(piece)
                 if size > RENDER_CHARS:
