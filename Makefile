@@ -65,7 +65,8 @@ demo: $(BUNDLE)
 demo-windows: stub-windows $(MODEL)
 	$(VENV)/bin/bundle build $(MODEL) --target windows-x86_64 -o $(WIN_BUNDLE)
 	@echo "\$$ wine $(WIN_BUNDLE) -p \"$(QUESTION)\" --temp 0"
-	@WINEDEBUG=-all WINEPREFIX=$(CURDIR)/build/wine-prefix $(WINE) wineboot -i </dev/null >/dev/null 2>&1; \
+	@mkdir -p build/wine-prefix; WINEDEBUG=-all WINEPREFIX=$(CURDIR)/build/wine-prefix $(WINE) wineboot -i \
+		</dev/null >/dev/null 2>&1; \
 		WINEDEBUG=-all WINEPREFIX=$(CURDIR)/build/wine-prefix $(WINE) $(WIN_BUNDLE) \
 		-p "$(QUESTION)" --temp 0 </dev/null 2>&1 | cat
 
