@@ -206,7 +206,7 @@ def test_a_bundle_signed_after_it_was_built_still_runs_and_verifies(wine, win_bu
     assert r.returncode == 0, r.stdout + r.stderr
     assert signed.stat().st_size > win_bundle.stat().st_size
     r = subprocess.run(["osslsigncode", "verify", "-in", signed, "-CAfile", cert], capture_output=True, text=True)
-    assert "Signature verification: ok" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr  # osslsigncode's own check of the signature
     r = run_bundle_cmd("verify", signed)
     assert r.returncode == 0, r.stderr
     r = wine.run(signed, "-p", QUESTION, "--temp", "0", "-n", "16")
