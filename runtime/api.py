@@ -87,8 +87,6 @@ def parse_common(body: dict) -> GenParams:
         if name in body and unsupported(body[name]):
             raise ApiError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
     n = _num(body, "n", 1, MAX_N, integer=True) or 1
-    if n > 1 and body.get("stream"):
-        raise ApiError(400, "n > 1 is supported without streaming only", "n", "unsupported_value")
     grammar = parse_response_format(body)
     max_tokens = _num(body, "max_completion_tokens", 1, 10**7, integer=True)
     if max_tokens is None:

@@ -8,6 +8,7 @@ admitted first come first served); a client that goes away stops its generation 
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import base64
 import errno
@@ -312,6 +313,77 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
         body["usage"] = api.usage(results[0].prompt_tokens, completion)
         return JSONResponse(body)
 
+    def stream_choices(tokens, sampling, shape, cancel):
+        """n > 1, streamed: the choices are generated side by side (seeds seed+i) and their
+        chunks interleave as they come, each with its index; one usage chunk at the end."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        shapes = []
+        for _ in range(shape.n):
+            s = copy.copy(shape)
+            if s.splitter is not None:
+                s.splitter = reasoning.Splitter(s.think)
+            shapes.append(s)
+
+        def post(event):
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:
+                cancel.set()
+
+        def start(i):
+            s = dataclasses.replace(sampling, seed=sampling.seed + i if sampling.seed >= 0 else -1)
+            future = worker.generate(tokens, s, on_text=lambda text: post(("text", i, text)), cancel=cancel,
+                                     on_logprobs=(lambda e: post(("logprobs", i, e))) if s.logprobs is not None else None)
+            future.add_done_callback(lambda f: None if f.cancelled() else post(
+                ("error", i, f.exception()) if f.exception() else ("done", i, f.result())))
+
+        for i in range(shape.n):
+            start(i)
+
+        def indexed(body, i):
+            if body is not None and body.get("choices"):
+                body["choices"][0]["index"] = i
+            return body
+
+        async def stream():
+            try:
+                yield "".join(_sse(indexed(s.first(), i)) for i, s in enumerate(shapes))
+                left, prompt, completion = set(range(shape.n)), 0, 0
+                while left:
+                    try:
+                        kind, i, value = await asyncio.wait_for(events.get(), KEEPALIVE_SECONDS)
+                    except asyncio.TimeoutError:
+                        yield ": waiting for the model\n\n"
+                        continue
+                    if kind == "text":
+                        body = shapes[i].delta(value)
+                    elif kind == "logprobs":
+                        body = shapes[i].delta("", value)
+                    elif kind == "error":
+                        yield _sse(ApiError(500, str(value), None, "generation_failed", "server_error").body())
+                        break
+                    else:
+                        left.discard(i)
+                        prompt, completion = value.prompt_tokens, completion + value.completion_tokens
+                        ends = [b for b in shapes[i].last(value) if b.get("choices")]
+                        for b in ends:
+                            b.pop("usage", None)  # one usage chunk for all the choices, at the end
+                        yield "".join(_sse(indexed(b, i)) for b in ends)
+                        continue
+                    if body is not None:
+                        yield _sse(indexed(body, i))
+                if shape.include_usage and not left:
+                    kind = "text_completion" if isinstance(shape, _CompletionShape) else "chat.completion.chunk"
+                    yield _sse({"id": shape.id, "object": kind, "created": shape.created,
+                                "model": shape.model, "choices": [], "usage": api.usage(prompt, completion)})
+                yield "data: [DONE]\n\n"
+            finally:
+                cancel.set()
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     async def generate(request: Request, tokens, sampling, shape):
         """Run one generation; stream it (SSE) or answer once. shape(kind, ...) builds bodies."""
         loop = asyncio.get_running_loop()
@@ -340,7 +412,9 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
                 exc = f.exception()
                 post(("error", exc) if exc else ("done", f.result()))
 
-        if shape.n > 1:  # several choices (never streamed): each its own generation, seeds seed+i
+        if shape.n > 1 and shape.stream:
+            return stream_choices(tokens, sampling, shape, cancel)
+        if shape.n > 1:  # several choices: each its own generation, seeds seed+i
             return await generate_choices(request, tokens, sampling, shape, cancel)
         future = worker.generate(tokens, sampling, on_text=on_text, cancel=cancel,
                                  on_logprobs=on_logprobs if shape.stream and sampling.logprobs is not None else None)

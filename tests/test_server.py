@@ -142,7 +142,6 @@ def test_health_page_and_static(server):
     (json.dumps({"messages": "hi"}).encode(), "'messages' must be a non-empty list", "messages"),
     (json.dumps({"messages": CHAT, "temperature": "hot"}).encode(), "'temperature' must be a number", "temperature"),
     (json.dumps({"messages": CHAT, "max_tokens": 0}).encode(), "'max_tokens' must be between", "max_tokens"),
-    (json.dumps({"messages": CHAT, "n": 2, "stream": True}).encode(), "n > 1 is supported without streaming", "n"),
     (json.dumps({"messages": CHAT, "functions": [{"name": "f"}]}).encode(), "not supported", "functions"),
     (json.dumps({"messages": CHAT, "top_logprobs": 2}).encode(), "needs 'logprobs' set to true", "top_logprobs"),
     (json.dumps({"messages": CHAT, "logprobs": True, "top_logprobs": 21}).encode(), "between 0 and 20",

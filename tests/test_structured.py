@@ -138,9 +138,32 @@ def test_n_choices(server):
     assert [ch.message.content for ch in again.choices] == [ch.message.content for ch in r.choices]
     cm = c.completions.create(model="m", prompt="Colours: red,", n=2, max_tokens=4, temperature=0)
     assert len(cm.choices) == 2 and cm.choices[1].index == 1
-    with pytest.raises(openai.BadRequestError) as e:
-        c.chat.completions.create(model="m", messages=q, n=2, stream=True)
-    assert "n > 1" in str(e.value)
+
+
+def test_n_choices_streamed_match_the_unstreamed_ones(server):
+    """Streamed, the choices interleave chunk by chunk, each with its index; seeded, each choice
+    is the text the unstreamed request gives at that index; one usage chunk counts them all."""
+    c = server.client()
+    q = [{"role": "user", "content": "Name a colour."}]
+    whole = c.chat.completions.create(model="m", messages=q, n=3, temperature=1.0, seed=11, max_tokens=12)
+    texts, finishes, usage = {0: "", 1: "", 2: ""}, {}, []
+    for chunk in c.chat.completions.create(model="m", messages=q, n=3, temperature=1.0, seed=11, max_tokens=12,
+                                           stream=True, stream_options={"include_usage": True}):
+        if chunk.usage:
+            usage.append(chunk.usage)
+        for ch in chunk.choices:
+            texts[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finishes[ch.index] = ch.finish_reason
+    assert [texts[i] for i in range(3)] == [ch.message.content for ch in whole.choices]
+    assert sorted(finishes) == [0, 1, 2]
+    assert len(usage) == 1 and usage[0].completion_tokens == whole.usage.completion_tokens
+    cm = c.completions.create(model="m", prompt="Colours: red,", n=2, max_tokens=4, temperature=0, stream=True)
+    got = {0: "", 1: ""}
+    for chunk in cm:
+        for ch in chunk.choices:
+            got[ch.index] += ch.text
+    assert got[0] == got[1] and got[0]
 
 
 # -- logprobs (issue 10.3) ------------------------------------------------------------------------
