@@ -34,6 +34,7 @@ import zipfile
 from pathlib import Path
 
 from buildsys import zig
+from buildsys.cache import fetch_sdist, publish
 
 ROOT = Path(__file__).resolve().parent
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -139,12 +140,7 @@ def ensure_wheel(version: str, flags: list[str]) -> Path:
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=folder))
     try:
         log(f"llama-cpp-python {version}: fetching the source")
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             f"llama-cpp-python=={version}", "-d", str(work), "-q"],
-            check=True,
-        )
-        sdist = next(work.glob("llama_cpp_python-*.tar.gz"))
+        sdist = fetch_sdist(f"llama-cpp-python=={version}", work, "llama_cpp_python-*.tar.gz")
         log(f"llama-cpp-python {version}: compiling with {' '.join(flags)} (about 10 minutes on 2 cores)")
         env = dict(os.environ, CMAKE_ARGS=" ".join(flags + zig.cmake_args(cache_dir() / "zig-tools")),
                    CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
@@ -272,11 +268,7 @@ def ensure_web_vendor() -> Path:
             shutil.copy(pkg / member, out / Path(member).name)
             lic = next(p for p in pkg.iterdir() if p.name.upper().startswith("LICENSE"))
             shutil.copy(lic, out / f"LICENSE.{name}.txt")
-        (out / ".complete").write_text("")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(out, folder)
-        return folder
+        return publish(out, folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -302,10 +294,7 @@ def ensure_cuda_toolkit() -> Path:
         for exe in (work / "tree" / "nvidia" / "cu13").glob("**/bin/*"):
             if exe.is_file():
                 exe.chmod(0o755)
-        (work / "tree" / ".complete").write_text("")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(work / "tree", root)
+        publish(work / "tree", root)
         return top
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -324,9 +313,7 @@ def ensure_cuda_backend(archs: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=folder))
     try:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(work)], check=True)
-        with tarfile.open(next(work.glob("llama_cpp_python-*.tar.gz"))) as tar:
+        with tarfile.open(fetch_sdist(f"llama-cpp-python=={LLAMA_CPP_PYTHON}", work, "llama_cpp_python-*.tar.gz")) as tar:
             tar.extractall(work, filter="data")
         src = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
         build = work / "build"
@@ -587,27 +574,8 @@ def build_windows(force: bool) -> int:
     stub = windows.run_pyinstaller(pydir, env, pyinstaller_args(web_vendor, stub_name.removesuffix(".exe"),
                                                                 windows.to_windows_path, strip=False),
                                    out_dir, cache)
-    import PyInstaller
-
-    from runtime import __version__ as runtime_version
-    from runtime.payload import FORMAT_VERSION
-
-    meta = {
-        "target": windows.TARGET,
-        "stub": stub_name,
-        "stub_sha256": hashlib.sha256(stub.read_bytes()).hexdigest(),
-        "stub_size": stub.stat().st_size,
-        "runtime_version": runtime_version,
-        "format_version": FORMAT_VERSION,
-        "llama_cpp_python": LLAMA_CPP_PYTHON,
-        "build_flags": windows.FLAGS,
-        "toolchain": windows.toolchain_identity(),
-        "python": version,
-        "pyinstaller": PyInstaller.__version__,
-        "windows_min": windows.WINDOWS_MIN,
-        "native": {"cpu": native},
-        "inputs": digest,
-    }
+    meta = stub_meta(windows.TARGET, stub, windows.FLAGS, version, native, digest,
+                     toolchain=windows.toolchain_identity(), windows_min=windows.WINDOWS_MIN)
     write_meta(meta_path, meta)
     log(f"Windows stub: {stub} ({stub.stat().st_size / 2**20:.1f} MiB) in {time.time() - t0:.0f} s")
     return 0
@@ -674,29 +642,11 @@ def main() -> int:
             libs.append(p)
         libs += archive_binaries(stub, tmpdir)
         glibc = check_portable([stub] + libs)
-    import PyInstaller
-
     from buildsys.python import python_env
-    from runtime import __version__ as runtime_version
-    from runtime.payload import FORMAT_VERSION
 
-    meta = {
-        "target": TARGET,
-        "stub": STUB_NAME,
-        "stub_sha256": hashlib.sha256(stub.read_bytes()).hexdigest(),
-        "stub_size": stub.stat().st_size,
-        "runtime_version": runtime_version,
-        "format_version": FORMAT_VERSION,
-        "llama_cpp_python": LLAMA_CPP_PYTHON,
-        "build_flags": CPU_FLAGS,
-        "python": subprocess.run([str(python), "-c", "import platform; print(platform.python_version())"],
-                                 capture_output=True, text=True, check=True,
-                                 env=python_env(python.parents[1])).stdout.strip(),
-        "pyinstaller": PyInstaller.__version__,
-        "glibc_min": glibc,
-        "native": {"cpu": native},
-        "inputs": digest,
-    }
+    version = subprocess.run([str(python), "-c", "import platform; print(platform.python_version())"],
+                             capture_output=True, text=True, check=True, env=python_env(python.parents[1])).stdout.strip()
+    meta = stub_meta(TARGET, stub, CPU_FLAGS, version, native, digest, glibc_min=glibc)
     if (out_dir / NATIVE_CUDA_NAME).exists() and not args.cuda:
         (out_dir / NATIVE_CUDA_NAME).unlink()  # a stale CUDA blob would not match this stub's record
     write_meta(meta_path, meta)
@@ -704,6 +654,31 @@ def main() -> int:
     if args.cuda:
         add_cuda(out_dir, meta, args.cuda_archs)
     return 0
+
+
+def stub_meta(target: str, stub: Path, flags: list[str], python_version: str, native: dict, inputs: str,
+              **extra) -> dict:
+    """stub.json's record of a stub, the same keys for every target (plus extra)."""
+    import PyInstaller
+
+    from runtime import __version__ as runtime_version
+    from runtime.payload import FORMAT_VERSION
+
+    return {
+        "target": target,
+        "stub": stub.name,
+        "stub_sha256": hashlib.sha256(stub.read_bytes()).hexdigest(),
+        "stub_size": stub.stat().st_size,
+        "runtime_version": runtime_version,
+        "format_version": FORMAT_VERSION,
+        "llama_cpp_python": LLAMA_CPP_PYTHON,
+        "build_flags": flags,
+        "python": python_version,
+        "pyinstaller": PyInstaller.__version__,
+        **extra,
+        "native": {"cpu": native},
+        "inputs": inputs,
+    }
 
 
 def write_meta(path: Path, meta: dict) -> None:

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from build import LLAMA_CPP_PYTHON, cache_dir, log, run_with_progress  # noqa: E402
+from buildsys.cache import fetch_sdist  # noqa: E402
 
 TOOLS = ("llama-bench", "llama-server")
 CMAKE_FLAGS = [
@@ -40,9 +41,7 @@ def ensure_tools() -> dict[str, Path]:
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=folder))
     try:
         log(f"reference: fetching llama-cpp-python {LLAMA_CPP_PYTHON} source for its vendored llama.cpp")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(work)], check=True)
-        sdist = next(work.glob("llama_cpp_python-*.tar.gz"))
+        sdist = fetch_sdist(f"llama-cpp-python=={LLAMA_CPP_PYTHON}", work, "llama_cpp_python-*.tar.gz")
         with tarfile.open(sdist) as tar:
             tar.extractall(work, filter="data")
         src = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from . import zig
+from .cache import fetch_sdist
 
 HERE = Path(__file__).resolve().parent
 OURS = HERE / "bundle_unpack_dir.c"
@@ -42,9 +43,7 @@ def build(cache: Path, pyinstaller_version: str) -> Path:
     logfile = folder / "build.log"
     try:
         log(f"bootloader: building PyInstaller {pyinstaller_version}'s with zig and a static zlib")
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        f"pyinstaller=={pyinstaller_version}", "-d", str(work)], check=True)
-        with tarfile.open(next(work.glob("pyinstaller-*.tar.gz"))) as tar:
+        with tarfile.open(fetch_sdist(f"pyinstaller=={pyinstaller_version}", work, "pyinstaller-*.tar.gz")) as tar:
             tar.extractall(work, filter="data")
         src = next(work.glob("pyinstaller-*/bootloader"))
         shutil.copy(OURS, src / "src" / OURS.name)

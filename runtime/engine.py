@@ -8,9 +8,14 @@ payload offset, memory-mapped (DESIGN.md #4): no copy of the model is ever writt
 
 from __future__ import annotations
 
+import array
 import codecs
 import ctypes
+import heapq
 import importlib.util
+import itertools
+import math
+import operator
 import os
 import random
 import sys
@@ -140,12 +145,6 @@ def token_logprobs(C, ctx, idx: int, n_vocab: int, token: int, top: int) -> tupl
     value and the top alternatives' [(id, value)]. The model's own distribution: before the
     sampling settings, logit_bias and any grammar. (Pure Python over the vocabulary: a few ms
     a token, paid only by requests that ask for log-probabilities.)"""
-    import array
-    import heapq
-    import itertools
-    import math
-    import operator
-
     logits = array.array("f", ctypes.string_at(C.llama_get_logits_ith(ctx, idx), 4 * n_vocab))
     try:  # logits are small numbers: exp() of each fits a double (2.5x faster than shifting first)
         total = sum(map(math.exp, logits))

@@ -666,8 +666,9 @@ def elf_end(f: BinaryIO) -> int | None:
     return e_shoff + e_shentsize * e_shnum
 
 
-def pe_image_end(f: BinaryIO) -> int | None:
-    """Where a PE file's (Windows .exe) last section ends: PyInstaller's archive follows."""
+def _pe_coff(f: BinaryIO) -> tuple[int, bytes] | None:
+    """(file offset, 24 bytes) of a PE file's signature and COFF header; None when f is no PE
+    file (a Windows .exe). f is left just after them: at the optional header."""
     f.seek(0)
     head = f.read(64)
     if len(head) < 64 or head[:2] != b"MZ":
@@ -675,10 +676,17 @@ def pe_image_end(f: BinaryIO) -> int | None:
     (e_lfanew,) = struct.unpack_from("<I", head, 0x3C)
     f.seek(e_lfanew)
     coff = f.read(24)
-    if len(coff) < 24 or coff[:4] != b"PE\0\0":
+    return (e_lfanew, coff) if len(coff) == 24 and coff[:4] == b"PE\0\0" else None
+
+
+def pe_image_end(f: BinaryIO) -> int | None:
+    """Where a PE file's (Windows .exe) last section ends: PyInstaller's archive follows."""
+    found = _pe_coff(f)
+    if found is None:
         return None
-    n_sections, = struct.unpack_from("<H", coff, 6)
-    opt_size, = struct.unpack_from("<H", coff, 20)
+    e_lfanew, coff = found
+    (n_sections,) = struct.unpack_from("<H", coff, 6)
+    (opt_size,) = struct.unpack_from("<H", coff, 20)
     f.seek(e_lfanew + 24 + opt_size)
     table = f.read(40 * n_sections)
     if len(table) < 40 * n_sections:
@@ -692,15 +700,10 @@ def pe_image_end(f: BinaryIO) -> int | None:
 
 def _pe_optional_header(f: BinaryIO) -> tuple[int, bytes] | None:
     """(file offset, bytes) of a PE file's optional header; None when f is no PE file."""
-    f.seek(0)
-    head = f.read(64)
-    if len(head) < 64 or head[:2] != b"MZ":
+    found = _pe_coff(f)
+    if found is None:
         return None
-    (e_lfanew,) = struct.unpack_from("<I", head, 0x3C)
-    f.seek(e_lfanew)
-    coff = f.read(24)
-    if len(coff) < 24 or coff[:4] != b"PE\0\0":
-        return None
+    e_lfanew, coff = found
     (opt_size,) = struct.unpack_from("<H", coff, 20)
     opt = f.read(opt_size)
     return (e_lfanew + 24, opt) if len(opt) == opt_size and opt_size >= 96 else None

@@ -249,6 +249,12 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
     prep = PrepPool()
     info = dict(info or {})
     model_id = info.get("name") or "model"
+    # What the chat template can do, read once: how it has the model call tools, whether it
+    # takes enable_thinking, whether its answers start with <think> (reasoning models).
+    source = getattr(template, "source", None) or ""
+    tool_style = tools.style_of(source)
+    takes_enable_thinking = "enable_thinking" in source
+    thinks = reasoning.is_thinking_template(source)
 
     def sampling_for(p: api.GenParams, stops) -> Sampling:
         return Sampling(
@@ -492,7 +498,7 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
         try:
             spec = tools.parse(body)
             if spec is not None:
-                spec.style = tools.style_of(template.source)
+                spec.style = tool_style
                 if spec.active and params.grammar:
                     raise ApiError(400, "give either tools or a JSON response_format/grammar, not both", "tools",
                                    "invalid_value")
@@ -517,13 +523,13 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
         except reasoning.ReasoningError as exc:
             raise ApiError(400, str(exc), exc.param, "invalid_value") from None
         variables = {}
-        if "enable_thinking" in (template.source or ""):
+        if takes_enable_thinking:
             variables["enable_thinking"] = True if thinking is None else thinking
         try:
             text = template.render(messages, tools=spec.wanted() if native else None, **variables)
         except TemplateError as exc:
             raise ApiError(400, str(exc), "messages", "template_error") from None
-        if reasoning.is_thinking_template(template.source):
+        if thinks:
             params.think = reasoning.starts_inside(text)
         return params, tokens_for(text, raw=False)
 

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QUESTION, ROOT, run_bundle_cmd
-from wine import NATIVE, WINE, WINESERVER, Wine, wait_for_http
+from wine import NATIVE, WINE, WINESERVER, Wine
 
 pytestmark = pytest.mark.windows
 STUB_DIR = ROOT / "stubs" / "windows-x86_64"
@@ -134,14 +135,8 @@ def test_split_parts_beside_the_exe_and_a_missing_part_is_named(wine, model, win
 
 def test_server_answers_the_openai_client(wine, win_bundle):
     openai = pytest.importorskip("openai")
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = wine.popen(win_bundle, "--server", "--port", port, "--no-browser")
+    proc, port = wine.serve(win_bundle)
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         reply = client.chat.completions.create(model="x", messages=[{"role": "user", "content": QUESTION}],
                                                temperature=0, max_tokens=16)
@@ -225,16 +220,10 @@ def test_temp_folder_of_a_killed_bundle_is_removed_by_the_next_launch(wine, win_
     """PyInstaller's bootloader removes its _MEI folder when the runtime ends; a bootloader that
     is killed cannot. The next launch removes such a folder once it is older than two minutes
     (its marker is no longer locked by a live runtime)."""
-    import socket
-
     temp = Path(os.environ["TEMP"]) if NATIVE else wine.profile / "Temp"
     before = set(temp.glob("_MEI*")) if temp.exists() else set()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = wine.popen(win_bundle, "--server", "--port", port, "--no-browser")
+    proc, _ = wine.serve(win_bundle)
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
         left = set(temp.glob("_MEI*")) - before
         assert len(left) == 1, left
     finally:

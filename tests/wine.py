@@ -16,8 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-WINE_CANDIDATES = ["/usr/lib/wine/wine64", "/usr/bin/wine64", "/usr/bin/wine"]
-WINESERVER_CANDIDATES = ["/usr/lib/wine/wineserver", "/usr/bin/wineserver"]
+from buildsys.windows import WINE_CANDIDATES, WINESERVER_CANDIDATES
 
 
 def _first(paths: list[str]) -> str | None:
@@ -124,6 +123,21 @@ class Wine:
             return b"".join(chunks[key]).decode("utf-8", "replace")
 
         return subprocess.CompletedProcess(proc.args, proc.returncode, text(1), text(2))
+
+    def serve(self, exe: Path) -> tuple[subprocess.Popen, int]:
+        """exe --server on a free port of 127.0.0.1, answering /health: (process, port)."""
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = self.popen(exe, "--server", "--port", port, "--no-browser")
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/health", proc)
+        except BaseException:
+            proc.kill()
+            raise
+        return proc, port
 
     def popen(self, exe: Path, *args, env: dict | None = None) -> subprocess.Popen:
         return subprocess.Popen([*self.launcher, str(exe), *map(str, args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
