@@ -240,30 +240,36 @@ def parse_json(body: bytes) -> dict:
     return data
 
 
-def create_app(settings, engine, *, template=None, info: dict | None = None, api_key: str | None = None,
-               allowed_hosts: set[str] | None = None, allowed_origins: set[str] | None = None) -> Starlette:
-    """settings: runtime Settings (defaults for requests); engine: an Engine or an EngineWorker
-    that owns one; template: the ChatTemplate; info: what /info and the page show."""
-    worker = engine if isinstance(engine, EngineWorker) else EngineWorker(engine)
-    eng: Engine = worker.engine
-    prep = PrepPool()
-    info = dict(info or {})
-    model_id = info.get("name") or "model"
-    # What the chat template can do, read once: how it has the model call tools, whether it
-    # takes enable_thinking, whether its answers start with <think> (reasoning models).
-    source = getattr(template, "source", None) or ""
-    tool_style = tools.style_of(source)
-    takes_enable_thinking = "enable_thinking" in source
-    thinks = reasoning.is_thinking_template(source)
+_RENDER_ARGS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "seconds", "date_string"}
 
-    def sampling_for(p: api.GenParams, stops) -> Sampling:
+
+class ServerState:
+    """What the request handlers read (request.app.state.bundle): the settings, the engine's
+    worker, the chat template and what it can do, and the preparation of each kind of request:
+    parsing, template rendering and tokenizing, run in the prep pool, never on the event loop."""
+
+    def __init__(self, settings, worker, template=None, info: dict | None = None):
+        self.settings, self.worker, self.template = settings, worker, template
+        self.engine: Engine = worker.engine
+        self.prep = PrepPool()
+        self.info = dict(info or {})
+        self.model_id = self.info.get("name") or "model"
+        # What the chat template can do, read once: how it has the model call tools, whether it
+        # takes enable_thinking, whether its answers start with <think> (reasoning models).
+        source = getattr(template, "source", None) or ""
+        self.tool_style = tools.style_of(source)
+        self.takes_enable_thinking = "enable_thinking" in source
+        self.thinks = reasoning.is_thinking_template(source)
+
+    def sampling_for(self, p: api.GenParams, stops) -> Sampling:
+        s = self.settings
         return Sampling(
-            temp=settings.temp if p.temperature is None else p.temperature,
-            top_p=settings.top_p if p.top_p is None else p.top_p,
-            top_k=settings.top_k,
-            repeat_penalty=settings.repeat_penalty,
-            seed=settings.seed if p.seed is None else p.seed,
-            max_tokens=p.max_tokens or settings.max_tokens,
+            temp=s.temp if p.temperature is None else p.temperature,
+            top_p=s.top_p if p.top_p is None else p.top_p,
+            top_k=s.top_k if p.top_k is None else p.top_k,
+            repeat_penalty=s.repeat_penalty if p.repeat_penalty is None else p.repeat_penalty,
+            seed=s.seed if p.seed is None else p.seed,
+            max_tokens=p.max_tokens or s.max_tokens,
             stop=list(stops) + p.stop,
             frequency_penalty=p.frequency_penalty,
             presence_penalty=p.presence_penalty,
@@ -272,18 +278,18 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
             logprobs=p.logprobs,
         )
 
-    def check_sampling(params: api.GenParams) -> None:
+    def check_sampling(self, params: api.GenParams) -> None:
         """What only the model can tell: token ids in range, a grammar llama.cpp parses."""
         try:
-            eng.checked_tokens(list(params.logit_bias or {}))
+            self.engine.checked_tokens(list(params.logit_bias or {}))
         except ValueError as exc:
             raise ApiError(400, f"logit_bias: {exc}", "logit_bias", "invalid_value") from None
-        if params.grammar and not eng.check_grammar(params.grammar):
+        if params.grammar and not self.engine.check_grammar(params.grammar):
             raise ApiError(400, "the grammar does not parse as GBNF (llama.cpp: " + (last_error() or "no detail")
                            + ")", "grammar", "invalid_value")
 
-    def tokens_for(text: str, raw: bool) -> list[int]:
-        param = "messages" if not raw else "prompt"
+    def tokens_for(self, text, raw: bool) -> list[int]:
+        eng, param = self.engine, "messages" if not raw else "prompt"
         try:
             if isinstance(text, list):  # token ids (completions)
                 try:
@@ -301,204 +307,15 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
             raise ApiError(400, "the prompt is empty", "prompt", "invalid_value")
         return tokens
 
-    async def generate_choices(request: Request, tokens, sampling, shape, cancel):
-        samplings = [dataclasses.replace(sampling, seed=sampling.seed + i if sampling.seed >= 0 else -1)
-                     for i in range(shape.n)]
-        futures = [worker.generate(tokens, s, on_text=lambda text: None, cancel=cancel) for s in samplings]
-        watch = asyncio.ensure_future(_watch_disconnect(request, cancel))
-        try:
-            results = [await asyncio.wrap_future(f) for f in futures]
-        except RuntimeFailure as exc:
-            cancel.set()  # the other choices stop too
-            raise ApiError(500, str(exc), None, "generation_failed", "server_error") from None
-        finally:
-            watch.cancel()
-        body = shape.final(results[0])
-        body["choices"] = [dict(shape.final(r)["choices"][0], index=i) for i, r in enumerate(results)]
-        completion = sum(r.completion_tokens for r in results)
-        body["usage"] = api.usage(results[0].prompt_tokens, completion)
-        return JSONResponse(body)
-
-    def stream_choices(tokens, sampling, shape, cancel):
-        """n > 1, streamed: the choices are generated side by side (seeds seed+i) and their
-        chunks interleave as they come, each with its index; one usage chunk at the end."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        shapes = []
-        for _ in range(shape.n):
-            s = copy.copy(shape)
-            if s.splitter is not None:
-                s.splitter = reasoning.Splitter(s.think)
-            shapes.append(s)
-
-        def post(event):
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:
-                cancel.set()
-
-        def start(i):
-            s = dataclasses.replace(sampling, seed=sampling.seed + i if sampling.seed >= 0 else -1)
-            future = worker.generate(tokens, s, on_text=lambda text: post(("text", i, text)), cancel=cancel,
-                                     on_logprobs=(lambda e: post(("logprobs", i, e))) if s.logprobs is not None else None)
-            future.add_done_callback(lambda f: None if f.cancelled() else post(
-                ("error", i, f.exception()) if f.exception() else ("done", i, f.result())))
-
-        for i in range(shape.n):
-            start(i)
-
-        def indexed(body, i):
-            if body is not None and body.get("choices"):
-                body["choices"][0]["index"] = i
-            return body
-
-        async def stream():
-            try:
-                yield "".join(_sse(indexed(s.first(), i)) for i, s in enumerate(shapes))
-                left, prompt, completion = set(range(shape.n)), 0, 0
-                while left:
-                    try:
-                        kind, i, value = await asyncio.wait_for(events.get(), KEEPALIVE_SECONDS)
-                    except asyncio.TimeoutError:
-                        yield ": waiting for the model\n\n"
-                        continue
-                    if kind == "text":
-                        body = shapes[i].delta(value)
-                    elif kind == "logprobs":
-                        body = shapes[i].delta("", value)
-                    elif kind == "error":
-                        yield _sse(ApiError(500, str(value), None, "generation_failed", "server_error").body())
-                        break
-                    else:
-                        left.discard(i)
-                        prompt, completion = value.prompt_tokens, completion + value.completion_tokens
-                        ends = [b for b in shapes[i].last(value) if b.get("choices")]
-                        for b in ends:
-                            b.pop("usage", None)  # one usage chunk for all the choices, at the end
-                        yield "".join(_sse(indexed(b, i)) for b in ends)
-                        continue
-                    if body is not None:
-                        yield _sse(indexed(body, i))
-                if shape.include_usage and not left:
-                    kind = "text_completion" if isinstance(shape, _CompletionShape) else "chat.completion.chunk"
-                    yield _sse({"id": shape.id, "object": kind, "created": shape.created,
-                                "model": shape.model, "choices": [], "usage": api.usage(prompt, completion)})
-                yield "data: [DONE]\n\n"
-            finally:
-                cancel.set()
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def generate(request: Request, tokens, sampling, shape):
-        """Run one generation; stream it (SSE) or answer once. shape(kind, ...) builds bodies."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        cancel = CancelFlag()
-        after_cancel = [0]
-
-        def post(event):
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the server is shutting down: nobody is listening
-                cancel.set()
-
-        def on_text(text):
-            if cancel.is_set():
-                after_cancel[0] += 1
-            post(("text", text))
-
-        def on_logprobs(entries):
-            post(("logprobs", entries))
-
-        def finished(f):
-            stats = worker.stats
-            stats.max_tokens_after_cancel = max(stats.max_tokens_after_cancel, after_cancel[0])
-            if not f.cancelled():
-                exc = f.exception()
-                post(("error", exc) if exc else ("done", f.result()))
-
-        if shape.n > 1 and shape.stream:
-            return stream_choices(tokens, sampling, shape, cancel)
-        if shape.n > 1:  # several choices: each its own generation, seeds seed+i
-            return await generate_choices(request, tokens, sampling, shape, cancel)
-        future = worker.generate(tokens, sampling, on_text=on_text, cancel=cancel,
-                                 on_logprobs=on_logprobs if shape.stream and sampling.logprobs is not None else None)
-        future.add_done_callback(finished)
-        if not shape.stream:
-            watch = asyncio.ensure_future(_watch_disconnect(request, cancel))
-            try:
-                result = await asyncio.wrap_future(future)
-            except RuntimeFailure as exc:
-                raise ApiError(500, str(exc), None, "generation_failed", "server_error") from None
-            finally:
-                watch.cancel()
-            return JSONResponse(shape.final(result))
-
-        async def stream():
-            """Under load several tokens wait in the queue at once: they go out as one delta in
-            one write, and the timer for the keep-alive comment is set only when the queue is
-            empty (a task and a timer per token cost more than the token, with 8 streams)."""
-            sse = getattr(shape, "sse", _sse)
-            try:
-                first = shape.first()
-                yield "".join(sse(b) for b in (first if isinstance(first, list) else [first]))
-                done = False
-                while not done:
-                    if events.empty():
-                        try:
-                            items = [await asyncio.wait_for(events.get(), KEEPALIVE_SECONDS)]
-                        except asyncio.TimeoutError:
-                            yield ": waiting for the model\n\n"  # also notices a client that left the queue
-                            continue
-                    else:
-                        items = []
-                    while not events.empty():
-                        items.append(events.get_nowait())
-                    out, text, logprobs = [], [], []
-                    for kind, value in items:
-                        if kind == "text":
-                            text.append(value)
-                            continue
-                        if kind == "logprobs":
-                            logprobs += value
-                            continue
-                        if text or logprobs:
-                            out += [sse(d) for d in [shape.delta("".join(text), logprobs)] if d is not None]
-                            text, logprobs = [], []
-                        if kind == "error":
-                            error = ApiError(500, str(value), None, "generation_failed", "server_error")
-                            out.append(sse(shape.error(error) if hasattr(shape, "error") else error.body()))
-                        else:
-                            out.extend(sse(body) for body in shape.last(value))
-                        done = True
-                        break
-                    if text or logprobs:
-                        out += [sse(d) for d in [shape.delta("".join(text), logprobs)] if d is not None]
-                    if out:
-                        yield "".join(out)
-                yield getattr(shape, "end_of_stream", "data: [DONE]\n\n")
-            finally:
-                cancel.set()  # a client that disconnected stops its generation at the next token
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    def prepare_chat(raw: bytes):
-        return prepare_chat_body(parse_json(raw))
-
-    def prepare_responses(raw: bytes):
-        body = parse_json(raw)
-        params, tokens = prepare_chat_body(api.responses_to_chat(body))
-        return params, tokens, body
-
-    def prepare_chat_body(body: dict):
+    def render_chat(self, body: dict) -> tuple[api.GenParams, str]:
+        """A chat request's parameters and its prompt as the template renders it."""
+        api.check_fields(body, api.CHAT_FIELDS, "chat completions")
         params = api.parse_common(body)
         params.logprobs = api.parse_logprobs(body, chat=True)
         try:
             spec = tools.parse(body)
             if spec is not None:
-                spec.style = tool_style
+                spec.style = self.tool_style
                 if spec.active and params.grammar:
                     raise ApiError(400, "give either tools or a JSON response_format/grammar, not both", "tools",
                                    "invalid_value")
@@ -506,14 +323,13 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
         except tools.ToolError as exc:
             raise ApiError(400, str(exc), exc.param, "invalid_value") from None
         params.tools = spec
-        check_sampling(params)
         messages = api.parse_messages(body)
-        if settings.system and not any(m["role"] == "system" for m in messages):
-            messages.insert(0, {"role": "system", "content": settings.system})
+        if self.settings.system and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": self.settings.system})
         # The rendered prompt holds every message: when their text alone cannot fit the context,
         # say so before the template renders 40,000 turns (issue 8.7).
         try:
-            eng.check_text_fits(sum(len(m["content"].encode("utf-8")) for m in messages))
+            self.engine.check_text_fits(sum(len(m["content"].encode("utf-8")) for m in messages))
         except ContextOverflowError as exc:
             raise ApiError(400, str(exc), "messages", "context_length_exceeded") from None
         messages = tools.for_template(messages, spec)
@@ -522,136 +338,393 @@ def create_app(settings, engine, *, template=None, info: dict | None = None, api
             thinking = reasoning.thinking_wanted(body)
         except reasoning.ReasoningError as exc:
             raise ApiError(400, str(exc), exc.param, "invalid_value") from None
-        variables = {}
-        if takes_enable_thinking:
+        # chat_template_kwargs go to the template as variables, as llama-server passes them.
+        variables = dict(body.get("chat_template_kwargs") or {})
+        taken = next((k for k in variables if k in _RENDER_ARGS), None)
+        if taken:
+            raise ApiError(400, f"'chat_template_kwargs.{taken}' is set by the server, not the request",
+                           "chat_template_kwargs", "invalid_value")
+        if self.takes_enable_thinking:
             variables["enable_thinking"] = True if thinking is None else thinking
         try:
-            text = template.render(messages, tools=spec.wanted() if native else None, **variables)
+            text = self.template.render(messages, tools=spec.wanted() if native else None, **variables)
         except TemplateError as exc:
             raise ApiError(400, str(exc), "messages", "template_error") from None
-        if thinks:
+        if self.thinks:
             params.think = reasoning.starts_inside(text)
-        return params, tokens_for(text, raw=False)
+        return params, text
 
-    def prepare_completion(raw: bytes):
-        body = parse_json(raw)
+    def prepare_chat(self, body: dict) -> tuple[api.GenParams, list[int]]:
+        params, text = self.render_chat(body)
+        self.check_sampling(params)
+        return params, self.tokens_for(text, raw=False)
+
+    def prepare_completion(self, body: dict) -> tuple[api.GenParams, list[int]]:
+        api.check_fields(body, api.COMPLETION_FIELDS, "completions")
         params = api.parse_common(body)
         params.logprobs = api.parse_logprobs(body, chat=False)
-        check_sampling(params)
-        return params, tokens_for(api.parse_prompt(body), raw=True)
+        self.check_sampling(params)
+        return params, self.tokens_for(api.parse_prompt(body), raw=True)
 
-    async def chat_completions(request: Request):
-        raw = await read_body(request)
-        params, tokens = await prep.run(lambda: prepare_chat(raw))
-        return await generate(request, tokens, sampling_for(params, template.stop),
-                              _ChatShape(model_id, params, len(tokens)))
-
-    async def responses(request: Request):
-        raw = await read_body(request)
-        params, tokens, body = await prep.run(lambda: prepare_responses(raw))
-        return await generate(request, tokens, sampling_for(params, template.stop),
-                              _ResponsesShape(model_id, params, len(tokens), body))
-
-    async def completions(request: Request):
-        raw = await read_body(request)
-        params, tokens = await prep.run(lambda: prepare_completion(raw))
-        return await generate(request, tokens, sampling_for(params, []), _CompletionShape(model_id, params, len(tokens)))
-
-    async def embeddings(request: Request):
-        raw = await read_body(request)
-        inputs, fmt = await prep.run(lambda: api.parse_embedding_input(parse_json(raw)))
+    def prepare_embeddings(self, body: dict) -> tuple[list, str]:
+        inputs, fmt = api.parse_embedding_input(body)
         for v in inputs:
             if isinstance(v, list):
                 try:
-                    eng.checked_tokens(v)
+                    self.engine.checked_tokens(v)
                 except ValueError as exc:
                     raise ApiError(400, str(exc), "input", "invalid_value") from None
+        return inputs, fmt
 
-        # One job per input: each runs between two decoding steps, so a long list of inputs
-        # never holds up the conversations being generated for more than one embedding.
-        jobs = [worker.submit(lambda engine, cancelled, text=text: engine.embed(text)).future for text in inputs]
-        try:
-            results = [await asyncio.wrap_future(job) for job in jobs]
-        except ContextOverflowError as exc:
-            raise ApiError(400, str(exc), "input", "context_length_exceeded") from None
-        except RuntimeFailure as exc:
-            raise ApiError(500, str(exc), None, "embedding_failed", "server_error") from None
-        data = []
-        for i, (vec, _) in enumerate(results):
-            value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode() if fmt == "base64" else vec
-            data.append({"object": "embedding", "index": i, "embedding": value})
-        n = sum(t for _, t in results)
-        return JSONResponse({"object": "list", "data": data, "model": model_id,
-                             "usage": {"prompt_tokens": n, "total_tokens": n}})
 
-    async def models(request: Request):
-        return JSONResponse({"object": "list", "data": [
-            {"id": model_id, "object": "model", "created": info.get("created", 0), "owned_by": "bundle",
-             "meta": {"backend": info.get("backend"), "context": eng.n_ctx}}]})
+def state_of(request: Request) -> ServerState:
+    return request.app.state.bundle
 
-    async def info_route(request: Request):
-        return JSONResponse({**info, "context": eng.n_ctx,
-                             "defaults": {"temperature": settings.temp, "system": settings.system or ""}})
 
-    async def health(request: Request):
-        s = worker.stats
-        busy = worker.scheduler.busy_slots()
-        return JSONResponse({"status": "ok", "queued": worker.pending(),
-                             "slots": {"total": worker.parallel, "busy": busy},
-                             "stats": {"jobs": s.finished + busy, "cancelled": s.cancelled, "skipped": s.skipped,
-                                       "max_tokens_after_cancel": s.max_tokens_after_cancel}})
+async def prepared(request: Request, prepare):
+    """The request's body, read here, parsed and prepared (prepare(body)) in the prep pool."""
+    raw = await read_body(request)
+    return await state_of(request).prep.run(lambda: prepare(parse_json(raw)))
 
-    async def metrics(request: Request):
-        return PlainTextResponse(prometheus_text(worker), media_type="text/plain; version=0.0.4")
 
-    async def page(request: Request):
-        return FileResponse(WEB / "index.html", headers={"Content-Security-Policy": PAGE_CSP,
-                                                          "X-Content-Type-Options": "nosniff",
-                                                          "Referrer-Policy": "no-referrer"})
+# --- the endpoints: each reads its state from the app; add a route to ROUTES below ----------------
 
-    async def static(request: Request):
-        name = request.path_params["name"]
-        missing = error_response(ApiError(404, f"no such file: /static/{name[:100]}", None, "not_found"))
-        if len(name) > 255 or "\0" in name:
-            return missing
-        try:
-            path = (WEB / name).resolve()
-            if WEB.resolve() not in path.parents or not path.is_file():
-                return missing
-        except (OSError, ValueError):
-            return missing
-        return FileResponse(path, headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
+async def chat_completions(request: Request):
+    st = state_of(request)
+    params, tokens = await prepared(request, st.prepare_chat)
+    return await generate(request, tokens, st.sampling_for(params, st.template.stop),
+                          api.ChatShape(st.model_id, params, len(tokens)))
 
-    def wrap(handler):
-        async def endpoint(request: Request):
-            try:
-                return await handler(request)
-            except ApiError as exc:
-                return error_response(exc)
-        return endpoint
 
-    async def not_found(request, exc):
-        return error_response(ApiError(404, f"no route {request.method} {request.url.path}", None, "not_found"))
+async def responses(request: Request):
+    st = state_of(request)
+    params, tokens, body = await prepared(request, lambda body: (*st.prepare_chat(api.responses_to_chat(body)), body))
+    return await generate(request, tokens, st.sampling_for(params, st.template.stop),
+                          api.ResponsesShape(st.model_id, params, len(tokens), body))
 
-    async def bad_method(request, exc):
-        return error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}", None,
-                                       "method_not_allowed"))
 
-    routes = [
-        Route("/", page),
-        Route("/health", health),
-        Route("/metrics", wrap(metrics)),
-        Route("/info", wrap(info_route)),
-        Route("/v1/models", wrap(models)),
-        Route("/v1/chat/completions", wrap(chat_completions), methods=["POST"]),
-        Route("/v1/completions", wrap(completions), methods=["POST"]),
-        Route("/v1/responses", wrap(responses), methods=["POST"]),
-        Route("/v1/embeddings", wrap(embeddings), methods=["POST"]),
-        Route("/static/{name:path}", static),
-    ]
-    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: bad_method})
+async def completions(request: Request):
+    st = state_of(request)
+    params, tokens = await prepared(request, st.prepare_completion)
+    return await generate(request, tokens, st.sampling_for(params, []),
+                          api.CompletionShape(st.model_id, params, len(tokens)))
+
+
+async def apply_template(request: Request):
+    """POST /apply-template (as llama-server): the prompt a chat request becomes, not generated.
+    Like llama.cpp's, without the leading BOS text when the tokenizer adds BOS itself."""
+    st = state_of(request)
+    _, text = await prepared(request, st.render_chat)
+    bos = getattr(st.engine, "bos_text", "")
+    if getattr(st.engine, "add_bos", False) and bos and text.startswith(bos):
+        text = text[len(bos):]
+    return JSONResponse({"prompt": text})
+
+
+async def embeddings(request: Request):
+    st = state_of(request)
+    inputs, fmt = await prepared(request, st.prepare_embeddings)
+    # One job per input: each runs between two decoding steps, so a long list of inputs
+    # never holds up the conversations being generated for more than one embedding.
+    jobs = [st.worker.submit(lambda engine, cancelled, text=text: engine.embed(text)).future for text in inputs]
+    try:
+        results = [await asyncio.wrap_future(job) for job in jobs]
+    except ContextOverflowError as exc:
+        raise ApiError(400, str(exc), "input", "context_length_exceeded") from None
+    except RuntimeFailure as exc:
+        raise ApiError(500, str(exc), None, "embedding_failed", "server_error") from None
+    data = []
+    for i, (vec, _) in enumerate(results):
+        value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode() if fmt == "base64" else vec
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    n = sum(t for _, t in results)
+    return JSONResponse({"object": "list", "data": data, "model": st.model_id,
+                         "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+
+async def models(request: Request):
+    st = state_of(request)
+    return JSONResponse({"object": "list", "data": [
+        {"id": st.model_id, "object": "model", "created": st.info.get("created", 0), "owned_by": "bundle",
+         "meta": {"backend": st.info.get("backend"), "context": st.engine.n_ctx}}]})
+
+
+async def info_route(request: Request):
+    st = state_of(request)
+    return JSONResponse({**st.info, "context": st.engine.n_ctx,
+                         "defaults": {"temperature": st.settings.temp, "system": st.settings.system or ""}})
+
+
+async def health(request: Request):
+    worker = state_of(request).worker
+    s = worker.stats
+    busy = worker.scheduler.busy_slots()
+    return JSONResponse({"status": "ok", "queued": worker.pending(),
+                         "slots": {"total": worker.parallel, "busy": busy},
+                         "stats": {"jobs": s.finished + busy, "cancelled": s.cancelled, "skipped": s.skipped,
+                                   "max_tokens_after_cancel": s.max_tokens_after_cancel}})
+
+
+async def metrics(request: Request):
+    return PlainTextResponse(prometheus_text(state_of(request).worker), media_type="text/plain; version=0.0.4")
+
+
+async def page(request: Request):
+    return FileResponse(WEB / "index.html", headers={"Content-Security-Policy": PAGE_CSP,
+                                                      "X-Content-Type-Options": "nosniff",
+                                                      "Referrer-Policy": "no-referrer"})
+
+
+async def static(request: Request):
+    name = request.path_params["name"]
+    missing = ApiError(404, f"no such file: /static/{name[:100]}", None, "not_found")
+    if len(name) > 255 or "\0" in name:
+        raise missing
+    try:
+        path = (WEB / name).resolve()
+        if WEB.resolve() not in path.parents or not path.is_file():
+            raise missing
+    except (OSError, ValueError):
+        raise missing from None
+    return FileResponse(path, headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
+
+
+ROUTES = [
+    Route("/", page),
+    Route("/health", health),
+    Route("/metrics", metrics),
+    Route("/info", info_route),
+    Route("/v1/models", models),
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/responses", responses, methods=["POST"]),
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
+    Route("/apply-template", apply_template, methods=["POST"]),
+    Route("/static/{name:path}", static),
+]
+
+
+async def _api_error(request, exc: ApiError):
+    return error_response(exc)
+
+
+async def _not_found(request, exc):
+    return error_response(ApiError(404, f"no route {request.method} {request.url.path}", None, "not_found"))
+
+
+async def _bad_method(request, exc):
+    return error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}", None,
+                                   "method_not_allowed"))
+
+
+def create_app(settings, engine, *, template=None, info: dict | None = None, api_key: str | None = None,
+               allowed_hosts: set[str] | None = None, allowed_origins: set[str] | None = None):
+    """settings: runtime Settings (defaults for requests); engine: an Engine, or a worker that owns
+    one (EngineWorker, or a stand-in with its methods in tests); template: the ChatTemplate;
+    info: what /info and the page show. The app, behind its Guard (hosts, origins, API key)."""
+    worker = engine if hasattr(engine, "generate") and hasattr(engine, "scheduler") else EngineWorker(engine)
+    app = Starlette(routes=ROUTES, exception_handlers={ApiError: _api_error, 404: _not_found, 405: _bad_method})
+    app.state.bundle = ServerState(settings, worker, template, info)
     app.state.worker = worker
     return Guard(app, allowed_hosts, api_key, allowed_origins)
+
+
+# --- generating: one choice or n, streamed (SSE) or answered once ----------------------------------
+
+def _streaming(body) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _seeded(sampling: Sampling, i: int) -> Sampling:
+    return dataclasses.replace(sampling, seed=sampling.seed + i if sampling.seed >= 0 else -1)
+
+
+async def generate_choices(request: Request, tokens, sampling, shape, cancel):
+    worker = state_of(request).worker
+    futures = [worker.generate(tokens, _seeded(sampling, i), on_text=lambda text: None, cancel=cancel)
+               for i in range(shape.n)]
+    watch = asyncio.ensure_future(_watch_disconnect(request, cancel))
+    try:
+        results = [await asyncio.wrap_future(f) for f in futures]
+    except RuntimeFailure as exc:
+        cancel.set()  # the other choices stop too
+        raise ApiError(500, str(exc), None, "generation_failed", "server_error") from None
+    finally:
+        watch.cancel()
+    body = shape.final(results[0])
+    body["choices"] = [dict(shape.final(r)["choices"][0], index=i) for i, r in enumerate(results)]
+    completion = sum(r.completion_tokens for r in results)
+    body["usage"] = api.usage(results[0].prompt_tokens, completion)
+    return JSONResponse(body)
+
+
+def stream_choices(request: Request, tokens, sampling, shape, cancel):
+    """n > 1, streamed: the choices are generated side by side (seeds seed+i) and their
+    chunks interleave as they come, each with its index; one usage chunk at the end."""
+    worker = state_of(request).worker
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    shapes = []
+    for _ in range(shape.n):
+        s = copy.copy(shape)
+        if s.splitter is not None:
+            s.splitter = reasoning.Splitter(s.think)
+        shapes.append(s)
+
+    def post(event):
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:
+            cancel.set()
+
+    def start(i):
+        s = _seeded(sampling, i)
+        future = worker.generate(tokens, s, on_text=lambda text: post(("text", i, text)), cancel=cancel,
+                                 on_logprobs=(lambda e: post(("logprobs", i, e))) if s.logprobs is not None else None)
+        future.add_done_callback(lambda f: None if f.cancelled() else post(
+            ("error", i, f.exception()) if f.exception() else ("done", i, f.result())))
+
+    for i in range(shape.n):
+        start(i)
+
+    def indexed(body, i):
+        if body is not None and body.get("choices"):
+            body["choices"][0]["index"] = i
+        return body
+
+    async def stream():
+        try:
+            yield "".join(api.sse(indexed(s.first(), i)) for i, s in enumerate(shapes))
+            left, prompt, completion = set(range(shape.n)), 0, 0
+            while left:
+                try:
+                    kind, i, value = await asyncio.wait_for(events.get(), KEEPALIVE_SECONDS)
+                except asyncio.TimeoutError:
+                    yield ": waiting for the model\n\n"
+                    continue
+                if kind == "text":
+                    body = shapes[i].delta(value)
+                elif kind == "logprobs":
+                    body = shapes[i].delta("", value)
+                elif kind == "error":
+                    yield api.sse(ApiError(500, str(value), None, "generation_failed", "server_error").body())
+                    break
+                else:
+                    left.discard(i)
+                    prompt, completion = value.prompt_tokens, completion + value.completion_tokens
+                    ends = [b for b in shapes[i].last(value) if b.get("choices")]
+                    for b in ends:
+                        b.pop("usage", None)  # one usage chunk for all the choices, at the end
+                    yield "".join(api.sse(indexed(b, i)) for b in ends)
+                    continue
+                if body is not None:
+                    yield api.sse(indexed(body, i))
+            if shape.include_usage and not left:
+                kind = "text_completion" if isinstance(shape, api.CompletionShape) else "chat.completion.chunk"
+                yield api.sse({"id": shape.id, "object": kind, "created": shape.created,
+                               "model": shape.model, "choices": [], "usage": api.usage(prompt, completion)})
+            yield "data: [DONE]\n\n"
+        finally:
+            cancel.set()
+
+    return _streaming(stream())
+
+
+async def generate(request: Request, tokens, sampling, shape):
+    """Run one generation; stream it (SSE) or answer once. The shape (api.ChatShape, …) builds
+    the bodies."""
+    worker = state_of(request).worker
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    cancel = CancelFlag()
+    after_cancel = [0]
+
+    def post(event):
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the server is shutting down: nobody is listening
+            cancel.set()
+
+    def on_text(text):
+        if cancel.is_set():
+            after_cancel[0] += 1
+        post(("text", text))
+
+    def on_logprobs(entries):
+        post(("logprobs", entries))
+
+    def finished(f):
+        stats = worker.stats
+        stats.max_tokens_after_cancel = max(stats.max_tokens_after_cancel, after_cancel[0])
+        if not f.cancelled():
+            exc = f.exception()
+            post(("error", exc) if exc else ("done", f.result()))
+
+    if shape.n > 1 and shape.stream:
+        return stream_choices(request, tokens, sampling, shape, cancel)
+    if shape.n > 1:  # several choices: each its own generation, seeds seed+i
+        return await generate_choices(request, tokens, sampling, shape, cancel)
+    future = worker.generate(tokens, sampling, on_text=on_text, cancel=cancel,
+                             on_logprobs=on_logprobs if shape.stream and sampling.logprobs is not None else None)
+    future.add_done_callback(finished)
+    if not shape.stream:
+        watch = asyncio.ensure_future(_watch_disconnect(request, cancel))
+        try:
+            result = await asyncio.wrap_future(future)
+        except RuntimeFailure as exc:
+            raise ApiError(500, str(exc), None, "generation_failed", "server_error") from None
+        finally:
+            watch.cancel()
+        return JSONResponse(shape.final(result))
+
+    async def stream():
+        """Under load several tokens wait in the queue at once: they go out as one delta in
+        one write, and the timer for the keep-alive comment is set only when the queue is
+        empty (a task and a timer per token cost more than the token, with 8 streams)."""
+        sse = getattr(shape, "sse", api.sse)
+        try:
+            first = shape.first()
+            yield "".join(sse(b) for b in (first if isinstance(first, list) else [first]))
+            done = False
+            while not done:
+                if events.empty():
+                    try:
+                        items = [await asyncio.wait_for(events.get(), KEEPALIVE_SECONDS)]
+                    except asyncio.TimeoutError:
+                        yield ": waiting for the model\n\n"  # also notices a client that left the queue
+                        continue
+                else:
+                    items = []
+                while not events.empty():
+                    items.append(events.get_nowait())
+                out, text, logprobs = [], [], []
+                for kind, value in items:
+                    if kind == "text":
+                        text.append(value)
+                        continue
+                    if kind == "logprobs":
+                        logprobs += value
+                        continue
+                    if text or logprobs:
+                        out += [sse(d) for d in [shape.delta("".join(text), logprobs)] if d is not None]
+                        text, logprobs = [], []
+                    if kind == "error":
+                        error = ApiError(500, str(value), None, "generation_failed", "server_error")
+                        out.append(sse(shape.error(error) if hasattr(shape, "error") else error.body()))
+                    else:
+                        out.extend(sse(body) for body in shape.last(value))
+                    done = True
+                    break
+                if text or logprobs:
+                    out += [sse(d) for d in [shape.delta("".join(text), logprobs)] if d is not None]
+                if out:
+                    yield "".join(out)
+            yield getattr(shape, "end_of_stream", "data: [DONE]\n\n")
+        finally:
+            cancel.set()  # a client that disconnected stops its generation at the next token
+
+    return _streaming(stream())
 
 
 async def _watch_disconnect(request: Request, cancel: CancelFlag) -> None:
@@ -685,225 +758,6 @@ def prometheus_text(worker) -> str:
     for name, kind, help_, value in rows:
         out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
     return "\n".join(out) + "\n"
-
-
-def _sse(body: dict) -> str:
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-
-def _text(piece: bytes) -> str:
-    return piece.decode("utf-8", "replace")
-
-
-def _chat_logprob(e) -> dict:
-    """One token as OpenAI's chat API gives it (ChatCompletionTokenLogprob)."""
-    return {"token": _text(e.piece), "logprob": e.logprob, "bytes": list(e.piece),
-            "top_logprobs": [{"token": _text(p), "logprob": v, "bytes": list(p)} for _, p, v in e.top]}
-
-
-def _completion_logprobs(entries, top: int | None) -> dict | None:
-    """Tokens as the legacy completions API gives them (offsets within the generated text)."""
-    if entries is None or top is None:
-        return None
-    return {"tokens": [_text(e.piece) for e in entries],
-            "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{_text(p): v for _, p, v in e.top} for e in entries] if top else None,
-            "text_offset": [e.start for e in entries]}
-
-
-class _ChatShape:
-    def __init__(self, model, params, n_prompt):
-        self.id, self.model, self.created = api.new_id("chatcmpl"), model, api.now()
-        self.stream, self.include_usage, self.n_prompt = params.stream, params.include_usage, n_prompt
-        self.n = params.n
-        self.logprobs = params.logprobs
-        spec = getattr(params, "tools", None)
-        self.tools = spec if spec is not None and spec.active else None  # answers parsed for calls
-        think = getattr(params, "think", None)
-        self.splitter = reasoning.Splitter(think) if think is not None else None  # <think> … </think>
-        self.think = think
-
-    def _chunk(self, delta, finish=None, logprobs=None):
-        choice = {"index": 0, "delta": delta, "finish_reason": finish}
-        if logprobs is not None:
-            choice["logprobs"] = {"content": [_chat_logprob(e) for e in logprobs], "refusal": None}
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [choice]}
-
-    def first(self):
-        return self._chunk({"role": "assistant", "content": ""})
-
-    def delta(self, text, logprobs=None):
-        if self.tools:  # the answer is parsed for calls once it is whole: nothing goes out before
-            return None
-        lp = logprobs if self.logprobs is not None else None
-        if self.splitter is None:
-            return self._chunk({"content": text}, logprobs=lp)
-        return self._split_chunk(self.splitter.feed(text), lp)
-
-    def _split_chunk(self, parts, lp=None):
-        delta = {}
-        for kind, piece in parts:
-            key = "reasoning_content" if kind == "reasoning" else "content"
-            delta[key] = delta.get(key, "") + piece
-        return self._chunk(delta, logprobs=lp) if delta or lp else None
-
-    def _answer(self, result) -> tuple[dict, str]:
-        """The assistant message and finish reason of a finished generation: the thinking apart
-        (reasoning templates), tool calls parsed (requests with tools)."""
-        thought, text = (None, result.text) if self.think is None else reasoning.split(result.text, self.think)
-        content, calls = tools.parse_answer(text, self.tools)
-        message = {"role": "assistant", "content": content}
-        if thought:
-            message["reasoning_content"] = thought
-        if calls:
-            message["tool_calls"] = calls
-        return message, "tool_calls" if calls else api.finish_reason(result)
-
-    def last(self, result):
-        out, finish = [], api.finish_reason(result)
-        if self.splitter is not None and not self.tools:
-            rest = self._split_chunk(self.splitter.finish())
-            if rest is not None:
-                out.append(rest)
-        if self.tools:
-            message, finish = self._answer(result)
-            if message.get("reasoning_content"):
-                out.append(self._chunk({"reasoning_content": message["reasoning_content"]}))
-            if message.get("tool_calls"):
-                out.append(self._chunk({"content": None, "tool_calls": [
-                    dict(c, index=i) for i, c in enumerate(message["tool_calls"])]}))
-            elif message["content"]:
-                out.append(self._chunk({"content": message["content"]}))
-        end = self._chunk({}, finish)
-        end["timings"] = api.timings(result)
-        out.append(end)
-        if self.include_usage:
-            out.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                        "model": self.model, "choices": [],
-                        "usage": api.usage(result.prompt_tokens, result.completion_tokens)})
-        return out
-
-    def final(self, result):
-        message, finish = self._answer(result) if self.tools or self.think is not None else (
-            {"role": "assistant", "content": result.text}, api.finish_reason(result))
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": message,
-                             "logprobs": None if result.logprobs is None else {
-                                 "content": [_chat_logprob(e) for e in result.logprobs], "refusal": None},
-                             "finish_reason": finish}],
-                "usage": api.usage(result.prompt_tokens, result.completion_tokens),
-                "timings": api.timings(result)}
-
-
-class _CompletionShape(_ChatShape):
-    def __init__(self, model, params, n_prompt):
-        super().__init__(model, params, n_prompt)
-        self.id = api.new_id("cmpl")
-
-    def _chunk(self, text, finish=None, logprobs=None):
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
-
-    def first(self):
-        return self._chunk("")
-
-    def delta(self, text, logprobs=None):
-        return self._chunk(text, logprobs=_completion_logprobs(logprobs, self.logprobs)
-                           if self.logprobs is not None else None)
-
-    def last(self, result):
-        end = self._chunk("", api.finish_reason(result))
-        end["timings"] = api.timings(result)
-        if self.include_usage:
-            end["usage"] = api.usage(result.prompt_tokens, result.completion_tokens)
-        return [end]
-
-    def final(self, result):
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": result.text,
-                             "logprobs": _completion_logprobs(result.logprobs, self.logprobs),
-                             "finish_reason": api.finish_reason(result)}],
-                "usage": api.usage(result.prompt_tokens, result.completion_tokens)}
-
-
-class _ResponsesShape:
-    """POST /v1/responses: one message of output text; streamed as OpenAI's typed events
-    (`event:` lines, a sequence number each, no [DONE])."""
-
-    end_of_stream = ""
-
-    def __init__(self, model, params, n_prompt, body):
-        self.id, self.model, self.created = api.new_id("resp"), model, api.now()
-        self.item = api.new_id("msg")
-        self.stream, self.include_usage, self.n_prompt, self.n, self.logprobs = params.stream, False, n_prompt, 1, None
-        self.body, self.seq, self.text = body, 0, []
-
-    def sse(self, event: dict) -> str:
-        event = dict(event, sequence_number=self.seq)
-        self.seq += 1
-        return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
-
-    def _message(self, text: str | None, status: str) -> dict:
-        content = [] if text is None else [self._part(text)]
-        return {"type": "message", "id": self.item, "status": status, "role": "assistant", "content": content}
-
-    @staticmethod
-    def _part(text: str) -> dict:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-    def _response(self, status: str, result=None) -> dict:
-        b = self.body
-        fmt = (b.get("text") or {}).get("format") or {"type": "text"}
-        out = {"id": self.id, "object": "response", "created_at": self.created, "status": status, "error": None,
-               "incomplete_details": None, "instructions": b.get("instructions"),
-               "max_output_tokens": b.get("max_output_tokens"), "model": self.model, "output": [],
-               "parallel_tool_calls": b.get("parallel_tool_calls", True), "previous_response_id": None,
-               "reasoning": None, "store": False, "temperature": b.get("temperature"), "text": {"format": fmt},
-               "tool_choice": b.get("tool_choice", "auto"), "tools": [], "top_p": b.get("top_p"),
-               "truncation": b.get("truncation", "disabled"), "usage": None, "metadata": b.get("metadata") or {}}
-        if result is not None:
-            out["output"] = [self._message(result.text, "completed" if status == "completed" else "incomplete")]
-            out["usage"] = {"input_tokens": result.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-                            "output_tokens": result.completion_tokens,
-                            "output_tokens_details": {"reasoning_tokens": 0},
-                            "total_tokens": result.prompt_tokens + result.completion_tokens}
-            if status == "incomplete":
-                out["incomplete_details"] = {"reason": "max_output_tokens"}
-        return out
-
-    @staticmethod
-    def _status(result) -> str:
-        return "incomplete" if result.finish_reason == "length" else "completed"
-
-    def first(self) -> list:
-        pending = self._response("in_progress")
-        return [{"type": "response.created", "response": pending},
-                {"type": "response.in_progress", "response": pending},
-                {"type": "response.output_item.added", "output_index": 0, "item": self._message(None, "in_progress")},
-                {"type": "response.content_part.added", "item_id": self.item, "output_index": 0,
-                 "content_index": 0, "part": self._part("")}]
-
-    def delta(self, text, logprobs=None) -> dict:
-        self.text.append(text)
-        return {"type": "response.output_text.delta", "item_id": self.item, "output_index": 0, "content_index": 0,
-                "delta": text, "logprobs": []}
-
-    def last(self, result) -> list:
-        status = self._status(result)
-        item = self._message(result.text, "completed" if status == "completed" else "incomplete")
-        return [{"type": "response.output_text.done", "item_id": self.item, "output_index": 0, "content_index": 0,
-                 "text": result.text, "logprobs": []},
-                {"type": "response.content_part.done", "item_id": self.item, "output_index": 0, "content_index": 0,
-                 "part": self._part(result.text)},
-                {"type": "response.output_item.done", "output_index": 0, "item": item},
-                {"type": f"response.{status}", "response": self._response(status, result)}]
-
-    def error(self, exc: ApiError) -> dict:
-        return {"type": "error", "code": exc.code, "message": exc.message, "param": None}
-
-    def final(self, result) -> dict:
-        return self._response(self._status(result), result)
 
 
 def allowed_hosts_for(host: str, port: int) -> set[str] | None:
