@@ -14,7 +14,7 @@ WIN_BUNDLE := dist/SmolLM2-135M-Instruct.exe
 WINE   := $(firstword $(wildcard /usr/lib/wine/wine64 /usr/bin/wine64 /usr/bin/wine))
 
 .PHONY: all venv buildtools buildtools-windows stub stub-windows model chromium demo demo-windows test \
-	test-windows test-cuda fuzz bench bench-windows clean distclean
+	test-windows test-cuda reference fuzz bench bench-windows clean distclean
 
 all: demo
 
@@ -75,7 +75,13 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
 
-test: stub stub-windows $(MODEL) chromium
+# llama.cpp's own llama-server and llama-bench, built from the same source (about 8 minutes the
+# first time, cached), with the reference chat templates that source ships: the template parity
+# tests compare the bundle's prompts with llama-server's, the benchmarks its speed.
+reference: venv
+	$(PY) bench/native.py
+
+test: stub stub-windows reference $(MODEL) chromium
 	$(PY) -m pytest tests -m "not cuda"
 
 # The Windows bundle's tests alone (they are part of `make test` too).
@@ -92,7 +98,7 @@ test-cuda: venv $(MODEL)
 fuzz: stub $(MODEL)
 	BUNDLE_FUZZ_CASES=20000 BUNDLE_CUT_EVERY=1 $(PY) -m pytest tests/test_fuzz.py tests/test_trust.py -k "fuzz or cut"
 
-bench: stub $(MODEL)
+bench: stub reference $(MODEL)
 	$(PY) -m bench
 
 # Decode and prompt speed of the Windows bundle under wine against the Linux bundle (wine is not Windows).

@@ -1,7 +1,10 @@
 """The native reference: llama.cpp's own llama-bench and llama-server, built with -march=native
-from the llama.cpp source vendored in the same llama-cpp-python sdist the runtime is built from.
+from the llama.cpp source vendored in the same llama-cpp-python sdist the runtime is built from,
+and the reference chat templates that source ships (models/templates/*.jinja), which the template
+parity tests render with both (tests/test_template_parity.py).
 
 Built once into ~/.cache/bundle/bench/<version>-native/ (never committed); later runs reuse it.
+`python bench/native.py` (make reference) builds it.
 """
 
 from __future__ import annotations
@@ -32,19 +35,52 @@ def tools_dir() -> Path:
     return cache_dir().parent / "bench" / f"llama.cpp-{LLAMA_CPP_PYTHON}-native"
 
 
+def templates_dir() -> Path:
+    return tools_dir() / "templates"
+
+
+def _source(work: Path) -> Path:
+    log(f"reference: fetching llama-cpp-python {LLAMA_CPP_PYTHON} source for its vendored llama.cpp")
+    sdist = fetch_sdist(f"llama-cpp-python=={LLAMA_CPP_PYTHON}", work, "llama_cpp_python-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        tar.extractall(work, filter="data")
+    return next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
+
+
+def _keep_templates(src: Path) -> None:
+    """The source's reference chat templates, kept beside the tools (read, never copied into the repo)."""
+    dest = templates_dir()
+    tmp = dest.with_name(".templates-new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src / "models" / "templates", tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+
+
+def ensure_templates() -> Path:
+    dest = templates_dir()
+    if dest.is_dir() and any(dest.glob("*.jinja")):
+        return dest
+    tools_dir().mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".work-", dir=tools_dir()))
+    try:
+        _keep_templates(_source(work))
+        return dest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def ensure_tools() -> dict[str, Path]:
     folder = tools_dir()
     paths = {t: folder / t for t in TOOLS}
     if all(p.exists() for p in paths.values()):
+        ensure_templates()
         return paths
     folder.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=folder))
     try:
-        log(f"reference: fetching llama-cpp-python {LLAMA_CPP_PYTHON} source for its vendored llama.cpp")
-        sdist = fetch_sdist(f"llama-cpp-python=={LLAMA_CPP_PYTHON}", work, "llama_cpp_python-*.tar.gz")
-        with tarfile.open(sdist) as tar:
-            tar.extractall(work, filter="data")
-        src = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
+        src = _source(work)
+        _keep_templates(src)
         build = work / "build"
         log("reference: configuring llama.cpp (-march=native)")
         subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja" if shutil.which("ninja") else "Unix Makefiles",

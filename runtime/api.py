@@ -153,7 +153,9 @@ def parse_response_format(body: dict) -> str | None:
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     if kind == "text":
         return None
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+    from .llama_package import grammar
+
+    JSON_GBNF, json_schema_to_gbnf = grammar().JSON_GBNF, grammar().json_schema_to_gbnf
 
     if kind == "json_object":
         return JSON_GBNF

@@ -244,8 +244,7 @@ class Runtime:
         e = self.engine
         name = self.manifest.template_name or self.settings.template or "auto"
         source = self.manifest.template or (e.chat_template() if e else None)
-        return load_template(name, source, e.bos_text if e else "", e.eos_text if e else "",
-                             e.add_bos if e else True)
+        return load_template(name, source, e.bos_text if e else "", e.eos_text if e else "")
 
     def sampling(self, stop):
         from .engine import Sampling

@@ -12,7 +12,6 @@ import array
 import codecs
 import ctypes
 import heapq
-import importlib.util
 import itertools
 import math
 import operator
@@ -35,23 +34,15 @@ PENALTY_LAST_N = 64
 
 
 def import_bindings(libdir: Path):
-    """Import llama_cpp.llama_cpp (the ctypes bindings) without llama_cpp/__init__.py.
-
-    The package's __init__ imports the high-level Llama class and with it numpy (40 MB we keep
-    out of the stub, DESIGN.md #8). Registering the package module unexecuted lets Python find
-    its submodules without running __init__.
-    """
+    """Import llama_cpp.llama_cpp (the ctypes bindings) without llama_cpp/__init__.py
+    (runtime.llama_package), bound to the library in libdir."""
     os.environ["LLAMA_CPP_LIB_PATH"] = str(libdir)
-    from . import native
+    from . import llama_package, native
 
     native.prepare_library_search(libdir)
     if "llama_cpp.llama_cpp" in sys.modules:
         return sys.modules["llama_cpp.llama_cpp"]
-    if "llama_cpp" not in sys.modules:
-        spec = importlib.util.find_spec("llama_cpp")
-        if spec is None:
-            raise RuntimeFailure("llama_cpp is missing from this runtime; rebuild the stub (python build.py)")
-        sys.modules["llama_cpp"] = importlib.util.module_from_spec(spec)
+    llama_package.register()
     import llama_cpp.llama_cpp as C
 
     return C

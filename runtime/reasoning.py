@@ -12,6 +12,10 @@ opens the thinking (DeepSeek-R1's ends in `<think>\\n`) makes the answer start i
 from __future__ import annotations
 
 OPEN, CLOSE = "<think>", "</think>"
+# Reasoning blocks of the templates that take enable_thinking: <think> (DeepSeek, Qwen), Gemma 4's
+# <|think|> switch, Command R7B's <|START_THINKING|>. Where none is found (Apertus' "Deliberation"),
+# thinking is off unless asked for, as llama-server has it.
+THINKING_MARKERS = (OPEN, "<|think|>", "<|START_THINKING|>")
 
 
 class ReasoningError(ValueError):

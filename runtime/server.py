@@ -240,7 +240,8 @@ def parse_json(body: bytes) -> dict:
     return data
 
 
-_RENDER_ARGS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "seconds", "date_string"}
+_RENDER_ARGS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "seconds", "date_string",
+                "datetime"}
 
 
 class ServerState:
@@ -260,6 +261,16 @@ class ServerState:
         self.tool_style = tools.style_of(source)
         self.takes_enable_thinking = "enable_thinking" in source
         self.thinks = reasoning.is_thinking_template(source)
+        # Thinking is on by default where the template has a reasoning block llama.cpp knows
+        # (llama-server's rule: on when it can parse the template's reasoning).
+        self.thinking_default = any(marker in source for marker in reasoning.THINKING_MARKERS)
+        self._object_arguments = None
+
+    @property
+    def object_arguments(self) -> bool:
+        if self._object_arguments is None:
+            self._object_arguments = self.tool_style == "generic" or tools.takes_object_arguments(self.template)
+        return self._object_arguments
 
     def sampling_for(self, p: api.GenParams, stops) -> Sampling:
         s = self.settings
@@ -332,7 +343,7 @@ class ServerState:
             self.engine.check_text_fits(sum(len(m["content"].encode("utf-8")) for m in messages))
         except ContextOverflowError as exc:
             raise ApiError(400, str(exc), "messages", "context_length_exceeded") from None
-        messages = tools.for_template(messages, spec)
+        messages = tools.for_template(messages, spec, self.object_arguments)
         native = spec is not None and spec.active and spec.style != "generic"
         try:
             thinking = reasoning.thinking_wanted(body)
@@ -345,7 +356,7 @@ class ServerState:
             raise ApiError(400, f"'chat_template_kwargs.{taken}' is set by the server, not the request",
                            "chat_template_kwargs", "invalid_value")
         if self.takes_enable_thinking:
-            variables["enable_thinking"] = True if thinking is None else thinking
+            variables["enable_thinking"] = self.thinking_default if thinking is None else thinking
         try:
             text = self.template.render(messages, tools=spec.wanted() if native else None, **variables)
         except TemplateError as exc:

@@ -7,6 +7,7 @@ controls), so a GGUF's embedded template gives the prompt its authors meant.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import sys
 import time
@@ -36,31 +37,37 @@ PRESETS: dict[str, tuple[str, list[str]]] = {
         "{% if add_generation_prompt %}### Response:\n{% endif %}",
         ["### Instruction:", "### Response:"],
     ),
+    # llama.cpp's built-in "llama2-sys-bos": BOS only inside the history (the tokenizer adds the first).
     "llama2": (
-        "{% set ns = namespace(sys='') %}{% for m in messages %}{% if m['role'] == 'system' %}"
-        "{% set ns.sys = '<<SYS>>\n' + m['content'] + '\n<</SYS>>\n\n' %}"
-        "{% elif m['role'] == 'user' %}{{ bos_token }}[INST] {{ ns.sys }}{{ m['content'] }} [/INST]"
-        "{% set ns.sys = '' %}{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}",
+        "{% set ns = namespace(inside=true) %}[INST] {% for m in messages %}"
+        "{% if not ns.inside %}{% set ns.inside = true %}<s>[INST] {% endif %}"
+        "{% if m['role'] == 'system' %}<<SYS>>\n{{ m['content'] }}\n<</SYS>>\n\n"
+        "{% elif m['role'] == 'user' %}{{ m['content'] }} [/INST]"
+        "{% else %}{{ m['content'] }}</s>{% set ns.inside = false %}{% endif %}{% endfor %}",
         ["[INST]"],
     ),
+    # llama.cpp's built-in "llama3".
     "llama3": (
-        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
         "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
         "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
         ["<|eot_id|>", "<|start_header_id|>"],
     ),
+    # llama.cpp's built-in "mistral-v3" (Mistral 7B v0.3 and the SentencePiece Mistrals).
     "mistral": (
-        "{{ bos_token }}{% set ns = namespace(sys='') %}{% for m in messages %}"
-        "{% if m['role'] == 'system' %}{% set ns.sys = m['content'] + '\n\n' %}"
-        "{% elif m['role'] == 'user' %}[INST] {{ ns.sys }}{{ m['content'] }}[/INST]{% set ns.sys = '' %}"
-        "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}",
+        "{% set ns = namespace(inside=false) %}{% for m in messages %}"
+        "{% if not ns.inside %}[INST] {% set ns.inside = true %}{% endif %}"
+        "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+        "{% elif m['role'] == 'user' %}{{ m['content'] }}[/INST]"
+        "{% else %} {{ m['content'] | trim }}</s>{% set ns.inside = false %}{% endif %}{% endfor %}",
         ["[INST]"],
     ),
+    # llama.cpp's built-in "gemma": the system text (trimmed) opens the first user turn.
     "gemma": (
-        "{{ bos_token }}{% set ns = namespace(sys='') %}{% for m in messages %}"
-        "{% if m['role'] == 'system' %}{% set ns.sys = m['content'] + '\n\n' %}"
-        "{% else %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
-        "{% if m['role'] == 'user' %}{{ ns.sys }}{% set ns.sys = '' %}{% endif %}"
+        "{% set ns = namespace(sys='') %}{% for m in messages %}"
+        "{% if m['role'] == 'system' %}{% set ns.sys = ns.sys + (m['content'] | trim) %}"
+        "{% else %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+        "{% if ns.sys and m['role'] != 'assistant' %}{{ ns.sys }}\n\n{% set ns.sys = '' %}{% endif %}"
         "{{ m['content'] | trim }}<end_of_turn>\n{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
         ["<end_of_turn>", "<start_of_turn>"],
@@ -77,8 +84,8 @@ PRESETS: dict[str, tuple[str, list[str]]] = {
         [],
     ),
 }
-# Presets whose text starts with the BOS token where the vocabulary wants one.
-_BOS_PRESETS = {"llama2", "llama3", "mistral", "gemma"}
+# No preset writes the first BOS: the tokenizer adds it where the vocabulary wants one
+# (add_bos_token), as llama.cpp's built-in formats leave it to the tokenizer.
 
 
 def fallback_preset(architecture: str, tokenizer_pre: str | None, tokenizer_model: str | None,
@@ -183,10 +190,53 @@ def _check_args(args, kwargs, what: str) -> None:
             raise TemplateLimitError(f"the chat template passed {what} a number over {MAX_INT_ARG}")
 
 
-def _limited_environment():
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    """tojson as chat templates are written for (Hugging Face's and llama.cpp's): keys in their
+    order, no HTML escaping, non-ASCII kept; Jinja's own sorts keys and escapes <, > and &."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    class LimitedSandbox(ImmutableSandboxedEnvironment):
+
+def _lenient_undefined():
+    """A missing variable or key as llama.cpp's template engine has it: its attributes are
+    missing too, and joined to a string it adds nothing (Command R+ writes a parameter's absent
+    description; firefunction joins an absent `functions`). Printed, it is empty, as in Jinja."""
+    from jinja2 import ChainableUndefined
+
+    class LenientUndefined(ChainableUndefined):
+        __slots__ = ()
+
+        def __add__(self, other):
+            return other if isinstance(other, str) else ChainableUndefined.__add__(self, other)
+
+        def __radd__(self, other):
+            return other if isinstance(other, str) else ChainableUndefined.__radd__(self, other)
+
+    return LenientUndefined
+
+
+def _generation_extension():
+    """{% generation %}…{% endgeneration %}: Hugging Face's marker of the assistant's own text
+    (for training masks); renders its body unchanged."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    return Generation
+
+
+def _limited_environment():
+    # The sandbox lets a template change the lists and dicts it builds (Kimi K2's append to a
+    # list of its own): what it is given is a copy made for each rendering.
+    from jinja2.sandbox import SandboxedEnvironment
+
+    class LimitedSandbox(SandboxedEnvironment):
         """The sandbox, plus limits on the operations that allocate in one C call."""
 
         intercepted_binops = frozenset(["*", "**", "%"])
@@ -223,7 +273,10 @@ def _limited_environment():
                         raise TemplateLimitError("the chat template formats to a huge width")
             return super().call(__context, __obj, *args, **kwargs)
 
-    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, undefined=_lenient_undefined(),
+                         extensions=["jinja2.ext.loopcontrols", _generation_extension()])
+    env.filters["tojson"] = _tojson
+    env.filters["safe"] = str  # a prompt is text, not HTML: nothing is ever escaped
 
     def guarded(name, fn):
         def filter_(*args, **kwargs):
@@ -273,7 +326,7 @@ class ChatTemplate:
 
         A template that refuses the system role (Gemma's: raise_exception('System role not
         supported')) gets the system text folded into the first user turn instead, separated by
-        a blank line, as llama.cpp does for such templates, rather than failing every
+        a newline, as llama.cpp does for such templates, rather than failing every
         conversation that has a system prompt."""
         try:
             return self._render(messages, add_generation_prompt, seconds, tools, variables)
@@ -290,6 +343,7 @@ class ChatTemplate:
         from jinja2 import TemplateError as JinjaError
 
         watch = _Watch(self.name, seconds)
+        today = datetime.date.today()
         previous = sys.gettrace()
         pieces, size = [], 0
         sys.settrace(watch)
@@ -299,7 +353,8 @@ class ChatTemplate:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
-                date_string=datetime.date.today().strftime("%d %b %Y"),  # Llama 3.x: "Today Date: …"
+                date_string=today.strftime("%d %b %Y"),  # Llama 3.x: "Today Date: …"
+                datetime=today.strftime("%b %d %Y"),  # firefunction: "Today is …" (both as llama.cpp gives them)
                 **({"tools": tools} if tools else {}),
                 **(variables or {}),
             ):
@@ -325,13 +380,13 @@ class ChatTemplate:
 
 def fold_system(messages: list[dict]) -> list[dict] | None:
     """The system messages' text joined onto the first user message; None when there is none."""
-    system = "\n\n".join(m["content"] for m in messages if m.get("role") == "system" and m.get("content"))
+    system = "\n".join(m["content"] for m in messages if m.get("role") == "system" and m.get("content"))
     rest = [dict(m) for m in messages if m.get("role") != "system"]
     first_user = next((m for m in rest if m.get("role") == "user"), None)
     if first_user is None:
         return None
     if system:
-        first_user["content"] = system + "\n\n" + (first_user.get("content") or "")
+        first_user["content"] = system + "\n" + (first_user.get("content") or "")
     return rest
 
 
@@ -345,14 +400,11 @@ def stops_for(name: str, source: str) -> list[str]:
     return stops
 
 
-def load_template(name: str, source: str | None, bos_token: str = "", eos_token: str = "",
-                  add_bos: bool = True) -> ChatTemplate:
+def load_template(name: str, source: str | None, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
     """name is 'auto' (use source, the GGUF's template), a preset name, or 'file:...' (source
-    given). A preset writes the BOS token only when the vocabulary adds one (add_bos_token)."""
+    given). The presets leave the first BOS to the tokenizer (Engine.tokenize_prompt)."""
     if name in PRESETS:
         source = PRESETS[name][0]
-        if not add_bos and name in _BOS_PRESETS:
-            bos_token = ""
     if not source:
         # A GGUF without a template, in a bundle built before fallbacks were chosen by family.
         name, source = "chatml", PRESETS["chatml"][0]

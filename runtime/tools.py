@@ -87,9 +87,8 @@ def parse(body: dict) -> ToolSpec | None:
         desc = fn.get("description")
         if desc is not None and not isinstance(desc, str):
             raise ToolError(f"tools[{i}].function.description must be a string", f"tools[{i}].function.description")
-        entry = {"name": name, "parameters": params}
-        if desc:
-            entry["description"] = desc
+        # As llama.cpp hands tools to templates: these three keys, in this order.
+        entry = {"name": name, "description": desc or "", "parameters": params}
         out.append({"type": "function", "function": entry})
         names.append(name)
     spec = ToolSpec(out, parallel=parallel, names=names)
@@ -131,10 +130,36 @@ def _arguments(value):
     return value
 
 
-def for_template(messages: list[dict], spec: ToolSpec | None) -> list[dict]:
+def _argument_text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+_PROBE_MARK = "ARGUMENT_PROBE_4c1d"
+
+
+def takes_object_arguments(template) -> bool:
+    """Whether the chat template reads a tool call's arguments as an object (most Hugging Face
+    templates: they tojson it or walk its items) or writes them as the JSON text they came as
+    (Functionary's): probed once by rendering one call with object arguments, as llama.cpp does."""
+    probe = [{"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "", "tool_calls": [
+                 {"id": "call00001", "type": "function", "function": {"name": "probe", "arguments": {"arg": _PROBE_MARK}}}]},
+             {"role": "tool", "tool_call_id": "call00001", "content": "ok"}]
+    tool = {"type": "function", "function": {"name": "probe", "description": "probe", "parameters": {
+        "type": "object", "properties": {"arg": {"type": "string"}}, "required": ["arg"]}}}
+    try:
+        text = template.render(probe, add_generation_prompt=True, tools=[tool])
+    except Exception:  # noqa: BLE001 - any failure means objects are not what it wants
+        return False
+    return _PROBE_MARK in text and f"{{'arg': '{_PROBE_MARK}'" not in text  # printed as a Python dict: not read
+
+
+def for_template(messages: list[dict], spec: ToolSpec | None, object_arguments: bool = True) -> list[dict]:
     """The conversation as the template gets it: tool calls of earlier turns with their
-    arguments as objects (what Hugging Face templates expect); in the generic way, as text."""
+    arguments as objects (what most Hugging Face templates expect) or as JSON text (templates
+    that write them as they are); in the generic way, as text."""
     generic = spec is None or spec.style == "generic"
+    as_args = _arguments if object_arguments else _argument_text
     out = []
     for m in messages:
         m = dict(m)
@@ -148,7 +173,7 @@ def for_template(messages: list[dict], spec: ToolSpec | None) -> list[dict]:
             else:
                 m["tool_calls"] = [{"id": c["id"], "type": "function",
                                     "function": {"name": c["function"]["name"],
-                                                 "arguments": _arguments(c["function"]["arguments"])}}
+                                                 "arguments": as_args(c["function"]["arguments"])}}
                                    for c in calls]
         if m["role"] == "tool":
             if generic:
@@ -191,7 +216,9 @@ def grammar(spec: ToolSpec) -> str | None:
     (the model writes text or calls freely, and the calls are found afterwards)."""
     if not spec.active:
         return None
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
+    from .llama_package import grammar
+
+    json_schema_to_gbnf = grammar().json_schema_to_gbnf
 
     call = _call_schema(spec)
     array = {"type": "array", "items": call, "minItems": 1}

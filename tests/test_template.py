@@ -17,9 +17,9 @@ def test_chatml_preset_exact():
 
 
 def test_llama3_preset_exact():
-    t = load_template("llama3", None, bos_token="<|begin_of_text|>")
+    t = load_template("llama3", None, bos_token="<|begin_of_text|>")  # BOS: the tokenizer's
     assert t.render(CONVO[1:2]) == (
-        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nU1<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nU1<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
 
@@ -65,7 +65,7 @@ def test_system_folded_into_first_user_turn_when_the_template_refuses_it():
 
     t = ChatTemplate(GEMMA_LIKE, "gemma-like", bos_token="<bos>")
     out = t.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
-    assert out == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert out == "<bos><start_of_turn>user\nBe brief.\nHi<end_of_turn>\n<start_of_turn>model\n"  # llama.cpp joins with \\n
     # without a system message nothing changes; a refusal for another reason still fails
     assert t.render([{"role": "user", "content": "Hi"}]) == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
 

@@ -58,9 +58,9 @@ def test_template_none_is_plain_completion(model, stub, tmp_path, built_bundle):
     assert "<|im_start|>" not in r.stdout
 
 
-def test_presets_write_bos_only_where_the_vocabulary_adds_one(model, stub, tmp_path):
+def test_presets_leave_bos_to_the_vocabulary(model, stub, tmp_path):
     """The demo vocabulary has add_bos_token = false: through the llama3 preset the prompt has
-    exactly the tokens of its text without a BOS token."""
+    exactly the tokens of its text, no BOS token."""
     out = tmp_path / "l3"
     r = run_bundle_cmd("build", model, "--template", "llama3", "-o", out)
     assert r.returncode == 0, r.stderr
@@ -68,7 +68,7 @@ def test_presets_write_bos_only_where_the_vocabulary_adds_one(model, stub, tmp_p
     try:
         chat = server.client().chat.completions.create(
             model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
-        text = load_template("llama3", None, bos_token="", add_bos=False).render(
+        text = load_template("llama3", None).render(
             [{"role": "user", "content": "Hi"}])
         assert not text.startswith("<|im_start|>")
         ref = server.client().completions.create(model="m", prompt=text, max_tokens=1)
