@@ -21,6 +21,9 @@ noisy machine hits both; the table shows medians and their ratio:
     concurrency_N_vs_llama_server  aggregate completion tokens/s of N concurrent streamed chats (1, 4,
                         8; --parallel 8), the bundle / llama-server -np 8 (bench/concurrency.py);
                         concurrency_N_vs_single: the bundle's N-client figure / its 1-client one
+    grammar_tps_vs_plain, grammar_ttft_vs_plain   a streamed chat with a JSON schema (response_format) /
+                        the same without, on the bundle's server; grammar_*_vs_llama_server: with the
+                        schema, the bundle / llama-server (bench/grammar.py)
     first_launch_vs_later  `--info` on a machine that never ran this bundle (it hashes the model,
                         libraries and runtime once, issue 8.2) / the next `--info` (verdict remembered);
                         _large: the same for the synthetic 1 GiB model; first_check_s: the hashing alone
@@ -241,6 +244,11 @@ def main() -> int:
         from bench.concurrency import measure as measure_concurrency
 
         results["concurrency"] = measure_concurrency(bundle, model, threads, rounds, server_ref, env)
+
+        err(f"structured output: a JSON schema vs none, the bundle's server and llama-server ({rounds} rounds)")
+        from bench.grammar import measure as measure_grammar, summary as grammar_summary
+
+        results["grammar"] = grammar_summary(measure_grammar(bundle, model, threads, rounds, server_ref, env))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -277,8 +285,11 @@ def main() -> int:
     else:
         from bench.concurrency import format_table as concurrency_table
 
+        from bench.grammar import format_table as grammar_table
+
         print(format_table(results))
         print(concurrency_table(results["concurrency"]))
+        print(grammar_table(results["grammar"]))
     return 0
 
 

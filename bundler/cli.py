@@ -91,6 +91,8 @@ def cli():
 @click.option("--template", default="auto", show_default=True,
               help=f"chat template: {'|'.join(TEMPLATE_CHOICES)} or a FILE.jinja")
 @click.option("--system", help="default system prompt")
+@click.option("--think", type=click.Choice(["auto", "on", "off"]),
+              help="reasoning models: whether they think before answering by default (auto: as llama-server)")
 @click.option("--ctx", type=int, help="default context length in tokens")
 @click.option("--temp", type=float, help="default temperature")
 @click.option("--top-p", type=float, help="default top-p")
@@ -105,7 +107,7 @@ def cli():
               help="write the model as parts beside the executable, each under 4 GiB (FAT32 USB sticks)")
 @click.option("--max-file-size", help="split so that no file is larger than this (e.g. 4G, 2000M); implies --split")
 @click.option("--force", is_flag=True, help="replace an existing file at the output path even if it is not a bundle")
-def build(model, output, name, template, system, ctx, temp, top_p, top_k, repeat_penalty, max_tokens, target, stub,
+def build(model, output, name, template, system, think, ctx, temp, top_p, top_k, repeat_penalty, max_tokens, target, stub,
           gpu, split, max_file_size, force):
     """Build one executable from MODEL (a .gguf path or hf://owner/repo/file.gguf)."""
     from . import gguf, hub, stubs, writer
@@ -149,7 +151,7 @@ def build(model, output, name, template, system, ctx, temp, top_p, top_k, repeat
 
     default_ctx = min(Settings.ctx, info.context_length) if info.context_length else Settings.ctx
     settings = Settings(ctx=default_ctx, template=template_name).merged(
-        {"system": system, "ctx": ctx, "temp": temp, "top_p": top_p, "top_k": top_k,
+        {"system": system, "think": think, "ctx": ctx, "temp": temp, "top_p": top_p, "top_k": top_k,
          "repeat_penalty": repeat_penalty, "max_tokens": max_tokens},
         "bundle build",
     )

@@ -88,6 +88,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     g.add_argument("-c", "--ctx", type=int, help="context length in tokens")
     g.add_argument("-t", "--threads", type=int, help="CPU threads (default: the free physical cores)")
     g.add_argument("--system", help="system prompt")
+    g.add_argument("--think", choices=["auto", "on", "off"],
+                   help="reasoning models: think before answering (auto: as llama-server does for the template)")
     g.add_argument("--gpu", choices=["auto", "off", "cuda"],
                    help="auto (default): an NVIDIA GPU when it works, else the CPU; off: CPU only; cuda: fail without it")
     g.add_argument("-ngl", "--gpu-layers", type=int, dest="gpu_layers", help="layers to put on the GPU (default: all that fit)")

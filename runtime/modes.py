@@ -9,7 +9,9 @@ import sys
 import threading
 import time
 
+from . import reasoning
 from .app import say, write_out
+from .chat import ThoughtStream
 from .errors import RuntimeFailure
 from .payload import read_payload
 
@@ -23,16 +25,48 @@ def one_shot(rt, prompt: str) -> int:
     tmpl = rt.template()
     messages = [{"role": "system", "content": rt.settings.system}] if rt.settings.system else []
     messages.append({"role": "user", "content": prompt})
-    tokens = engine.tokenize_prompt(tmpl.render(messages))
+    text = tmpl.render(messages, **reasoning.template_switch(tmpl.source, rt.settings.think))
+    tokens = engine.tokenize_prompt(text)
     engine.check_fits(len(tokens))
-    result = engine.generate(tokens, rt.sampling(tmpl.stop), on_text=write_out)
+    on_text, thoughts = write_out, None
+    if reasoning.is_thinking_template(tmpl.source):
+        # The answer alone on stdout (it is piped); the thinking on stderr, where a person reads it.
+        show = _is_terminal(sys.stderr)
+        thoughts = ThoughtStream(reasoning.Splitter(reasoning.starts_inside(text)), write_out, show=show,
+                                 dim=True, note=_say_raw if show else (lambda s: None))
+        on_text = thoughts.feed
+    result = engine.generate(tokens, rt.sampling(tmpl.stop), on_text=on_text)
     if result.finish_reason == "cancelled":
         return 130
+    if thoughts is not None:
+        thoughts.finish()
+        if not thoughts.answering and thoughts.thought:
+            if result.finish_reason == "length":
+                say(f"note: the model was still thinking when it reached {result.completion_tokens} tokens, so "
+                    "there is no answer; raise -n (--max-tokens), or pass --think off")
+            else:
+                say("note: the model only thought and gave no answer (the thinking goes to a terminal, "
+                    "never to stdout); try again, or pass --think off")
     write_out("\n")
     if rt.verbose:
         rate = result.completion_tokens / result.decode_seconds if result.decode_seconds else 0
         say(f"{result.prompt_tokens} prompt tokens, {result.completion_tokens} generated, {rate:.1f} tok/s")
     return 0
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _say_raw(text: str) -> None:
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def chat(rt, worker=None) -> int:
@@ -60,23 +94,36 @@ def chat(rt, worker=None) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    session = ChatSession(rt.settings.system)
+    thinks = reasoning.is_thinking_template(tmpl.source)
+
     def respond(messages, write_):
         cancel = CancelFlag()
         current["cancel"] = cancel
         previous = signal.signal(signal.SIGINT, on_sigint)
+        thoughts = None
         try:
-            tokens = engine.tokenize_prompt(tmpl.render(messages))
+            text = tmpl.render(messages, **reasoning.template_switch(tmpl.source, rt.settings.think, session.think))
+            tokens = engine.tokenize_prompt(text)
             engine.check_fits(len(tokens))
             sampling = rt.sampling(tmpl.stop)
-            result = _wait(worker.generate(tokens, sampling, on_text=write_, cancel=cancel))
+            on_text = write_
+            if thinks:
+                thoughts = ThoughtStream(reasoning.Splitter(reasoning.starts_inside(text)), write_,
+                                         show=session.show_thinking, dim=_is_terminal(sys.stdout))
+                on_text = thoughts.feed
+            result = _wait(worker.generate(tokens, sampling, on_text=on_text, cancel=cancel))
         except RuntimeFailure as exc:  # e.g. the conversation outgrew the context
             write_(f"\n[{exc}]")
             return "", True
         finally:
             signal.signal(signal.SIGINT, previous)
+        if thoughts is not None:
+            thoughts.finish()
+            return "".join(thoughts.answer), result.finish_reason == "cancelled"  # the history keeps the answer
         return result.text, result.finish_reason == "cancelled"
 
-    run_chat(ChatSession(rt.settings.system), input, write, respond, banner=rt.banner())
+    run_chat(session, input, write, respond, banner=rt.banner())
     return 0
 
 

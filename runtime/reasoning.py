@@ -41,6 +41,21 @@ def thinking_wanted(body: dict) -> bool | None:
     return flag
 
 
+def template_switch(source: str | None, setting: str = "auto", wanted: bool | None = None) -> dict:
+    """The template variables that turn thinking on or off, for a template that takes
+    enable_thinking ({} for others): what the request or the chat asks (wanted), else the
+    bundle's setting (--think on/off), else llama-server's default: on where the template has a
+    reasoning block llama.cpp knows."""
+    src = source or ""
+    if "enable_thinking" not in src:
+        return {}
+    if wanted is None:
+        wanted = {"on": True, "off": False}.get(setting)
+    if wanted is None:
+        wanted = any(marker in src for marker in THINKING_MARKERS)
+    return {"enable_thinking": wanted}
+
+
 def is_thinking_template(source: str | None) -> bool:
     return bool(source) and (OPEN in source or "enable_thinking" in source)
 

@@ -259,11 +259,12 @@ class ServerState:
         # takes enable_thinking, whether its answers start with <think> (reasoning models).
         source = getattr(template, "source", None) or ""
         self.tool_style = tools.style_of(source)
-        self.takes_enable_thinking = "enable_thinking" in source
+        self.source = source
         self.thinks = reasoning.is_thinking_template(source)
-        # Thinking is on by default where the template has a reasoning block llama.cpp knows
-        # (llama-server's rule: on when it can parse the template's reasoning).
-        self.thinking_default = any(marker in source for marker in reasoning.THINKING_MARKERS)
+        switch = reasoning.template_switch(source, settings.think)
+        # What the page shows: whether the model thinks, and whether it can be asked not to.
+        self.info["thinking"] = {"thinks": self.thinks, "switchable": bool(switch),
+                                 "default": switch.get("enable_thinking", self.thinks)}
         self._object_arguments = None
 
     @property
@@ -355,8 +356,7 @@ class ServerState:
         if taken:
             raise ApiError(400, f"'chat_template_kwargs.{taken}' is set by the server, not the request",
                            "chat_template_kwargs", "invalid_value")
-        if self.takes_enable_thinking:
-            variables["enable_thinking"] = self.thinking_default if thinking is None else thinking
+        variables.update(reasoning.template_switch(self.source, self.settings.think, thinking))
         try:
             text = self.template.render(messages, tools=spec.wanted() if native else None, **variables)
         except TemplateError as exc:

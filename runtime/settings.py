@@ -55,6 +55,7 @@ class Settings:
     host: str = "127.0.0.1"  # the web server: loopback unless asked
     port: int = 8080
     parallel: int = 0  # conversations the server decodes together; 0: auto (runtime.app.Runtime.parallel)
+    think: str = "auto"  # reasoning models: on, off, or auto (on where llama.cpp would have it on)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -97,6 +98,8 @@ class Settings:
             problems.append(f"gpu={self.gpu!r} must be auto, off or cuda")
         if self.gpu_layers < -1:
             problems.append(f"gpu_layers={self.gpu_layers} must be -1 (auto) or 0 or more")
+        if self.think not in ("auto", "on", "off"):
+            problems.append(f"think={self.think!r} must be auto, on or off")
         if not 0 <= self.parallel <= 64:
             problems.append(f"parallel={self.parallel} must be 0 (auto) to 64")
         if not 0 <= self.port <= 65535:

@@ -55,14 +55,46 @@ function renderMarkdown(el, text) {
   });
 }
 
-function addMessage(role, text) {
+// A reasoning model's thinking: above its answer, folded away once the answer comes, hidden
+// altogether when "Show the thinking" is off. Plain text (textContent), never HTML.
+function thinkingBlock(el) {
+  let d = el.querySelector("details.thinking");
+  if (!d) {
+    d = document.createElement("details");
+    d.className = "thinking";
+    const s = document.createElement("summary");
+    s.textContent = "Thinking…";
+    const t = document.createElement("div");
+    t.className = "thought";
+    d.append(s, t);
+    el.insertBefore(d, el.firstChild);
+  }
+  d.hidden = !showThinking();
+  return d;
+}
+function setThinking(el, text, done) {
+  const d = thinkingBlock(el);
+  d.querySelector(".thought").textContent = text;
+  d.querySelector("summary").textContent = done ? "Thought" : "Thinking…";
+  if (!done) d.open = true;
+}
+function showThinking() { return state.data.showThinking !== false; }
+
+function addMessage(role, text, reasoning) {
   const el = document.createElement("div");
   el.className = "msg " + role;
-  if (role === "assistant") renderMarkdown(el, text); else el.textContent = text;
+  if (role === "assistant") {
+    const body = document.createElement("div");
+    body.className = "body";
+    el.appendChild(body);
+    renderMarkdown(body, text);
+    if (reasoning) { setThinking(el, reasoning, true); el.querySelector("details.thinking").open = false; }
+  } else el.textContent = text;
   $("messages").appendChild(el);
   $("messages").scrollTop = $("messages").scrollHeight;
   return el;
 }
+function bodyOf(el) { return el.querySelector(".body"); }
 
 function render() {
   const list = $("conversations");
@@ -86,9 +118,14 @@ function render() {
   }
   const c = current() || newConversation();
   $("messages").replaceChildren();
-  for (const m of c.messages) addMessage(m.role, m.content);
+  for (const m of c.messages) addMessage(m.role, m.content, m.reasoning);
   $("system").value = c.system || "";
   $("temperature").value = c.temperature;
+  const t = state.info.thinking || {};
+  $("think-row").hidden = !t.switchable;
+  $("show-thinking-row").hidden = !t.thinks;
+  $("think").checked = c.think !== undefined ? c.think : !!t.default;
+  $("show-thinking").checked = showThinking();
 }
 
 function headers() {
@@ -112,15 +149,20 @@ async function send(text) {
   if (c.title === "New chat") c.title = text.slice(0, 40);
   save(); render();
   const el = addMessage("assistant", "");
-  const messages = (c.system ? [{ role: "system", content: c.system }] : []).concat(c.messages);
+  // The history goes back without the thinking, as OpenAI clients send it.
+  const messages = (c.system ? [{ role: "system", content: c.system }] : [])
+    .concat(c.messages.map((m) => ({ role: m.role, content: m.content })));
   const temperature = Number(c.temperature);
+  const t = state.info.thinking || {};
+  const think = c.think !== undefined ? c.think : !!t.default;
   state.controller = new AbortController();
   $("send").hidden = true; $("stop").hidden = false;
-  let reply = "", stopped = false, timings = null;
+  let reply = "", thought = "", stopped = false, timings = null;
   try {
     const r = await api("/v1/chat/completions", {
       method: "POST", signal: state.controller.signal,
-      body: JSON.stringify({ messages, stream: true, temperature: Number.isFinite(temperature) ? temperature : undefined }),
+      body: JSON.stringify({ messages, stream: true, temperature: Number.isFinite(temperature) ? temperature : undefined,
+                             chat_template_kwargs: t.switchable ? { enable_thinking: think } : undefined }),
     });
     if (!r.ok) {
       const err = await r.json().catch(() => ({}));
@@ -143,7 +185,13 @@ async function send(text) {
           const chunk = JSON.parse(data);
           if (chunk.error) throw new Error(chunk.error.message);
           const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
-          if (delta && delta.content) { reply += delta.content; renderMarkdown(el, reply); $("messages").scrollTop = $("messages").scrollHeight; }
+          if (delta && delta.reasoning_content) { thought += delta.reasoning_content; setThinking(el, thought, false); }
+          if (delta && delta.content) {
+            reply += delta.content;
+            if (thought) { setThinking(el, thought, true); el.querySelector("details.thinking").open = false; }
+            renderMarkdown(bodyOf(el), reply);
+          }
+          if (delta && (delta.content || delta.reasoning_content)) $("messages").scrollTop = $("messages").scrollHeight;
           if (chunk.timings) timings = chunk.timings;
         }
       }
@@ -155,8 +203,9 @@ async function send(text) {
     state.controller = null;
     $("send").hidden = false; $("stop").hidden = true;
   }
-  if (reply || stopped) {
-    c.messages.push({ role: "assistant", content: reply });
+  if (thought) setThinking(el, thought, true);
+  if (reply || thought || stopped) {
+    c.messages.push(thought ? { role: "assistant", content: reply, reasoning: thought } : { role: "assistant", content: reply });
     save();
   }
   if (stopped) { const n = document.createElement("div"); n.className = "note"; n.textContent = "(stopped)"; el.appendChild(n); }
@@ -195,4 +244,9 @@ $("toggle-settings").addEventListener("click", () => { $("settings").hidden = !$
 $("toggle-sidebar").addEventListener("click", () => document.body.classList.toggle("sidebar-open"));
 $("system").addEventListener("change", () => { current().system = $("system").value; save(); });
 $("temperature").addEventListener("change", () => { current().temperature = Number($("temperature").value); save(); });
+$("think").addEventListener("change", () => { current().think = $("think").checked; save(); });
+$("show-thinking").addEventListener("change", () => {
+  state.data.showThinking = $("show-thinking").checked; save();
+  document.querySelectorAll("details.thinking").forEach((d) => { d.hidden = !showThinking(); });
+});
 start();
