@@ -45,7 +45,7 @@ class _Slot:
         self.cached: list[int] = []  # what the KV cache holds for this sequence
         self.req: GenRequest | None = None
         self.todo: list[int] = []  # prompt tokens not yet decoded
-        self.chain = None
+        self.sampler = None
         self.text: TextOut | None = None
         self.result: Result | None = None
         self.next_token: int | None = None  # sampled, to be decoded in the next step
@@ -173,7 +173,7 @@ class Scheduler:
     def _start(self, slot: _Slot, req: GenRequest) -> None:
         slot.req = req
         slot.todo = req.tokens[len(slot.cached):]
-        slot.chain = self.engine._sampler(req.sampling, req.tokens)
+        slot.sampler = self.engine._sampler(req.sampling, req.tokens)
         slot.result = Result(prompt_tokens=len(req.tokens))
         on_text = req.on_text
         if req.sampling.logprobs is not None:
@@ -268,7 +268,7 @@ class Scheduler:
         if not slot.decode_started:
             slot.decode_started = now
             r.prompt_seconds = now - slot.started
-        tok = C.llama_sampler_sample(slot.chain, eng.ctx, idx)
+        tok = slot.sampler.sample(eng.ctx, idx)
         if C.llama_vocab_is_eog(eng.vocab, tok) and not s.ignore_eog:
             self._finish(slot)
             return
@@ -302,8 +302,8 @@ class Scheduler:
         if r.logprobs is not None:  # tokens of a stop string (cut from the text) are not part of it
             r.logprobs = [e for e in r.logprobs if e.start < len(r.text)]
         r.decode_seconds = time.perf_counter() - (slot.decode_started or slot.started)
-        self.C.llama_sampler_free(slot.chain)
-        slot.chain = slot.req = slot.text = None
+        slot.sampler.free()
+        slot.sampler = slot.req = slot.text = None
         if slot.todo:  # cancelled mid-prompt: what was decoded stays consistent with cached
             slot.todo = []
         if forget or r.finish_reason == "cancelled":
@@ -316,9 +316,9 @@ class Scheduler:
 
     def _fail(self, slot: _Slot, exc: BaseException) -> None:
         req = slot.req
-        if slot.chain is not None:
-            self.C.llama_sampler_free(slot.chain)
-        slot.chain = slot.req = slot.text = None
+        if slot.sampler is not None:
+            slot.sampler.free()
+        slot.sampler = slot.req = slot.text = None
         slot.todo = []
         self._forget(slot, 0)
         if not req.future.done():

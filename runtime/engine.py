@@ -131,6 +131,58 @@ class TokenLogprob:
     end: int = 0
 
 
+class TokenSampler:
+    """A request's sampling, one token at a time: llama.cpp's sampler chain; with a grammar,
+    llama.cpp's grammar-checked rejection sampling (common_sampler_sample): the token is drawn
+    without the grammar, then only it is checked against the grammar; only when the grammar
+    rejects it is it drawn again with the grammar applied to the whole vocabulary. Most tokens
+    of a JSON answer pass the check, so the grammar costs one token's check instead of a pass
+    over every token of the vocabulary (49,152 for the demo model) at every step."""
+
+    def __init__(self, C, fast, full=None, grammar=None, history=()):
+        self.C, self.fast, self.full, self.grammar = C, fast, full, grammar
+        self.sample = (lambda ctx, idx: C.llama_sampler_sample(fast, ctx, idx)) if grammar is None else self._checked
+        if grammar is not None:
+            self._one = C.llama_token_data(0, 1.0, 0.0)
+            self._arr = C.llama_token_data_array(ctypes.pointer(self._one), 1, -1, False)
+            self._arr_p = ctypes.byref(self._arr)
+            self.recent = list(history[-PENALTY_LAST_N:])  # the fast chain's penalty window
+            self.rejected = 0
+
+    def _checked(self, ctx, idx) -> int:
+        C = self.C
+        tok = C.llama_sampler_sample(self.fast, ctx, idx)  # also accepted by the fast chain
+        one, arr = self._one, self._arr
+        one.id, one.logit, one.p = tok, 1.0, 0.0
+        arr.size, arr.selected, arr.sorted = 1, -1, False
+        C.llama_sampler_apply(self.grammar, self._arr_p)
+        if one.logit != -math.inf:
+            C.llama_sampler_accept(self.full, tok)
+        else:
+            self.rejected += 1
+            tok = C.llama_sampler_sample(self.full, ctx, idx)  # the grammar over the vocabulary
+            self._replace_last(tok)
+        C.llama_sampler_accept(self.grammar, tok)
+        self.recent = self.recent[-(PENALTY_LAST_N - 1):] + [tok]
+        return tok
+
+    def _replace_last(self, tok: int) -> None:
+        """The fast chain took the rejected token into its penalty window: give it the right one."""
+        C = self.C
+        for i in range(C.llama_sampler_chain_n(self.fast)):
+            s = C.llama_sampler_chain_get(self.fast, i)
+            if C.llama_sampler_name(s) == b"penalties":
+                C.llama_sampler_reset(s)
+                for t in self.recent[-(PENALTY_LAST_N - 1):] + [tok]:
+                    C.llama_sampler_accept(s, t)
+
+    def free(self) -> None:
+        for s in (self.fast, self.full, self.grammar):
+            if s is not None:
+                self.C.llama_sampler_free(s)
+        self.fast = self.full = self.grammar = None
+
+
 def token_logprobs(C, ctx, idx: int, n_vocab: int, token: int, top: int) -> tuple[float, list]:
     """log softmax of the logits llama.cpp computed at batch position idx: the sampled token's
     value and the top alternatives' [(id, value)]. The model's own distribution: before the
@@ -311,7 +363,20 @@ class Engine:
         return self._piece_buf.raw[:n]
 
     # -- generation -------------------------------------------------------------------------
-    def _sampler(self, s: Sampling, history: list[int]):
+    def _sampler(self, s: Sampling, history: list[int]) -> "TokenSampler":
+        """The request's samplers. With a grammar, two chains: one without it (sampled first) and
+        one with it (sampled only when the grammar rejects the first one's token)."""
+        fast = self._chain(s, history, None)
+        if not s.grammar:
+            return TokenSampler(self.C, fast)
+        grammar = self.grammar_sampler(s.grammar)
+        if grammar is None:
+            self.C.llama_sampler_free(fast)
+            raise ValueError("the grammar is not valid GBNF")
+        full = self._chain(s, history, s.grammar)
+        return TokenSampler(self.C, fast, full, grammar, history)
+
+    def _chain(self, s: Sampling, history: list[int], grammar_text: str | None):
         C = self.C
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
         if s.logit_bias:
@@ -325,8 +390,8 @@ class Engine:
             for tok in history[-PENALTY_LAST_N:]:  # the history goes to this sampler only (not the grammar)
                 C.llama_sampler_accept(pen, tok)
             C.llama_sampler_chain_add(chain, pen)
-        if s.grammar:
-            grammar = self.grammar_sampler(s.grammar)
+        if grammar_text:
+            grammar = self.grammar_sampler(grammar_text)
             if grammar is None:
                 C.llama_sampler_free(chain)
                 raise ValueError("the grammar is not valid GBNF")
@@ -420,12 +485,12 @@ class Engine:
             return result
         t1 = time.perf_counter()
         result.prompt_seconds = t1 - t0
-        chain = self._sampler(sampling, prompt)
+        sampler = self._sampler(sampling, prompt)
         text = TextOut(sampling.stop, on_text)
         max_tokens = sampling.max_tokens if sampling.max_tokens > 0 else 1 << 30
         one = self._one
         vocab, ctx = self.vocab, self.ctx
-        sample, is_eog, decode, batch_one = C.llama_sampler_sample, C.llama_vocab_is_eog, C.llama_decode, C.llama_batch_get_one
+        sample, is_eog, decode, batch_one = sampler.sample, C.llama_vocab_is_eog, C.llama_decode, C.llama_batch_get_one
         ignore_eog = sampling.ignore_eog
         n = 0
         try:
@@ -436,7 +501,7 @@ class Engine:
                 if cancelled():
                     result.finish_reason = "cancelled"
                     break
-                tok = sample(chain, ctx, -1)
+                tok = sample(ctx, -1)
                 if is_eog(vocab, tok) and not ignore_eog:
                     break
                 n += 1
@@ -453,7 +518,7 @@ class Engine:
                     raise RuntimeFailure(f"llama_decode failed ({rc}) while generating")
                 self.kv_tokens.append(tok)
         finally:
-            C.llama_sampler_free(chain)
+            sampler.free()
         result.text = text.finish()
         result.completion_tokens = n
         result.decode_seconds = time.perf_counter() - t1

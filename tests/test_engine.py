@@ -133,3 +133,41 @@ def test_generation_stops_when_context_is_full(engine, prompt_for):
     assert r.finish_reason == "length"
     # every position of the context holds a token; the last one sampled is shown, never decoded
     assert len(p) + r.completion_tokens == engine.n_ctx + 1
+
+
+def _greedy_text(engine, tokens, sample, n):
+    engine._forget_from(0)
+    assert engine._decode(tokens, lambda: False)
+    out = []
+    for _ in range(n):
+        tok = sample()
+        if engine.C.llama_vocab_is_eog(engine.vocab, tok):
+            break
+        out.append(engine.piece(tok))
+        assert engine._decode([tok], lambda: False)
+    return b"".join(out).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_grammar_rejection_sampling_gives_what_the_whole_vocabulary_pass_gives(engine, prompt_for, penalty):
+    """Grammar-checked rejection sampling (the token drawn first, checked alone, drawn again with
+    the grammar only when refused) picks the same greedy tokens as the grammar applied over every
+    token of the vocabulary in one chain; the refusals happen (the grammar wants what the model
+    would not write) and the penalty window is kept right through them."""
+    grammar = 'root ::= "{\\"city\\": \\"" [A-Za-z ]{2,20} "\\", \\"zebra\\": " [0-9]{1,3} "}"'
+    s = Sampling(temp=0, repeat_penalty=penalty, max_tokens=40, grammar=grammar)
+    tokens = prompt_for(QUESTION)
+    sampler = engine._sampler(s, tokens)
+    try:
+        got = _greedy_text(engine, tokens, lambda: sampler.sample(engine.ctx, -1), s.max_tokens)
+        assert sampler.rejected > 0
+    finally:
+        sampler.free()
+    chain = engine._chain(s, tokens, s.grammar)
+    try:
+        ref = _greedy_text(engine, tokens, lambda: engine.C.llama_sampler_sample(chain, engine.ctx, -1), s.max_tokens)
+    finally:
+        engine.C.llama_sampler_free(chain)
+    assert got.startswith('{"city": "') and '"zebra": ' in got and got.endswith("}"), got
+    assert got == ref
+    assert engine.generate(tokens, s).text == got  # and the generation loop uses it
