@@ -153,8 +153,8 @@ def test_prompt_is_llama_servers(model, template):
         for conv, body in CONVERSATIONS.items():
             ref, ours = server.apply(body), _bundle_prompt(template, server.props, body)
             known = KNOWN.get((template.stem, conv))
-            if ref is None:  # llama-server cannot render it (Mistral's tool results: its parser
-                continue     # generator fails on the template): nothing to compare with
+            if ref is None:  # llama-server cannot render it (Gemma 2's tool result: the template
+                continue     # refuses the tool role): nothing to compare with
             compared += 1
             if known:
                 assert ours != ref, f"{conv}: now identical; remove it from KNOWN ({known})"
