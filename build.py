@@ -569,11 +569,14 @@ def build_windows(force: bool) -> int:
     log(f"Windows native libraries: {len(files)} files, {native['unpacked_size'] / 2**20:.1f} MiB -> "
         f"{native['size'] / 2**20:.1f} MiB zstd ({', '.join(native['cpu_variants'])})")
     env = windows.ensure_wine(cache / "wine-prefix")
-    version = windows.python_version(pydir, env)
-    log("running PyInstaller under wine")
-    stub = windows.run_pyinstaller(pydir, env, pyinstaller_args(web_vendor, stub_name.removesuffix(".exe"),
-                                                                windows.to_windows_path, strip=False),
-                                   out_dir, cache)
+    try:
+        version = windows.python_version(pydir, env)
+        log("running PyInstaller under wine")
+        stub = windows.run_pyinstaller(pydir, env, pyinstaller_args(web_vendor, stub_name.removesuffix(".exe"),
+                                                                    windows.to_windows_path, strip=False),
+                                       out_dir, cache)
+    finally:
+        windows.stop_wine(env)
     meta = stub_meta(windows.TARGET, stub, windows.FLAGS, version, native, digest,
                      toolchain=windows.toolchain_identity(), windows_min=windows.WINDOWS_MIN)
     write_meta(meta_path, meta)

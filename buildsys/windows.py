@@ -252,6 +252,13 @@ def ensure_wine(prefix: Path) -> dict:
     return env
 
 
+def stop_wine(env: dict) -> None:
+    """Stops the prefix's wine server and its background programs (services, winedevice):
+    started persistent by ensure_wine, they would otherwise stay, taking CPU, after the build."""
+    subprocess.run([wineserver_binary(), "-k"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+
+
 def run_windows(args: list[str], env: dict, cwd: Path | None = None, check: bool = True,
                 capture: bool = False) -> subprocess.CompletedProcess:
     """A Windows program under wine, with pipes for its standard streams (Python under wine dies

@@ -185,3 +185,26 @@ def test_banner_and_info_show_the_slots(built_bundle):
 
     d = json.loads(run_exe(built_bundle, "--info", "--json", env=dict(os.environ, BUNDLE_PARALLEL="5")).stdout)
     assert d["parallel"] == 5
+
+
+def test_slot_choice_keeps_busy_slots_in_one_run():
+    """llama.cpp decodes per-sequence caches in micro-batches of consecutive sequence ids: busy
+    slots 0, 2, 4, 6 cost four graph computations a step (measured: 32.7 ms against 21.7 ms for
+    0-3, and 8.1 ms for one), so a newcomer fills the gap, unless a slot holds a long prefix of
+    its prompt (the next turn of a conversation)."""
+    from runtime.batch import LONG_PREFIX, _Slot, choose_slot, runs
+
+    assert runs([]) == 0 and runs([3]) == 1 and runs([0, 1, 2, 3]) == 1 and runs([0, 2, 4, 6]) == 4
+    header = list(range(30))  # what every prompt of a chat template shares
+    slots = [_Slot(i) for i in range(8)]
+    for s in slots:
+        s.cached = header + [1000 + s.seq] * 10
+    free = [s for s in slots if s.seq not in (0, 1, 3)]
+    prompt = header + [5000] * 20
+    assert choose_slot(free, [0, 1, 3], prompt)[0].seq == 2  # fills the gap: one run
+    slots[6].cached = header + [6000] * 20  # the start of this very prompt, but short
+    assert choose_slot(free, [0, 1, 3], header + [6000] * 20 + [7])[0].seq == 2
+    slots[6].cached = header + [6000] * LONG_PREFIX  # a conversation's earlier turns
+    slot, keep = choose_slot(free, [0, 1, 3], header + [6000] * LONG_PREFIX + [7])
+    assert slot.seq == 6 and keep == 30 + LONG_PREFIX
+    assert choose_slot([slots[5], slots[4]], [], prompt)[0].seq == 4  # ties: the lowest id

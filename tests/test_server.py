@@ -1,6 +1,7 @@
 """The web server of a real bundle on 127.0.0.1, driven by real clients: the official openai
 package, raw HTTP for the error cases, many threads at once."""
 
+import contextlib
 import http.client
 import json
 import os
@@ -64,8 +65,15 @@ def serving(built_bundle, tmp_path_factory, *args):
     """For module fixtures (`yield from`): a real server with a cache of its own, stopped after."""
     env = dict(os.environ, BUNDLE_CACHE_DIR=str(tmp_path_factory.mktemp("servercache")))
     s = Server(built_bundle, *args, env=env)
-    yield s
-    s.stop()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+# The same for one test: `with served(bundle, tmp_path_factory) as server:` (stopped even when
+# the test fails inside).
+served = contextlib.contextmanager(serving)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from starlette.testclient import TestClient
 
 from conftest import ROOT
 from fakes import FakeEngine, FakeWorker
-from test_server import serving
+from test_server import served
 
 from runtime.server import create_app
 from runtime.settings import Settings
@@ -190,7 +190,7 @@ def test_real_bundle_matches_llama_server_on_the_models_own_template(model, buil
     """End to end: the built demo bundle's /apply-template against llama-server's, same GGUF."""
     ref = LlamaServer(model)
     try:
-        for s in serving(built_bundle, tmp_path_factory):
+        with served(built_bundle, tmp_path_factory) as s:
             for conv in ("system", "turns", "unicode"):
                 status, body = s.request("POST", "/apply-template", CONVERSATIONS[conv])
                 assert status == 200 and body["prompt"] == ref.apply(CONVERSATIONS[conv]), conv

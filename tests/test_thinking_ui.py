@@ -14,7 +14,7 @@ import pytest
 
 from conftest import QUESTION, run_bundle_cmd, run_exe
 from test_page import CHROMIUM, FLAGS
-from test_server import serving
+from test_server import served
 
 sync_api = pytest.importorskip("playwright.sync_api")
 DATA = Path(__file__).parent / "data"
@@ -64,7 +64,7 @@ def _ask(pg, text=QUESTION):
 
 
 def test_page_shows_the_thinking_apart_and_hides_it(browser, r1, tmp_path_factory):
-    for server in serving(r1, tmp_path_factory):
+    with served(r1, tmp_path_factory) as server:
         context, pg, errors, bodies = _open(browser, server)
         _ask(pg)
         msg = pg.locator(".msg.assistant").last
@@ -91,7 +91,7 @@ def test_page_shows_the_thinking_apart_and_hides_it(browser, r1, tmp_path_factor
 
 
 def test_page_turns_thinking_off(browser, qwen3, tmp_path_factory):
-    for server in serving(qwen3, tmp_path_factory):
+    with served(qwen3, tmp_path_factory) as server:
         context, pg, errors, bodies = _open(browser, server)
         pg.click("#toggle-settings")
         assert pg.is_visible("#think-row") and pg.is_checked("#think")  # on by default, as llama-server
