@@ -140,7 +140,7 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
                          f"({_human(exe_size)}); give a larger size")
     if limit is not None and exe_size + info.file_size <= limit:
         limit = None  # it fits in one file: nothing to split
-        click.echo(f"note: the bundle fits in one file under the limit; not splitting", err=True)
+        click.echo("note: the bundle fits in one file under the limit; not splitting", err=True)
     if windows and limit is None and exe_size + info.file_size > splitter.FAT32_MAX:
         # Windows refuses to start an executable over 4 GiB ("This app can't run on your PC")
         limit = splitter.FAT32_MAX
