@@ -16,7 +16,6 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.serving import free_port, sse_events, stop_all, wait_healthy  # noqa: E402
+from bench.serving import free_port, sse_events, standalone, stop_all, wait_healthy  # noqa: E402
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.", "Explain how a bicycle works.",
@@ -132,23 +131,14 @@ def format_table(r: dict, clients=(1, 4, 8)) -> str:
 
 
 def main() -> int:
-    import os
-
     ap = argparse.ArgumentParser(prog="python -m bench.concurrency", description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--parallel", type=int, default=8)
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct.gguf")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    from bench.native import ensure_tools
-    from runtime.native import physical_cores
-
-    work = Path(tempfile.mkdtemp(prefix="bundle-conc-"))
-    bundle = work / "b"
-    subprocess.run([str(Path(sys.executable).parent / "bundle"), "build", str(args.model), "-o", str(bundle)],
-                   check=True, capture_output=True)
-    env = dict(os.environ, BUNDLE_CACHE_DIR=str(work / "cache"))
-    r = measure(bundle, args.model, physical_cores(), args.rounds, ensure_tools()["llama-server"], env, args.parallel)
+    with standalone(args.model, "bundle-conc-") as (bundle, env, llama_server, threads):
+        r = measure(bundle, args.model, threads, args.rounds, llama_server, env, args.parallel)
     print(json.dumps(r, indent=2) if args.json else format_table(r))
     return 0
 

@@ -11,18 +11,16 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.serving import free_port, sse_events, stop_all, wait_healthy  # noqa: E402
+from bench.serving import free_port, sse_events, standalone, stop_all, wait_healthy  # noqa: E402
 
 PROMPT = ("Write a short story about a lighthouse keeper, as JSON: a title, the story itself, "
           "and the names of its characters.")
@@ -130,15 +128,8 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct.gguf")
     args = ap.parse_args()
-    from bench.native import ensure_tools
-    from runtime.native import physical_cores
-
-    work = Path(tempfile.mkdtemp(prefix="bundle-bench-grammar-"))
-    bundle = work / "model-bundle"
-    subprocess.run([str(Path(sys.executable).parent / "bundle"), "build", str(args.model), "-o", str(bundle)],
-                   check=True, capture_output=True)
-    env = dict(os.environ, BUNDLE_CACHE_DIR=str(work / "cache"))
-    s = summary(measure(bundle, args.model, physical_cores(), args.rounds, ensure_tools()["llama-server"], env))
+    with standalone(args.model, "bundle-bench-grammar-") as (bundle, env, llama_server, threads):
+        s = summary(measure(bundle, args.model, threads, args.rounds, llama_server, env))
     print(json.dumps(s, indent=1) if args.json else format_table(s))
     return 0
 

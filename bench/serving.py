@@ -4,17 +4,40 @@ process of its own, model loaded once), alternating round by round."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 PROMPT = "Write a long story about a lighthouse keeper."
 MAX_TOKENS = 128
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def standalone(model: Path, prefix: str):
+    """For a benchmark run on its own (`python -m bench.X`): a bundle of model built into a
+    temporary folder, an environment with a cache of its own there, llama-server (built on first
+    use) and the threads to use; the folder is removed after."""
+    from bench.native import ensure_tools
+    from runtime.native import physical_cores
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        bundle = work / "model-bundle"
+        subprocess.run([str(Path(sys.executable).parent / "bundle"), "build", str(model), "-o", str(bundle)],
+                       check=True, capture_output=True)
+        env = dict(os.environ, BUNDLE_CACHE_DIR=str(work / "cache"))
+        yield bundle, env, ensure_tools()["llama-server"], physical_cores()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def free_port() -> int:

@@ -155,7 +155,8 @@ def parse_response_format(body: dict) -> str | None:
         return None
     from .llama_package import grammar
 
-    JSON_GBNF, json_schema_to_gbnf = grammar().JSON_GBNF, grammar().json_schema_to_gbnf
+    converter = grammar()
+    JSON_GBNF, json_schema_to_gbnf = converter.JSON_GBNF, converter.json_schema_to_gbnf
 
     if kind == "json_object":
         return JSON_GBNF

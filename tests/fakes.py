@@ -9,6 +9,7 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from runtime.batch import Counters
 from runtime.engine import Result, TokenLogprob
 from runtime.errors import ContextOverflowError, RuntimeFailure
 
@@ -54,19 +55,6 @@ class Call:
     sampling: object
 
 
-@dataclass
-class _Stats:
-    requests: int = 0
-    finished: int = 0
-    cancelled: int = 0
-    skipped: int = 0
-    max_tokens_after_cancel: int = 0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    prompt_seconds: float = 0.0
-    decode_seconds: float = 0.0
-
-
 class _Scheduler:
     n_parallel = 2
 
@@ -89,7 +77,7 @@ class FakeWorker:
     calls: list = field(default_factory=list)
     engine: FakeEngine = field(default_factory=FakeEngine)
     scheduler: _Scheduler = field(default_factory=_Scheduler)
-    stats: _Stats = field(default_factory=_Stats)
+    stats: Counters = field(default_factory=Counters)
     parallel: int = 2
 
     def pending(self) -> int:
