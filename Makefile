@@ -13,7 +13,7 @@ WIN_STUB := stubs/windows-x86_64/bundle-runtime.exe
 WIN_BUNDLE := dist/SmolLM2-135M-Instruct.exe
 WINE   := $(firstword $(wildcard /usr/lib/wine/wine64 /usr/bin/wine64 /usr/bin/wine))
 
-.PHONY: all venv buildtools buildtools-windows stub stub-windows model chromium demo demo-windows test \
+.PHONY: all venv buildtools buildtools-vulkan buildtools-windows stub stub-windows model chromium demo demo-windows test \
 	test-windows test-cuda reference fuzz bench bench-windows clean distclean
 
 all: demo
@@ -32,6 +32,14 @@ buildtools:
 	@command -v dpkg-source >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1 || { \
 		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q dpkg-dev debootstrap; }
 
+# The Vulkan back end's build tools (glslc, the headers and loader to link against) and, for its
+# tests, Mesa's software Vulkan driver (lavapipe), all from Debian.
+buildtools-vulkan:
+	@command -v glslc >/dev/null 2>&1 && [ -f /usr/include/vulkan/vulkan.hpp ] && [ -d /usr/include/spirv/unified1 ] \
+		&& [ -f /usr/share/vulkan/icd.d/lvp_icd.x86_64.json ] || { \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q \
+		glslc libvulkan-dev spirv-headers mesa-vulkan-drivers; }
+
 # The Windows stub is built on this machine: MinGW-w64 cross-compiles llama.cpp, wine runs the
 # Windows CPython and PyInstaller (and the tests of the .exe).
 buildtools-windows:
@@ -39,11 +47,12 @@ buildtools-windows:
 		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q \
 		g++-mingw-w64-x86-64-posix wine64 osslsigncode; }
 
-# build.py skips every step whose output is up to date (the llama.cpp compile, CPython and the
-# bootloader are cached per version, flags and toolchain under ~/.cache/bundle/build), so this
-# target is cheap after the first time.
-stub: venv buildtools
-	$(PY) build.py
+# build.py skips every step whose output is up to date (the llama.cpp compile, CPython, the
+# bootloader and the Vulkan back end are cached per version, flags and toolchain under
+# ~/.cache/bundle/build), so this target is cheap after the first time. The stub carries the
+# Vulkan back end (any AMD, Intel or NVIDIA GPU; about 3 minutes to build the first time).
+stub: venv buildtools buildtools-vulkan
+	$(PY) build.py --vulkan
 
 # stubs/windows-x86_64/ (about 8 minutes the first time on 2 cores; cached like the rest)
 stub-windows: venv buildtools-windows
@@ -89,8 +98,8 @@ test-windows: stub-windows $(MODEL)
 	$(PY) -m pytest tests -m windows
 
 # The CUDA back end takes longer to compile on 2 cores than CI allows: its tests run here.
-test-cuda: venv $(MODEL)
-	$(PY) build.py --cuda
+test-cuda: venv buildtools-vulkan $(MODEL)
+	$(PY) build.py --vulkan --cuda
 	$(PY) -m pytest tests -m cuda
 
 # The long run of the readers' fuzz tests and of the cut-copy measurement (every one of the last

@@ -2,6 +2,8 @@
 """Build the runtime stub for this platform: stubs/<target>/.
 
     python build.py            # portable CPU build (every x86-64 generation)
+    python build.py --vulkan   # ... with ggml's Vulkan back end (what `make stub` builds)
+    python build.py --cuda     # ... with the CUDA back end (long: see the README)
     python build.py --force    # rebuild the stub even if its inputs did not change
 
 Steps (each skipped when its output is already there):
@@ -13,7 +15,9 @@ Steps (each skipped when its output is already there):
    and are unpacked once per machine);
 4. run PyInstaller (one-file) on runtime/ with a lean archive: no numpy, no native llama libs.
 
-Output: stubs/<target>/bundle-runtime, native-cpu.tar.zst, stub.json.
+Output: stubs/<target>/bundle-runtime, native-cpu.tar.zst, stub.json, and one
+native-<backend>.tar.zst per GPU back end asked for (runtime/backends.py); a back end not asked
+for is removed from the folder, since bundles carry what it holds.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ import time
 import zipfile
 from pathlib import Path
 
-from buildsys import zig
+from buildsys import vulkan, zig
 from buildsys.cache import fetch_sdist, publish
+from runtime.backends import CUDA, GPU_BACKENDS, VULKAN
 
 ROOT = Path(__file__).resolve().parent
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -61,7 +66,6 @@ CUDA_FLAGS = ["-DGGML_CUDA=ON", "-DGGML_CUDA_NO_VMM=ON", "-DGGML_BACKEND_DL=ON",
               "-DBUILD_SHARED_LIBS=ON", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
               "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
 CUDA_LIBS = ["libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13"]
-NATIVE_CUDA_NAME = "native-cuda.tar.zst"
 TARGET = "linux-x86_64"
 STUB_NAME = "bundle-runtime"
 NATIVE_NAME = "native-cpu.tar.zst"
@@ -230,10 +234,11 @@ def elf_needs(path: Path) -> tuple[tuple[int, int], set[str]]:
     return max(versions, default=(2, 0)), needed
 
 
-def check_portable(paths: list[Path]) -> str:
+def check_portable(paths: list[Path], system: set[str] = frozenset()) -> str:
     """The glibc floor of these ELF files; exits when one needs a newer glibc than the floor or a
-    system library other than glibc's own (each other name must be among the files themselves)."""
-    own = {p.name for p in paths}
+    system library other than glibc's own and `system` (each other name must be among the files
+    themselves)."""
+    own = {p.name for p in paths} | set(system)
     best, problems = (2, 0), []
     for p in paths:
         version, needed = elf_needs(p)
@@ -346,22 +351,17 @@ def runpath_to_origin(lib: Path) -> bytes:
     return data.replace(old, b"$ORIGIN".ljust(len(old), b"\0"))
 
 
-def pack_cuda(ggml_cuda: Path, dest: Path, archs: str) -> dict:
-    """libggml-cuda.so and the CUDA runtime libraries it needs, as one zstd tar. The runtime
-    preloads the CUDA libraries from there by path, so their location needs no RPATH."""
+def pack_tar(files: dict[str, Path], dest: Path, level: int) -> dict:
+    """Libraries as one zstd tar (a GPU back end's entry), their RUNPATHs set to $ORIGIN.
+    Multi-threaded zstd: the CUDA libraries are ~1 GB."""
     import zstandard
 
-    toolkit = ensure_cuda_toolkit()
-    files = {"libggml-cuda.so": ggml_cuda}
-    for name in CUDA_LIBS:
-        files[name] = toolkit / "lib" / name
     tmp = dest.with_suffix(".tmp")
     unpacked = 0
-    # level 10 on all cores: the libraries are ~1 GB, and level 19 would take many minutes
-    cctx = zstandard.ZstdCompressor(level=10, threads=-1)
+    cctx = zstandard.ZstdCompressor(level=level, threads=-1)
     with open(tmp, "wb") as raw, cctx.stream_writer(raw) as out, tarfile.open(fileobj=out, mode="w|") as tar:
         for name, path in files.items():
-            data = runpath_to_origin(path) if name == "libggml-cuda.so" else None
+            data = runpath_to_origin(path) if name.startswith("libggml") else None
             info = tar.gettarinfo(str(path.resolve()), arcname=name)
             info.mtime, info.mode = 0, 0o755
             if data is not None:
@@ -377,7 +377,64 @@ def pack_cuda(ggml_cuda: Path, dest: Path, archs: str) -> dict:
             digest.update(chunk)
     os.replace(tmp, dest)
     return {"file": dest.name, "sha256": digest.hexdigest(), "size": dest.stat().st_size, "unpacked_size": unpacked,
-            "architectures": archs, "libraries": sorted(files), "cuda_packages": CUDA_PACKAGES}
+            "libraries": sorted(files)}
+
+
+def add_cuda(out_dir: Path, meta: dict, args) -> None:
+    """libggml-cuda.so and the CUDA runtime libraries it needs (the runtime preloads them from
+    the entry by path, so their location needs no RPATH)."""
+    archs = args.cuda_archs
+    cuda = meta.get("native", {}).get("cuda")
+    if cuda and cuda.get("architectures") == archs and (out_dir / CUDA.stub_file).exists():
+        log(f"CUDA back end up to date: {out_dir / CUDA.stub_file}")
+        return
+    lib = ensure_cuda_backend(archs)
+    log("CUDA back end: packing it with the CUDA runtime libraries")
+    toolkit = ensure_cuda_toolkit()
+    files = {CUDA.library: lib, **{name: toolkit / "lib" / name for name in CUDA_LIBS}}
+    # level 10: the libraries are ~1 GB, and level 19 would take many minutes
+    record = pack_tar(files, out_dir / CUDA.stub_file, 10)
+    meta["native"]["cuda"] = {**record, "architectures": archs, "cuda_packages": CUDA_PACKAGES}
+    meta["cuda_version_min"] = CUDA_VERSION_MIN
+    meta["cuda_architectures"] = archs
+    write_meta(out_dir / "stub.json", meta)
+    log(f"CUDA back end: {out_dir / CUDA.stub_file} ({record['size'] / 2**20:.0f} MiB; needs NVIDIA driver for CUDA "
+        f"{'.'.join(map(str, CUDA_VERSION_MIN))}+)")
+
+
+def add_vulkan(out_dir: Path, meta: dict, args) -> None:
+    """libggml-vulkan.so (buildsys/vulkan.py). The Vulkan loader it links is the system's."""
+    lib = vulkan.ensure_backend(cache_dir(), LLAMA_CPP_PYTHON, log, run_with_progress)
+    digest = hashlib.sha256(lib.read_bytes()).hexdigest()
+    record = meta.get("native", {}).get("vulkan")
+    if record and record.get("library_sha256") == digest and (out_dir / VULKAN.stub_file).exists():
+        log(f"Vulkan back end up to date: {out_dir / VULKAN.stub_file}")
+        return
+    check_portable([lib], system={vulkan.LOADER, "libggml-base.so.0"})
+    t0 = time.time()
+    record = pack_tar({VULKAN.library: lib}, out_dir / VULKAN.stub_file, ZSTD_LEVEL)
+    meta["native"]["vulkan"] = {**record, "library_sha256": digest, "loader": vulkan.LOADER}
+    write_meta(out_dir / "stub.json", meta)
+    log(f"Vulkan back end: {out_dir / VULKAN.stub_file} ({record['unpacked_size'] / 2**20:.1f} MiB -> "
+        f"{record['size'] / 2**20:.1f} MiB zstd in {time.time() - t0:.0f} s; needs a Vulkan 1.2 driver)")
+
+
+GPU_BUILDS = {"cuda": add_cuda, "vulkan": add_vulkan}
+
+
+def sync_gpu(out_dir: Path, meta: dict, args) -> None:
+    """The stub folder holds exactly the GPU back ends asked for (bundles carry what it holds).
+    A compiled back end stays cached: asking for it again re-adds it in seconds."""
+    for b in GPU_BACKENDS:
+        if getattr(args, b.key):
+            GPU_BUILDS[b.key](out_dir, meta, args)
+        elif (out_dir / b.stub_file).exists() or meta.get("native", {}).get(b.key):
+            (out_dir / b.stub_file).unlink(missing_ok=True)
+            meta.get("native", {}).pop(b.key, None)
+            for k in [k for k in meta if k.startswith(b.key + "_")]:
+                meta.pop(k)
+            write_meta(out_dir / "stub.json", meta)
+            log(f"{b.label} back end removed from the stub folder (python build.py {b.build_flag} adds it back)")
 
 
 def inputs_digest(wheel: Path, python: Path) -> str:
@@ -591,14 +648,16 @@ def main() -> int:
                          "with MinGW and wine")
     ap.add_argument("--force", action="store_true", help="rebuild the stub even if nothing changed")
     ap.add_argument("--cuda", action="store_true", help="also build the CUDA back end (CUDA 13 from PyPI)")
+    ap.add_argument("--vulkan", action="store_true",
+                    help="also build the Vulkan back end (AMD, Intel and NVIDIA GPUs; glslc and libvulkan-dev from Debian)")
     ap.add_argument("--cuda-archs", default=os.environ.get("BUNDLE_CUDA_ARCHS", CUDA_ARCHITECTURES),
                     help=f"CMAKE_CUDA_ARCHITECTURES (default {CUDA_ARCHITECTURES})")
     args = ap.parse_args()
     if sys.platform != "linux" or os.uname().machine != "x86_64":
         sys.exit(f"build.py builds stubs on {TARGET} only; this is {sys.platform}/{os.uname().machine}")
     if args.target != TARGET:
-        if args.cuda:
-            sys.exit("--cuda: the Windows stub has no CUDA back end yet")
+        if args.cuda or args.vulkan:
+            sys.exit(f"--{'cuda' if args.cuda else 'vulkan'}: the Windows stub has no GPU back end yet")
         return build_windows(args.force)
     out_dir = ROOT / "stubs" / TARGET
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -623,10 +682,7 @@ def main() -> int:
         meta = json.loads(meta_path.read_text())
         if meta.get("inputs") == digest:
             log(f"stub up to date: {out_dir / STUB_NAME}")
-            if args.cuda:
-                add_cuda(out_dir, meta, args.cuda_archs)
-            else:
-                drop_cuda(out_dir, meta)
+            sync_gpu(out_dir, meta, args)
             return 0
 
     t0 = time.time()
@@ -650,12 +706,11 @@ def main() -> int:
     version = subprocess.run([str(python), "-c", "import platform; print(platform.python_version())"],
                              capture_output=True, text=True, check=True, env=python_env(python.parents[1])).stdout.strip()
     meta = stub_meta(TARGET, stub, CPU_FLAGS, version, native, digest, glibc_min=glibc)
-    if (out_dir / NATIVE_CUDA_NAME).exists() and not args.cuda:
-        (out_dir / NATIVE_CUDA_NAME).unlink()  # a stale CUDA blob would not match this stub's record
+    for b in GPU_BACKENDS:  # a stale GPU blob would not match this stub's record
+        (out_dir / b.stub_file).unlink(missing_ok=True)
     write_meta(meta_path, meta)
     log(f"stub: {stub} ({stub.stat().st_size / 2**20:.1f} MiB, needs glibc >= {glibc}) in {time.time() - t0:.0f} s")
-    if args.cuda:
-        add_cuda(out_dir, meta, args.cuda_archs)
+    sync_gpu(out_dir, meta, args)
     return 0
 
 
@@ -688,35 +743,6 @@ def write_meta(path: Path, meta: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, path)
-
-
-def drop_cuda(out_dir: Path, meta: dict) -> None:
-    """Without --cuda the stub folder holds exactly the CPU stub (bundles would otherwise carry
-    the CUDA libraries by default). The compiled back end stays cached: --cuda re-adds it in
-    seconds."""
-    if (out_dir / NATIVE_CUDA_NAME).exists() or meta.get("native", {}).get("cuda"):
-        (out_dir / NATIVE_CUDA_NAME).unlink(missing_ok=True)
-        meta.get("native", {}).pop("cuda", None)
-        meta.pop("cuda_version_min", None)
-        meta.pop("cuda_architectures", None)
-        write_meta(out_dir / "stub.json", meta)
-        log("CUDA back end removed from the stub folder (python build.py --cuda adds it back)")
-
-
-def add_cuda(out_dir: Path, meta: dict, archs: str) -> None:
-    cuda = meta.get("native", {}).get("cuda")
-    if cuda and cuda.get("architectures") == archs and (out_dir / NATIVE_CUDA_NAME).exists():
-        log(f"CUDA back end up to date: {out_dir / NATIVE_CUDA_NAME}")
-        return
-    lib = ensure_cuda_backend(archs)
-    log("CUDA back end: packing it with the CUDA runtime libraries")
-    meta["native"]["cuda"] = pack_cuda(lib, out_dir / NATIVE_CUDA_NAME, archs)
-    meta["cuda_version_min"] = CUDA_VERSION_MIN
-    meta["cuda_architectures"] = archs
-    write_meta(out_dir / "stub.json", meta)
-    size = meta["native"]["cuda"]["size"] / 2**20
-    log(f"CUDA back end: {out_dir / NATIVE_CUDA_NAME} ({size:.0f} MiB; needs NVIDIA driver for CUDA "
-        f"{'.'.join(map(str, CUDA_VERSION_MIN))}+)")
 
 
 if __name__ == "__main__":
