@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from runtime.backends import KEYS as GPU_KEYS
+from runtime.backends import by_key
 from runtime.errors import UsageError as SettingsError
 from runtime.payload import Manifest, ModelInfo, PayloadError, StubInfo, read_payload
 from runtime.text import printable
@@ -101,8 +103,8 @@ def cli():
 @click.option("--max-tokens", type=int, help="default most tokens per answer (-1: no limit)")
 @click.option("--target", help="platform of the executable (default: this one)")
 @click.option("--stub", type=click.Path(), help="use this runtime stub instead of stubs/<target>/")
-@click.option("--gpu", type=click.Choice(["auto", "cuda", "none"]), default="auto", show_default=True,
-              help="carry the CUDA back end (auto: when the stub has one)")
+@click.option("--gpu", type=click.Choice(["auto", *GPU_KEYS, "none"]), default="auto", show_default=True,
+              help="the GPU back ends to carry (auto: every one the stub has; none: CPU only)")
 @click.option("--split", is_flag=True,
               help="write the model as parts beside the executable, each under 4 GiB (FAT32 USB sticks)")
 @click.option("--max-file-size", help="split so that no file is larger than this (e.g. 4G, 2000M); implies --split")
@@ -124,17 +126,18 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
         if output:
             click.echo(f"note: Windows runs programs only by the name .exe: writing {out.name}.exe", err=True)
         out = out.with_name(out.name + ".exe")
-    if gpu == "cuda" and not stub_info.native_cuda:
-        raise BundleError(f"--gpu cuda: the stub in {stub_info.folder}/ has no CUDA back end; build one with "
-                          "`python build.py --cuda` or pass --gpu none")
-    with_cuda = gpu != "none" and stub_info.native_cuda is not None
+    if gpu in GPU_KEYS and gpu not in stub_info.gpu:
+        b = by_key(gpu)
+        raise BundleError(f"--gpu {gpu}: the stub in {stub_info.folder}/ has no {b.label} back end; build one with "
+                          f"`python build.py {b.build_flag}` or pass --gpu none")
+    carried = tuple(b.key for b in stub_info.gpu_backends() if gpu in ("auto", b.key))
     writer.check_output(out, model_path, force)
-    writer.check_space(out, model_path, stub_info, with_cuda)
+    writer.check_space(out, model_path, stub_info, carried)
     from . import split as splitter
 
     limit = splitter.parse_size(max_file_size) if max_file_size else (splitter.FAT32_MAX if split else None)
-    exe_size = stub_info.exe.stat().st_size + stub_info.native_cpu.stat().st_size + (
-        stub_info.native_cuda.stat().st_size if with_cuda else 0)
+    exe_size = stub_info.exe.stat().st_size + stub_info.native_cpu.stat().st_size + sum(
+        stub_info.gpu[key].stat().st_size for key in carried)
     if limit is not None and exe_size + (1 << 20) > limit:
         raise UsageError(f"--max-file-size {_human(limit)} is smaller than the executable without its model "
                          f"({_human(exe_size)}); give a larger size")
@@ -173,10 +176,10 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
         f"trained context {info.context_length}, template {template_name}, {_human(info.file_size)}",
         err=True,
     )
-    if stub_info.native_cuda:
-        cuda_size = _human(stub_info.native_cuda.stat().st_size)
-        click.echo(f"CUDA back end: {'carried' if with_cuda else 'left out'} ({cuda_size}; "
-                   f"{'--gpu none leaves it out' if with_cuda else '--gpu cuda carries it'})", err=True)
+    for b in stub_info.gpu_backends():
+        size = _human(stub_info.gpu[b.key].stat().st_size)
+        how = "--gpu none leaves it out" if b.key in carried else f"--gpu {b.key} or auto carries it"
+        click.echo(f"{b.label} back end: {'carried' if b.key in carried else 'left out'} ({size}; {how})", err=True)
     show_bar = err.isatty()
     parts = None
     try:
@@ -194,7 +197,7 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
                     raise BundleError(f"cannot write the model's parts in {out.parent}: {exc.strerror}; "
                                       "check the folder and free space") from None
             result = writer.write_bundle(model_path, stub_info, out, manifest, progress=bar.update,
-                                         with_cuda=with_cuda, parts=parts)
+                                         gpu=carried, parts=parts)
     finally:
         for tmp, *_ in parts or ():
             tmp.unlink(missing_ok=True)  # renamed into place on success; leftovers of a failure

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from runtime.backends import GPU_BACKENDS, GpuBackend
 
 from .errors import BundleError
 
 TARGETS = ("linux-x86_64", "linux-aarch64", "windows-x86_64", "macos-arm64")
 STUB_NAMES = {"windows-x86_64": "bundle-runtime.exe"}
 NATIVE_CPU = "native-cpu.tar.zst"
-NATIVE_CUDA = "native-cuda.tar.zst"
 
 
 def host_target() -> str:
@@ -36,7 +37,11 @@ class Stub:
     exe: Path
     native_cpu: Path
     meta: dict
-    native_cuda: Path | None = None
+    gpu: dict[str, Path] = field(default_factory=dict)  # back end key -> its tar in the stub folder
+
+    def gpu_backends(self) -> list[GpuBackend]:
+        """The GPU back ends this stub folder holds, in the order of choice."""
+        return [b for b in GPU_BACKENDS if b.key in self.gpu]
 
     def manifest_info(self) -> dict:
         keys = ("target", "runtime_version", "format_version", "llama_cpp_python", "glibc_min", "windows_min",
@@ -75,6 +80,10 @@ def find_stub(target: str | None = None, stub_path: str | None = None) -> Stub:
         meta = json.loads(meta_file.read_text())
     except ValueError:
         raise BundleError(f"{meta_file} is not valid JSON; rebuild the stub with `python build.py`") from None
-    cuda_meta = meta.get("native", {}).get("cuda") or {}
-    cuda = folder / cuda_meta.get("file", NATIVE_CUDA)
-    return Stub(target, folder, exe, native, meta, cuda if cuda.is_file() and meta.get("native", {}).get("cuda") else None)
+    gpu = {}
+    for b in GPU_BACKENDS:  # each listed in stub.json and present beside the stub
+        record = meta.get("native", {}).get(b.key)
+        path = folder / (record or {}).get("file", b.stub_file)
+        if record and path.is_file():
+            gpu[b.key] = path
+    return Stub(target, folder, exe, native, meta, gpu)

@@ -15,13 +15,13 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from runtime.backends import GPU_BACKENDS
 from runtime.payload import (
     Manifest,
     ModelPart,
     Region,
     MODEL_ENTRY,
     NATIVE_CPU_ENTRY,
-    NATIVE_CUDA_ENTRY,
     NotABundleError,
     PayloadError,
     PayloadWriter,
@@ -84,12 +84,11 @@ def check_output(output: Path, model: Path, force: bool) -> None:
         raise BundleError(f"cannot write to {folder} (permission denied); choose a writable folder with -o")
 
 
-def check_space(output: Path, model: Path, stub: Stub, with_cuda: bool = False) -> None:
+def check_space(output: Path, model: Path, stub: Stub, gpu: tuple[str, ...] = ()) -> None:
     folder = _nearest_existing(output.parent)
     # (split: the parts take the model's size plus a header each, well inside SLACK)
     needed = stub.exe.stat().st_size * 2 + stub.native_cpu.stat().st_size + model.stat().st_size + SLACK
-    if with_cuda and stub.native_cuda:
-        needed += stub.native_cuda.stat().st_size
+    needed += sum(stub.gpu[key].stat().st_size for key in gpu)
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise BundleError(
@@ -105,10 +104,12 @@ def write_bundle(
     manifest: dict,
     progress: Callable[[int], None] | None = None,
     tail_mode: str = "auto",
-    with_cuda: bool = False,
+    gpu: tuple[str, ...] = (),
     parts: list | None = None,
 ) -> dict:
     """Write the bundle at output (via a temporary file in the same folder). Returns figures.
+
+    gpu: the keys of the GPU back ends to carry (runtime/backends.py), each from the stub folder.
 
     parts: the model already written as split parts (bundler/split.py: temporary path, final
     name, size, sha256 each): the executable then carries no model, and the parts are renamed
@@ -118,7 +119,7 @@ def write_bundle(
     stub_archive = stub_bytes[archive_start : cookie_pos + PYI_COOKIE_SIZE]
     payload_start = align_up(len(stub_bytes))
     folder = output.parent
-    check_space(output, model, stub, with_cuda)
+    check_space(output, model, stub, gpu)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -134,10 +135,11 @@ def write_bundle(
             writer = PayloadWriter(f, payload_start)
             native_meta = stub.meta.get("native", {}).get("cpu", {})
             writer.add_file(NATIVE_CPU_ENTRY, stub.native_cpu, "zstd", native_meta.get("unpacked_size"))
-            if with_cuda and stub.native_cuda:
-                cuda_meta = stub.meta["native"]["cuda"]
-                writer.add_file(NATIVE_CUDA_ENTRY, stub.native_cuda, cuda_meta.get("compression", "zstd"),
-                                cuda_meta.get("unpacked_size"))
+            for backend in GPU_BACKENDS:
+                if backend.key in gpu:
+                    record = stub.meta["native"][backend.key]
+                    writer.add_file(backend.entry, stub.gpu[backend.key], record.get("compression", "zstd"),
+                                    record.get("unpacked_size"))
             if not isinstance(manifest, Manifest):
                 manifest = Manifest.from_json(manifest)
             if parts:

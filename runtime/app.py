@@ -90,8 +90,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     g.add_argument("--system", help="system prompt")
     g.add_argument("--think", choices=["auto", "on", "off"],
                    help="reasoning models: think before answering (auto: as llama-server does for the template)")
-    g.add_argument("--gpu", choices=["auto", "off", "cuda"],
-                   help="auto (default): an NVIDIA GPU when it works, else the CPU; off: CPU only; cuda: fail without it")
+    g.add_argument("--gpu", choices=["auto", "off", "cuda", "vulkan"],
+                   help="auto (default): CUDA when an NVIDIA GPU works, else a Vulkan GPU, else the CPU; "
+                        "off: CPU only; cuda, vulkan: that back end or fail")
     g.add_argument("-ngl", "--gpu-layers", type=int, dest="gpu_layers", help="layers to put on the GPU (default: all that fit)")
     g.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's own log on stderr")
     p.add_argument("--version", action="version", version=f"bundle runtime {__version__} (format {FORMAT_VERSION})")
@@ -183,7 +184,7 @@ class Runtime:
         planned = dataclasses.replace(self.settings, ctx=self.settings.ctx * self.n_seq)
         self.backend = backend.choose(self.payload, planned, self.libdir,
                                       layout.to_json() if layout else None, say=say, last_log=last_error)
-        if self.backend.name == "CPU" and backend.CUDA_ENTRY in self.payload.entries and self.settings.gpu != "off":
+        if self.backend.name == "CPU" and self.backend.skipped:
             say(f"running on the CPU: {self.backend.reason}")
         if self.backend.note:
             say(f"note: {self.backend.note}")
@@ -220,20 +221,11 @@ class Runtime:
                 f.seek(offset)
                 if f.read(4) != b"GGUF":
                     raise RuntimeFailure(f"{self.path}: the model inside it is damaged; copy the file again")
+        from . import backend
+
         try:
-            try:
-                self.engine = Engine(self.C, source, offset, self.settings.ctx, self.threads(),
-                                     self.backend.gpu_layers, n_seq)
-            except ModelLoadError as exc:
-                if self.backend.gpu_layers == 0:
-                    raise
-                # The GPU could not take it (out of memory at load time, a driver fault): the CPU can.
-                if self.settings.gpu == "cuda":
-                    raise RuntimeFailure(f"--gpu cuda: loading the model onto the GPU failed ({exc})") from None
-                self.backend.name, self.backend.gpu_layers = "CPU", 0
-                self.backend.reason = f"loading the model onto the GPU failed ({exc}); running on the CPU"
-                say(f"running on the CPU: {self.backend.reason}")
-                self.engine = Engine(self.C, source, offset, self.settings.ctx, self.threads(), 0, n_seq)
+            self.engine = backend.load(self.backend, self.settings, lambda gpu_layers, devices: Engine(
+                self.C, source, offset, self.settings.ctx, self.threads(), gpu_layers, n_seq, devices), say=say)
         except ModelLoadError as exc:
             # Name the damage if there is any: a hash check costs a read of the model, only on failure.
             problems = [p for p in self.payload.verify() if p.startswith((MODEL_ENTRY, "model part"))]

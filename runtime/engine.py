@@ -234,11 +234,17 @@ class Engine:
     """One model, one context. Not thread-safe: callers serialise generate()."""
 
     def __init__(self, C, model_path: str, offset: int, ctx: int, threads: int, gpu_layers: int = 0,
-                 n_seq: int = 1):
+                 n_seq: int = 1, devices: list[int] | None = None):
+        """devices: the ggml devices to offload to (runtime/backend.py); [] keeps everything on
+        the CPU even where a GPU back end is loaded (llama.cpp would otherwise still use it for
+        large batches); None lets llama.cpp use every GPU device ggml has."""
         self.C = C
         C.llama_backend_init()
         params = C.llama_model_default_params()
         params.n_gpu_layers = gpu_layers
+        if devices is not None:
+            self._devices = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)  # NULL-terminated
+            params.devices = ctypes.cast(self._devices, ctypes.c_void_p)
         params.use_mmap = True
         t0 = time.perf_counter()
         if isinstance(model_path, (list, tuple)):

@@ -60,6 +60,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator
 
+from .backends import GPU_BACKENDS
 from .errors import DamagedError, IncompleteError, NewerFormatError, NotABundleError, PayloadError
 
 __all__ = ["DamagedError", "IncompleteError", "NewerFormatError", "NotABundleError", "PayloadError"]
@@ -87,10 +88,10 @@ HEADER_SEARCH = 1024 * 1024 * 1024
 MODEL_ENTRY = "model.gguf"
 # zstd tars of native libraries, unpacked once per machine (runtime/native.py)
 NATIVE_CPU_ENTRY = "native/cpu.tar.zst"
-NATIVE_CUDA_ENTRY = "native/cuda.tar.zst"
-KNOWN_ENTRIES = (MODEL_ENTRY, NATIVE_CPU_ENTRY, NATIVE_CUDA_ENTRY)
+# ... and one per GPU back end (runtime/backends.py): unpacked only where its device answers
+KNOWN_ENTRIES = (MODEL_ENTRY, NATIVE_CPU_ENTRY, *(b.entry for b in GPU_BACKENDS))
 ENTRY_LABELS = {MODEL_ENTRY: "the model", NATIVE_CPU_ENTRY: "the runtime libraries",
-                NATIVE_CUDA_ENTRY: "the CUDA libraries"}
+                **{b.entry: b.what for b in GPU_BACKENDS}}
 COMPRESSIONS = ("none", "zstd")
 # Parts of the file outside the payload whose hashes the TOC records, so that damage to the
 # runtime itself is found too (issue 8.3). Offsets are absolute.

@@ -50,7 +50,7 @@ class Settings:
     threads: int = 0  # 0: physical cores
     system: str | None = None  # None: the template's own default
     template: str = "auto"
-    gpu: str = "auto"  # auto: CUDA when it works; off: never touch it; cuda: fail unless it works
+    gpu: str = "auto"  # auto: CUDA, else Vulkan, when it works; off: never touch it; cuda/vulkan: that or fail
     gpu_layers: int = -1  # -1: as many as fit
     host: str = "127.0.0.1"  # the web server: loopback unless asked
     port: int = 8080
@@ -94,8 +94,8 @@ class Settings:
             problems.append(f"repeat_penalty={self.repeat_penalty} must be above 0")
         if self.max_tokens == 0 or self.max_tokens < -1:
             problems.append(f"max_tokens={self.max_tokens} must be -1 (no limit) or at least 1")
-        if self.gpu not in ("auto", "off", "cuda"):
-            problems.append(f"gpu={self.gpu!r} must be auto, off or cuda")
+        if self.gpu not in ("auto", "off", "cuda", "vulkan"):
+            problems.append(f"gpu={self.gpu!r} must be auto, off, cuda or vulkan")
         if self.gpu_layers < -1:
             problems.append(f"gpu_layers={self.gpu_layers} must be -1 (auto) or 0 or more")
         if self.think not in ("auto", "on", "off"):

@@ -224,7 +224,7 @@ async function start() {
   const m = state.info.model || {};
   const where = b.name === "CUDA" ? "CUDA (" + (b.device || "GPU") + ")" : b.name ? "CPU" + (b.cpu_variant ? " (" + b.cpu_variant + ")" : "") : "";
   $("backend").textContent = [m.size_label, m.quantization, where].filter(Boolean).join(" · ");
-  if (b.cpu_reason && b.name !== "CUDA") $("backend").title = "CPU because " + b.cpu_reason;
+  if (b.cpu_reason && b.name === "CPU") $("backend").title = "CPU because " + b.cpu_reason;
   render();
 }
 
