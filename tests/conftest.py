@@ -31,7 +31,10 @@ def isolated_user_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for var in ("BUNDLE_TEMP", "BUNDLE_CTX", "BUNDLE_SYSTEM", "BUNDLE_MAX_TOKENS", "BUNDLE_DEBUG", "BUNDLE_TOP_K",
-                "BUNDLE_TOP_P", "BUNDLE_SEED", "BUNDLE_THREADS", "BUNDLE_REPEAT_PENALTY", "BUNDLE_CPU_VARIANT"):
+                "BUNDLE_TOP_P", "BUNDLE_SEED", "BUNDLE_THREADS", "BUNDLE_REPEAT_PENALTY", "BUNDLE_CPU_VARIANT",
+                # the GPU choice, as a user's environment could steer it
+                "BUNDLE_GPU", "BUNDLE_NVML_LIBRARY", "BUNDLE_VULKAN_LIBRARY", "GGML_VK_VISIBLE_DEVICES",
+                "VK_ICD_FILENAMES", "VK_DRIVER_FILES", "CUDA_VISIBLE_DEVICES"):
         monkeypatch.delenv(var, raising=False)
     yield home
 

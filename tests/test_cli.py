@@ -48,7 +48,7 @@ def test_build_writes_a_bundle_and_summary(model, out_dir):
     d = json.loads(run_bundle_cmd("inspect", out, "--json").stdout)
     assert d["kind"] == "bundle" and d["settings"]["temp"] == 0.3 and d["settings"]["system"] == "Be brief."
     assert d["model"]["quantization"] == "Q4_1" and d["template_name"] == "auto"
-    assert {e["name"] for e in d["entries"]} == {"model.gguf", "native/cpu.tar.zst"}
+    assert {e["name"] for e in d["entries"]} == {"model.gguf", "native/cpu.tar.zst", "native/vulkan.tar.zst"}
     assert d["stub"]["glibc_min"]
     # readelf reads the bundle as a well-formed ELF, without warnings
     re = subprocess.run(["readelf", "-h", "-S", str(out)], capture_output=True, text=True)

@@ -155,7 +155,7 @@ def native_folders(home: Path):
     ("no device", {"FAKE_NVML_COUNT": "0"}, "reports no GPU"),
     ("old driver", {"FAKE_NVML_CUDA": "12020"}, "supports CUDA 12.2, this bundle needs CUDA 13.0: update"),
     ("library fails", {}, "the CUDA back end failed to load"),
-    ("no room", {"FAKE_NVML_FREE_MIB": "100"}, "does not fit in 100 MiB of free VRAM"),
+    ("no room", {"FAKE_NVML_FREE_MIB": "100"}, "does not fit in 100 MiB of free GPU memory"),
 ])
 def test_fallback_reasons(cuda_bundle, fake_nvml, isolated_user_dirs, case, env_extra, reason):
     env = {**os.environ, "BUNDLE_NVML_LIBRARY": str(fake_nvml), **env_extra}
@@ -187,11 +187,17 @@ def test_gpu_off_never_touches_cuda(cuda_bundle, fake_nvml, isolated_user_dirs, 
     assert marker.read_text().startswith("init")
 
 
-def test_bundle_without_cuda_entry(built_bundle):
+def test_bundle_without_cuda_entry(built_bundle, model, tmp_path):
     b = info(built_bundle, None)
-    assert b["name"] == "CPU" and b["cpu_reason"] == "this bundle carries no CUDA back end"
+    assert b["name"] == "CPU" and "cuda" not in b["skipped"] and b["nvidia"] is None  # never asked
     r = run_exe(built_bundle, "-p", "hi", "--gpu", "cuda")
     assert r.returncode == 1 and "carries no CUDA back end" in r.stderr
+    out = tmp_path / "cpu-only"
+    assert run_bundle_cmd("build", model, "-o", out, "--gpu", "none").returncode == 0
+    b = info(out, None)
+    assert b["name"] == "CPU" and b["cpu_reason"] == "this bundle carries no GPU back end" and not b["skipped"]
+    r = run_exe(out, "-p", QUESTION, "--temp", "0")
+    assert r.returncode == 0 and "Paris" in r.stdout and "running on the CPU" not in r.stderr
 
 
 def test_gpu_none_leaves_the_cuda_libraries_out(cuda_bundle, model, tmp_path):
