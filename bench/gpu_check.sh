@@ -9,7 +9,8 @@
 # `run` compiles ggml's CUDA back end there for that GPU's architecture only (16 cores: minutes)
 # from the same llama.cpp sources, packs it with that machine's CUDA runtime libraries into the
 # stub folder, builds a bundle of the tiny model and reports: CUDA chosen, all layers offloaded,
-# greedy output on the GPU equal to the CPU's, decode tok/s GPU vs CPU. The demo model (94 MiB)
+# greedy output on the GPU equal to the CPU's, decode tok/s GPU vs CPU; then the same for the
+# stub's Vulkan back end on that GPU (issue 12). The demo model (94 MiB)
 # does not fit the upload; the tiny one is made with the gguf package from its tokenizer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -73,27 +74,40 @@ EOF
     python3 -c "import click" 2>/dev/null || python3 -m pip install -q --no-index --find-links .gpu-check/wheels click
     PYTHONPATH=. python3 -m bundler.cli build .gpu-check/tiny.gguf --stub "$stub/bundle-runtime" --gpu cuda -o /tmp/tiny-gpu
     export BUNDLE_CACHE_DIR=/tmp/gpu-check-cache
-    /tmp/tiny-gpu --info --json > "$out/info.json"
-    python3 - "$out/info.json" <<'EOF'
+    check CUDA /tmp/tiny-gpu cuda
+    # Vulkan on the same GPU, through the NVIDIA driver's own Vulkan driver (nvidia_icd.json):
+    # the stub's native-vulkan.tar.zst travels with stubs/linux-x86_64 (6 MiB).
+    echo "== Vulkan"
+    ls /usr/share/vulkan/icd.d/ /etc/vulkan/icd.d/ 2>/dev/null | tee "$out/vulkan-icds.txt" || true
+    PYTHONPATH=. python3 -m bundler.cli build .gpu-check/tiny.gguf --gpu vulkan -o /tmp/tiny-vk
+    check Vulkan /tmp/tiny-vk vulkan
+}
+
+# check NAME EXE TAG: NAME chosen with all layers, greedy GPU output == CPU's, decode speed.
+check() {
+    name=$1 exe=$2 tag=$3
+    "$exe" --info --json > "$out/info-$tag.json"
+    python3 - "$out/info-$tag.json" "$name" <<'EOF'
 import json, sys
 b = json.load(open(sys.argv[1]))["backend"]
+name = sys.argv[2]
 print(f"back end: {b['name']} on {b['device']}; layers on the GPU: {b['gpu_layers']} of {b['n_layer']} (+ output)")
-print("CUDA chosen:", b["name"] == "CUDA", "| all layers offloaded:", b["name"] == "CUDA" and b["gpu_layers"] > (b["n_layer"] or 0))
+print(f"{name} chosen:", b["name"] == name, "| all layers offloaded:", b["name"] == name and b["gpu_layers"] > (b["n_layer"] or 0))
 if b.get("cpu_reason"):
     print("CPU because:", b["cpu_reason"])
 EOF
     prompt="Tell me about the sea."
-    gpu_text=$(/tmp/tiny-gpu -p "$prompt" --temp 0 -n 48 2>"$out/gpu-run.txt")
-    cpu_text=$(/tmp/tiny-gpu -p "$prompt" --temp 0 -n 48 --gpu off 2>"$out/cpu-run.txt")
-    printf '%s\n' "$gpu_text" > "$out/gpu-answer.txt"
-    printf '%s\n' "$cpu_text" > "$out/cpu-answer.txt"
-    if [ "$gpu_text" = "$cpu_text" ]; then echo "greedy output GPU == CPU: yes"; else
-        echo "greedy output GPU == CPU: NO"; echo "GPU: $gpu_text"; echo "CPU: $cpu_text"; fi
-    /tmp/tiny-gpu --bench --json > "$out/bench-gpu.json"
-    /tmp/tiny-gpu --bench --json --gpu off -t 16 > "$out/bench-cpu.json"
-    python3 - "$out" <<'EOF'
+    gpu_text=$("$exe" -p "$prompt" --temp 0 -n 48 2>"$out/gpu-run-$tag.txt")
+    cpu_text=$("$exe" -p "$prompt" --temp 0 -n 48 --gpu off 2>"$out/cpu-run-$tag.txt")
+    printf '%s\n' "$gpu_text" > "$out/gpu-answer-$tag.txt"
+    printf '%s\n' "$cpu_text" > "$out/cpu-answer-$tag.txt"
+    if [ "$gpu_text" = "$cpu_text" ]; then echo "greedy output $name == CPU: yes"; else
+        echo "greedy output $name == CPU: NO"; echo "$name: $gpu_text"; echo "CPU: $cpu_text"; fi
+    "$exe" --bench --json > "$out/bench-$tag.json"
+    "$exe" --bench --json --gpu off -t 16 > "$out/bench-cpu-$tag.json"
+    python3 - "$out" "$tag" <<'EOF'
 import json, sys
-g = json.load(open(f"{sys.argv[1]}/bench-gpu.json")); c = json.load(open(f"{sys.argv[1]}/bench-cpu.json"))
+g = json.load(open(f"{sys.argv[1]}/bench-{sys.argv[2]}.json")); c = json.load(open(f"{sys.argv[1]}/bench-cpu-{sys.argv[2]}.json"))
 print(f"decode tok/s: GPU {g['decode_tps']:.1f} vs CPU {c['decode_tps']:.1f} ({g['decode_tps'] / c['decode_tps']:.2f}x); "
       f"prompt tok/s: GPU {g['prompt_tps']:.1f} vs CPU {c['prompt_tps']:.1f}")
 EOF
