@@ -14,6 +14,7 @@ import sys
 import time
 
 from . import __version__, process
+from .backends import KEYS as GPU_KEYS
 from .errors import OutputError, RuntimeFailure, UsageError
 from .payload import FORMAT_VERSION, MODEL_ENTRY, NATIVE_CPU_ENTRY, read_payload
 from .settings import Settings, env_flag, resolve
@@ -90,9 +91,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     g.add_argument("--system", help="system prompt")
     g.add_argument("--think", choices=["auto", "on", "off"],
                    help="reasoning models: think before answering (auto: as llama-server does for the template)")
-    g.add_argument("--gpu", choices=["auto", "off", "cuda", "vulkan"],
-                   help="auto (default): CUDA when an NVIDIA GPU works, else a Vulkan GPU, else the CPU; "
-                        "off: CPU only; cuda, vulkan: that back end or fail")
+    g.add_argument("--gpu", choices=["auto", "off", *GPU_KEYS],
+                   help="auto (default): the first GPU back end that works, in this order: "
+                        f"{', '.join(GPU_KEYS)}; else the CPU. off: CPU only; a name: that back end or fail")
     g.add_argument("-ngl", "--gpu-layers", type=int, dest="gpu_layers", help="layers to put on the GPU (default: all that fit)")
     g.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's own log on stderr")
     p.add_argument("--version", action="version", version=f"bundle runtime {__version__} (format {FORMAT_VERSION})")

@@ -10,6 +10,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 
+from .backends import KEYS as GPU_KEYS
 from .errors import UsageError
 
 ENV_PREFIX = "BUNDLE_"
@@ -94,8 +95,8 @@ class Settings:
             problems.append(f"repeat_penalty={self.repeat_penalty} must be above 0")
         if self.max_tokens == 0 or self.max_tokens < -1:
             problems.append(f"max_tokens={self.max_tokens} must be -1 (no limit) or at least 1")
-        if self.gpu not in ("auto", "off", "cuda", "vulkan"):
-            problems.append(f"gpu={self.gpu!r} must be auto, off, cuda or vulkan")
+        if self.gpu not in ("auto", "off", *GPU_KEYS):
+            problems.append(f"gpu={self.gpu!r} must be one of auto, off, {', '.join(GPU_KEYS)}")
         if self.gpu_layers < -1:
             problems.append(f"gpu_layers={self.gpu_layers} must be -1 (auto) or 0 or more")
         if self.think not in ("auto", "on", "off"):

@@ -91,6 +91,18 @@ def test_stand_in_integrated_gpu_is_chosen_by_itself(vulkan_bundle, standin, iso
     assert b["name"] == "Vulkan" and b["vulkan"]["devices"][0]["type"] == "integrated GPU"
 
 
+def test_partial_offload_sized_from_the_free_memory(vulkan_bundle, standin, isolated_user_dirs):
+    """600 MiB of heap: the margin (512 MiB + 5%) leaves room for some layers, planned from the
+    GGUF's layout as for CUDA, and the model runs split between the GPU and the CPU."""
+    env = {**os.environ, **standin, "STANDIN_HEAP_MIB": "600"}
+    b = backend_info(vulkan_bundle, env)
+    assert b["name"] == "Vulkan" and 0 < b["gpu_layers"] < b["n_layer"] == 30, b
+    assert f"only {b['gpu_layers']} of 30 layers fit in 600 MiB" in b["note"]
+    r = run_exe(vulkan_bundle, "-p", QUESTION, "--temp", "0", env=env, timeout=SLOW)
+    assert r.returncode == 0 and "Paris" in r.stdout, r.stderr
+    assert f"{b['gpu_layers']} of 30 layers; CPU" in r.stderr and "note: only" in r.stderr
+
+
 @pytest.mark.parametrize("case, extra, reason", [
     ("no loader", {"BUNDLE_VULKAN_LIBRARY": "/nonexistent/libvulkan.so.1"}, "no Vulkan driver on this machine"),
     ("no driver", {"VK_ICD_FILENAMES": "/nonexistent/icd.json"}, "finds no GPU driver"),
