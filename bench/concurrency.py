@@ -66,6 +66,31 @@ def wave(port: int, n: int) -> tuple[float, list[float]]:
     return sum(tok for _, tok, _ in out) / (end - t0), [f for f, _, _ in out]
 
 
+def cpu_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def wait_quiet(procs, quiet_s: float = 0.3, most_s: float = 10.0) -> None:
+    """Until no server has used CPU for quiet_s (at most most_s): work a server does after its
+    answers (llama-server saves each finished slot into its prompt cache) must not land in the
+    other one's measurement. (On a machine without /proc: a fixed pause.)"""
+    if not Path("/proc/self/stat").exists():
+        time.sleep(0.5)
+        return
+    start = time.perf_counter()
+    last = [cpu_ticks(p.pid) for p in procs]
+    while time.perf_counter() - start < most_s:
+        time.sleep(quiet_s)
+        now = [cpu_ticks(p.pid) for p in procs]
+        if now == last:
+            return
+        last = now
+
+
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
@@ -96,7 +121,7 @@ def measure(bundle: Path, model: Path, threads: int, rounds: int, llama_server: 
         for _ in range(rounds):
             for n in clients:
                 for name, port in contenders.items():
-                    time.sleep(0.5)
+                    wait_quiet(procs)
                     tps, ttfts = wave(port, n)
                     raw.setdefault(f"{name}_{n}_tps", []).append(tps)
                     raw.setdefault(f"{name}_{n}_ttft", []).extend(ttfts)

@@ -13,7 +13,8 @@ llama.cpp splits a batch over per-sequence caches into micro-batches of consecut
 (llama_kv_cache::init_batch: split_equal, sequential): busy slots 0, 2, 5, 7 cost four graph
 computations a step where 0, 1, 2, 3 cost one. So a newcomer takes the free slot that keeps the
 busy ones in one run (or the fewest), unless another free slot holds a long prefix of its prompt
-(LONG_PREFIX: the next turn of a conversation), and a step's tokens go into the batch in slot order.
+(LONG_PREFIX: the next turn of a conversation) or the waiting requests fill every slot anyway
+(then the longest cached prefix wins), and a step's tokens go into the batch in slot order.
 
 Requests are admitted in arrival order (FIFO) and wait while every slot is busy; a prompt that
 can never fit is refused before it gets here (Engine.check_fits). Prompts are decoded in chunks
@@ -45,16 +46,18 @@ def runs(seqs) -> int:
     return sum(1 for i, s in enumerate(ordered) if i == 0 or s != ordered[i - 1] + 1)
 
 
-def choose_slot(free: list, busy: list[int], tokens: list[int]):
+def choose_slot(free: list, busy: list[int], tokens: list[int], fills: bool = False):
     """(slot, cached tokens it keeps) for a prompt: a free slot holding a long prefix of it (the
     next turn of a conversation) first; else the one keeping the busy slots in fewest runs; then
-    the longest cached prefix, then the lowest id."""
+    the longest cached prefix, then the lowest id. fills: the requests waiting (this one
+    included) will take every free slot, so every slot ends up busy whichever each takes: the
+    longest cached prefix first."""
     best, best_score, keep = None, None, 0
     for s in free:
         k, limit = 0, min(len(s.cached), len(tokens) - 1)
         while k < limit and s.cached[k] == tokens[k]:
             k += 1
-        score = (k >= LONG_PREFIX, -runs(busy + [s.seq]), k, -s.seq)
+        score = (fills or k >= LONG_PREFIX, k if fills else 0, -runs(busy + [s.seq]), k, -s.seq)
         if best_score is None or score > best_score:
             best, best_score, keep = s, score, k
     return best, keep
@@ -186,8 +189,9 @@ class Scheduler:
                 free = [s for s in self.slots if s.req is None]
                 if not free:
                     return
+                fills = len(self.waiting) >= len(free)
                 self.waiting.popleft()
-            best, keep = choose_slot(free, [s.seq for s in self.slots if s.req is not None], req.tokens)
+            best, keep = choose_slot(free, [s.seq for s in self.slots if s.req is not None], req.tokens, fills)
             self._forget(best, keep)
             self._start(best, req)
 

@@ -292,6 +292,14 @@ class Engine:
             raise ModelLoadError(
                 f"llama.cpp could not create a context of {cparams.n_ctx} tokens; try a smaller --ctx"
             )
+        from . import native
+
+        self._threadpool, self._threadpool_free = native.cpu_threadpool(threads)
+        if self._threadpool:
+            lib = C._lib
+            lib.llama_attach_threadpool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+            lib.llama_attach_threadpool.restype = None
+            lib.llama_attach_threadpool(self.ctx, self._threadpool, self._threadpool)
         self.n_seq = max(1, n_seq)
         self.n_ctx = C.llama_n_ctx(self.ctx) // self.n_seq  # what one conversation may hold
         self.n_batch = cparams.n_batch
@@ -603,6 +611,9 @@ class Engine:
         if getattr(self, "ctx", None):
             self.C.llama_free(self.ctx)
             self.ctx = None
+        if getattr(self, "_threadpool", None):
+            self._threadpool_free(self._threadpool)  # after the context that used it
+            self._threadpool = None
         if getattr(self, "model", None):
             self.C.llama_model_free(self.model)
             self.model = None

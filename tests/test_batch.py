@@ -208,3 +208,8 @@ def test_slot_choice_keeps_busy_slots_in_one_run():
     slot, keep = choose_slot(free, [0, 1, 3], header + [6000] * LONG_PREFIX + [7])
     assert slot.seq == 6 and keep == 30 + LONG_PREFIX
     assert choose_slot([slots[5], slots[4]], [], prompt)[0].seq == 4  # ties: the lowest id
+    # every free slot will be taken by the requests waiting: the runs end the same whatever each
+    # takes, so a short cached prefix wins (the same question asked again by 8 clients at once)
+    slots[6].cached = header + [6000] * 20
+    slot, keep = choose_slot(free, [0, 1, 3], header + [6000] * 20 + [7], fills=True)
+    assert slot.seq == 6 and keep == 50
