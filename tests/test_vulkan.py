@@ -20,6 +20,7 @@ import pytest
 from conftest import QUESTION, ROOT, STUB_DIR, run_bundle_cmd, run_exe
 
 from runtime import vulkan
+from test_gpu import info, native_folders
 
 LAVAPIPE_ICD = Path("/usr/share/vulkan/icd.d/lvp_icd.x86_64.json")
 PROMPT = "Write one sentence about the sea."
@@ -54,15 +55,7 @@ def standin(tmp_path_factory):
     return {"VK_ICD_FILENAMES": str(manifest), "STANDIN_REAL_DRIVER": lavapipe()}
 
 
-def backend_info(exe, env, *args):
-    r = run_exe(exe, "--info", "--json", *args, env=env)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)["backend"]
-
-
-def native_folders(home: Path):
-    native = home / "cache" / "bundle" / "native"
-    return sorted(p.name for p in native.iterdir() if p.is_dir()) if native.exists() else []
+backend_info = info  # --info --json's "backend", as in the CUDA tests
 
 
 def test_lavapipe_forced_answers_as_the_cpu(vulkan_bundle, isolated_user_dirs):
