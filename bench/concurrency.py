@@ -118,9 +118,10 @@ def measure(bundle: Path, model: Path, threads: int, rounds: int, llama_server: 
             contenders["llama_server"] = ref_port
         for port in contenders.values():
             wave(port, 2)  # warm-up
-        for _ in range(rounds):
+        for r in range(rounds):
             for n in clients:
-                for name, port in contenders.items():
+                order = list(contenders.items())
+                for name, port in order if r % 2 == 0 else order[::-1]:  # who goes first alternates too
                     wait_quiet(procs)
                     tps, ttfts = wave(port, n)
                     raw.setdefault(f"{name}_{n}_tps", []).append(tps)
@@ -134,30 +135,40 @@ def measure(bundle: Path, model: Path, threads: int, rounds: int, llama_server: 
                 out[f"{name}_{n}_tps"] = statistics.median(raw[f"{name}_{n}_tps"])
                 out[f"{name}_{n}_ttft_p50"] = pct(raw[f"{name}_{n}_ttft"], 0.5)
                 out[f"{name}_{n}_ttft_p95"] = pct(raw[f"{name}_{n}_ttft"], 0.95)
+        # Ratios are taken within a round (the two waves ran seconds apart; this machine's speed
+        # drifts by tens of percent over minutes), then the median of the rounds'.
         if f"llama_server_{n}_tps" in out:
-            out[f"concurrency_{n}_vs_llama_server"] = out[f"bundle_{n}_tps"] / out[f"llama_server_{n}_tps"]
-        out[f"concurrency_{n}_vs_single"] = out[f"bundle_{n}_tps"] / out["bundle_1_tps"]
+            per_round = [a / b for a, b in zip(raw[f"bundle_{n}_tps"], raw[f"llama_server_{n}_tps"])]
+            out[f"concurrency_{n}_vs_llama_server"] = statistics.median(per_round)
+            out[f"concurrency_{n}_vs_llama_server_range"] = [min(per_round), max(per_round)]
+            ref_single = [a / b for a, b in zip(raw[f"llama_server_{n}_tps"], raw["llama_server_1_tps"])]
+            out[f"llama_server_{n}_vs_single"] = statistics.median(ref_single)
+        out[f"concurrency_{n}_vs_single"] = statistics.median(
+            a / b for a, b in zip(raw[f"bundle_{n}_tps"], raw["bundle_1_tps"]))
     return out
 
 
 def format_table(r: dict, clients=(1, 4, 8)) -> str:
+    nan = float("nan")
     lines = [f"concurrent streamed chats, {r['max_tokens']} tokens each, greedy, --parallel {r['parallel']}, "
-             f"medians of {r['rounds']} alternating rounds",
-             f"{'clients':>7} {'bundle tok/s':>13} {'llama-server':>13} {'ratio':>6} {'vs 1 client':>11} "
-             f"{'TTFT p50/p95 bundle':>20} {'llama-server':>14}"]
+             f"{r['rounds']} alternating rounds: tok/s medians, ratios the median (and range) of each round's",
+             f"{'clients':>7} {'bundle tok/s':>13} {'llama-server':>13} {'ratio (range)':>18} {'vs 1 client':>11} "
+             f"{'(llama-server)':>14} {'TTFT p50/p95 bundle':>20} {'llama-server':>14}"]
     for n in clients:
         ref = r.get(f"llama_server_{n}_tps")
+        lo, hi = r.get(f"concurrency_{n}_vs_llama_server_range", (nan, nan))
         lines.append(
-            f"{n:>7} {r[f'bundle_{n}_tps']:13.1f} {ref if ref else float('nan'):13.1f} "
-            f"{r.get(f'concurrency_{n}_vs_llama_server', float('nan')):6.2f} {r[f'concurrency_{n}_vs_single']:11.2f} "
+            f"{n:>7} {r[f'bundle_{n}_tps']:13.1f} {ref if ref else nan:13.1f} "
+            f"{r.get(f'concurrency_{n}_vs_llama_server', nan):6.2f} ({lo:.2f}-{hi:.2f}) "
+            f"{r[f'concurrency_{n}_vs_single']:11.2f} {r.get(f'llama_server_{n}_vs_single', nan):14.2f} "
             f"{r[f'bundle_{n}_ttft_p50']:9.3f}/{r[f'bundle_{n}_ttft_p95']:.3f} s "
-            f"{r.get(f'llama_server_{n}_ttft_p50', float('nan')):6.3f}/{r.get(f'llama_server_{n}_ttft_p95', float('nan')):.3f}")
+            f"{r.get(f'llama_server_{n}_ttft_p50', nan):6.3f}/{r.get(f'llama_server_{n}_ttft_p95', nan):.3f}")
     return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.concurrency", description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--parallel", type=int, default=8)
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct.gguf")
     ap.add_argument("--json", action="store_true")
