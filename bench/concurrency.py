@@ -129,6 +129,10 @@ def measure(bundle: Path, model: Path, threads: int, rounds: int, llama_server: 
     finally:
         stop_all(procs)
     out: dict = {"parallel": parallel, "max_tokens": MAX_TOKENS, "rounds": rounds}
+
+    def per_round(a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(raw[a], raw[b])]
+
     for n in clients:
         for name in ("bundle", "llama_server"):
             if f"{name}_{n}_tps" in raw:
@@ -138,13 +142,11 @@ def measure(bundle: Path, model: Path, threads: int, rounds: int, llama_server: 
         # Ratios are taken within a round (the two waves ran seconds apart; this machine's speed
         # drifts by tens of percent over minutes), then the median of the rounds'.
         if f"llama_server_{n}_tps" in out:
-            per_round = [a / b for a, b in zip(raw[f"bundle_{n}_tps"], raw[f"llama_server_{n}_tps"])]
-            out[f"concurrency_{n}_vs_llama_server"] = statistics.median(per_round)
-            out[f"concurrency_{n}_vs_llama_server_range"] = [min(per_round), max(per_round)]
-            ref_single = [a / b for a, b in zip(raw[f"llama_server_{n}_tps"], raw["llama_server_1_tps"])]
-            out[f"llama_server_{n}_vs_single"] = statistics.median(ref_single)
-        out[f"concurrency_{n}_vs_single"] = statistics.median(
-            a / b for a, b in zip(raw[f"bundle_{n}_tps"], raw["bundle_1_tps"]))
+            vs_ref = per_round(f"bundle_{n}_tps", f"llama_server_{n}_tps")
+            out[f"concurrency_{n}_vs_llama_server"] = statistics.median(vs_ref)
+            out[f"concurrency_{n}_vs_llama_server_range"] = [min(vs_ref), max(vs_ref)]
+            out[f"llama_server_{n}_vs_single"] = statistics.median(per_round(f"llama_server_{n}_tps", "llama_server_1_tps"))
+        out[f"concurrency_{n}_vs_single"] = statistics.median(per_round(f"bundle_{n}_tps", "bundle_1_tps"))
     return out
 
 
