@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
 import re
-import shutil
 import stat
 import sys
 import tarfile
@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import cachedir
 from .errors import RuntimeFailure
 from .payload import is_sha256_hex
 
@@ -82,18 +83,29 @@ def cache_root(environ=None) -> Path:
 
 
 def usable_cache_root(environ=None) -> Path:
-    """The first cache root that exists or can be made, and that is ours to write."""
+    """The first cache root that exists or can be made, that is ours to write, and that nobody
+    else can write (runtime/cachedir.py). A root another user could write, or a link another user
+    made, is refused with the command that fixes it; one that is missing, read-only, on a noexec
+    filesystem or (for the default places) another user's is passed over for the next."""
+    environ = os.environ if environ is None else environ
+    explicit = bool(environ.get("BUNDLE_CACHE_DIR"))
+    temps = _temp_roots(environ)
     problems = []
     for root in cache_roots(environ):
         try:
+            if root in temps:
+                root = cachedir.private_temp_root(str(root.parent))
             if _noexec(root):
                 raise OSError(0, "on a filesystem mounted noexec")
             root.mkdir(parents=True, exist_ok=True, mode=0o700)
-            st = os.lstat(root)
-            if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-                raise OSError(0, "not a folder")
-            if hasattr(os, "getuid") and st.st_uid != os.getuid():
-                raise OSError(0, "owned by another user")
+            try:
+                with cachedir.Folder.open_root(root):
+                    pass
+            except cachedir.UnsafeCacheError as exc:
+                st = os.stat(root)
+                if explicit or not hasattr(os, "geteuid") or st.st_uid == os.geteuid():
+                    raise
+                raise OSError(0, str(exc)) from None
             if not os.access(root, os.W_OK | os.X_OK):
                 raise OSError(0, "not writable")
             return root
@@ -101,6 +113,14 @@ def usable_cache_root(environ=None) -> Path:
             problems.append(f"{root} ({exc.strerror or exc})")
     raise RuntimeFailure("no folder for the runtime cache is writable: " + "; ".join(problems)
                          + "; set BUNDLE_CACHE_DIR to a writable folder")
+
+
+def _temp_roots(environ) -> set[Path]:
+    """The roots in shared temp folders (the last ones of cache_roots)."""
+    if environ.get("BUNDLE_CACHE_DIR"):
+        return set()
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return {r for r in cache_roots(environ) if r.name == f"bundle-cache-{uid}"}
 
 
 def _noexec(path: Path) -> bool:
@@ -118,19 +138,6 @@ def _noexec(path: Path) -> bool:
     return False
 
 
-def _remove_own(path: Path, root: Path) -> None:
-    """Remove a folder the runtime made in root, and nothing else: the name must be one the
-    runtime gives, the folder must sit directly in root, and it must not be a link."""
-    if path.parent != root or not _OWN_NAME.match(path.name):
-        raise RuntimeFailure(f"refusing to remove {path}: not a folder this runtime made")
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path, ignore_errors=True)
-
-
 class _HashingReader:
     """A file-like view of one payload entry that hashes what is read through it."""
 
@@ -146,8 +153,9 @@ class _HashingReader:
         return data
 
 
-def _lock(path: Path, say):
-    f = open(path, "a+b")
+def _lock(folder: cachedir.Folder, name: str, say):
+    fd = folder.open(name, os.O_RDWR | os.O_CREAT, 0o600)
+    f = os.fdopen(fd, "a+b")
     if WINDOWS:
         import msvcrt
 
@@ -172,64 +180,173 @@ def _lock(path: Path, say):
     return f
 
 
+# Folders of libraries this process has checked and keeps open: code path -> (Folder, real path).
+_opened: dict[str, tuple[cachedir.Folder, Path]] = {}
+
+
+def real_path(path) -> Path:
+    """The folder's path on disk, for messages and --info (path may be /proc/self/fd/N)."""
+    found = _opened.get(str(path))
+    return found[1] if found else Path(path)
+
+
 def extract_entry(payload, name: str, root: Path | None = None, say=lambda msg: None) -> Path:
-    """Extract a tar.zst payload entry once; return the folder holding its files."""
-    entry = payload.entries[name]
+    """Extract a tar.zst payload entry once into <cache>/native/<key>/; return the folder to load
+    its files from. A folder is used only when it holds exactly the files its unpacking recorded
+    (.complete), each of the recorded size and hash (hashed again only when its inode, size,
+    mtime or ctime differs from the record: a stat per file a launch); anything else, such as a
+    library cut short by a full disk or a file added, is unpacked again. Never followed through
+    a link, never written through one (runtime/cachedir.py)."""
+    entry = payload.entries.get(name)
+    if entry is None:
+        raise RuntimeFailure(f"{payload.path} carries no {name} (its table of contents does not list it): it was "
+                             "not made by bundle build, or is damaged; build or copy it again")
     if not is_sha256_hex(entry.sha256):  # read_payload checked it; never build a path from less
         raise RuntimeFailure(f"{payload.path}: the table of contents is damaged; copy the file again")
-    root = (root or usable_cache_root()) / "native"
+    root = root or usable_cache_root()
     key = entry.sha256[:24]
-    target = root / key
-    if (target / COMPLETE_MARKER).exists():
-        return target
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        lock = _lock(root / f"{key}.lock", say)
+        with cachedir.Folder.open_root(root) as top, top.sub("native") as natives:
+            for code, (_, real) in _opened.items():
+                if real == natives.path / key:
+                    return Path(code)
+            folder = _intact_folder(natives, key, entry)
+            if folder is None:
+                lock = _lock(natives, f"{key}.lock", say)
+                try:
+                    folder = _intact_folder(natives, key, entry)
+                    if folder is None:
+                        folder = _unpack_locked(payload, entry, natives, key)
+                finally:
+                    lock.close()
     except OSError as exc:
         raise RuntimeFailure(
-            f"cannot write the runtime cache {root}: {exc.strerror}; set BUNDLE_CACHE_DIR to a writable folder"
-        ) from None
-    try:
-        if (target / COMPLETE_MARKER).exists():
-            return target
-        # Work folders left by killed launches (we hold the lock, so none is in use).
-        for stale in root.glob(f".work-{key}-*"):
-            _remove_own(stale, root)
-        if target.exists() or target.is_symlink():  # no marker: an old, broken folder
-            _remove_own(target, root)
-        work = root / f".work-{key}-{os.getpid()}"
-        work.mkdir()
-        try:
-            _unpack(payload, entry, work)
-            (work / COMPLETE_MARKER).write_text(entry.sha256)
-            os.rename(work, target)
-        except BaseException:
-            _remove_own(work, root)
-            raise
-        return target
-    except OSError as exc:
-        raise RuntimeFailure(
-            f"cannot unpack the runtime into {root}: {exc.strerror}; free some disk space or set "
+            f"cannot unpack the runtime into {root}: {exc.strerror or exc}; free some disk space or set "
             "BUNDLE_CACHE_DIR to another folder"
         ) from None
-    finally:
-        lock.close()
+    code = folder.code_path()
+    _opened[str(code)] = (folder, folder.path)
+    return code
 
 
-def _unpack(payload, entry, work: Path) -> None:
+def _intact_folder(natives: cachedir.Folder, key: str, entry) -> cachedir.Folder | None:
+    """natives/<key>, opened, when it holds exactly what its record says; else None."""
+    try:
+        folder = natives.sub(key, create=False)
+    except FileNotFoundError:
+        return None
+    try:
+        if _intact(folder, entry):
+            return folder
+    except OSError:
+        pass
+    folder.close()
+    return None
+
+
+def _intact(folder: cachedir.Folder, entry) -> bool:
+    try:
+        record = json.loads(folder.read_own(COMPLETE_MARKER) or b"null")
+        files, seen = record["files"], record["seen"]
+        if record["sha256"] != entry.sha256 or not isinstance(files, dict) or not isinstance(seen, dict):
+            return False
+    except (ValueError, KeyError, TypeError):
+        return False  # no record, an older runtime's, or a damaged one
+    if set(folder.listdir()) - {COMPLETE_MARKER} != set(files):
+        return False  # a file missing, or one that was never unpacked (ggml would load it)
+    changed = False
+    for fname, want in files.items():
+        st = folder.lstat(fname)
+        if "link" in want:
+            if not stat.S_ISLNK(st.st_mode) or folder.readlink(fname) != want["link"]:
+                return False
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_size != want["size"]:
+            return False
+        if cachedir.POSIX and (st.st_uid != os.geteuid() or st.st_mode & 0o022):
+            return False
+        now = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        if seen.get(fname) != now:
+            if _hash_file(folder, fname) != want["sha256"]:
+                return False
+            seen[fname], changed = now, True
+    if changed:
+        try:
+            folder.write_atomic(COMPLETE_MARKER, json.dumps(record).encode())
+        except OSError:
+            pass  # hashed again next time
+    return True
+
+
+def _hash_file(folder: cachedir.Folder, name: str) -> str:
+    digest = hashlib.sha256()
+    with os.fdopen(folder.open(name, os.O_RDONLY), "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _unpack_locked(payload, entry, natives: cachedir.Folder, key: str) -> cachedir.Folder:
+    """Under the lock: clear what is there, unpack into a work folder, record, rename into place.
+    Only names the runtime gives are ever removed (_OWN_NAME), and never through a link."""
+    for stale in natives.listdir():
+        if stale == key or (stale.startswith(f".work-{key}-") and _OWN_NAME.match(stale)):
+            natives.remove(stale)
+    work_name = f".work-{key}-{os.getpid()}"
+    natives.mkdir(work_name)
+    try:
+        with natives.sub(work_name, create=False) as work:
+            files = _unpack(payload, entry, work)
+            record = {"sha256": entry.sha256, "files": files, "seen": {}}
+            for fname, want in files.items():
+                if "link" not in want:
+                    st = work.lstat(fname)
+                    record["seen"][fname] = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+            work.write_atomic(COMPLETE_MARKER, json.dumps(record).encode())
+        natives.rename(work_name, key)
+    except BaseException:
+        natives.remove(work_name)
+        raise
+    return natives.sub(key, create=False)
+
+
+class _Bounded:
+    """The decompressed stream, cut off past the size the table of contents records (a small
+    entry that expands to fill the disk is damage, issue 22.6)."""
+
+    def __init__(self, stream, limit: int):
+        self.stream, self.left = stream, limit
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.left -= len(data)
+        if self.left < 0:
+            raise tarfile.TarError("the entry unpacks to more than its recorded size")
+        return data
+
+
+# What a native entry may unpack to when its size was not recorded (older bundles), and the most
+# members its tar may have.
+UNRECORDED_LIMIT = 4 << 30
+MAX_MEMBERS = 1000
+
+
+def _unpack(payload, entry, work: cachedir.Folder) -> dict:
     import zstandard
 
-    with open(payload.path, "rb") as f:
+    # The tar stream is at most the recorded size plus a header and padding for each member.
+    limit = (entry.unpacked_size if entry.unpacked_size is not None else UNRECORDED_LIMIT) + MAX_MEMBERS * 1024
+    with open(payload.source, "rb") as f:
         f.seek(payload.payload_start + entry.offset)
         raw = _HashingReader(f, entry.size)
         try:
             if entry.compression == "none":  # a plain tar (bench/gpu_check.sh packs one where zstd is missing)
-                with tarfile.open(fileobj=raw, mode="r|") as tar:
-                    _extract_flat(tar, work)
+                with tarfile.open(fileobj=_Bounded(raw, limit), mode="r|") as tar:
+                    files = _extract_flat(tar, work, entry.unpacked_size)
             else:
                 with zstandard.ZstdDecompressor().stream_reader(raw) as stream:
-                    with tarfile.open(fileobj=stream, mode="r|") as tar:
-                        _extract_flat(tar, work)
+                    with tarfile.open(fileobj=_Bounded(stream, limit), mode="r|") as tar:
+                        files = _extract_flat(tar, work, entry.unpacked_size)
         except (zstandard.ZstdError, tarfile.TarError, EOFError):
             raise RuntimeFailure(
                 f"{payload.path}: the runtime libraries inside it are damaged; copy the file again"
@@ -239,30 +356,45 @@ def _unpack(payload, entry, work: Path) -> None:
             raise RuntimeFailure(
                 f"{payload.path}: the runtime libraries inside it are damaged; copy the file again"
             )
+    return files
 
 
 _FLAT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,200}\Z")
 
 
-def _extract_flat(tar: tarfile.TarFile, work: Path) -> None:
+def _extract_flat(tar: tarfile.TarFile, work: cachedir.Folder, unpacked_size: int | None) -> dict:
     """Extract a native-library tar, which is flat: regular files and symlinks to them, every
-    name a plain file name. Anything else (a path, '..', a device, a link out) is damage. (The
-    stub's CPython predates tarfile's extraction filters, and this is stricter than them.)"""
-    for m in tar:
-        if not _FLAT_NAME.match(m.name) or ".." in m.name:
+    name a plain file name. Anything else (a path, '..', a device, a link out) is damage, and so
+    are files that add up to more than the recorded size. (The stub's CPython predates tarfile's
+    extraction filters, and this is stricter than them.) Returns what was written: name ->
+    {size, sha256} or {link}."""
+    budget = unpacked_size if unpacked_size is not None else UNRECORDED_LIMIT
+    files: dict = {}
+    for i, m in enumerate(tar):
+        if i >= MAX_MEMBERS or not _FLAT_NAME.match(m.name) or ".." in m.name or m.name == COMPLETE_MARKER:
             raise tarfile.TarError(f"unexpected member name {m.name!r}")
-        dest = work / m.name
         if m.issym():
             if not _FLAT_NAME.match(m.linkname) or ".." in m.linkname:
                 raise tarfile.TarError(f"unexpected link {m.linkname!r}")
-            os.symlink(m.linkname, dest)
+            work.symlink(m.linkname, m.name)
+            files[m.name] = {"link": m.linkname}
         elif m.isreg():
+            budget -= m.size
+            if budget < 0:
+                raise tarfile.TarError("the entry unpacks to more than its recorded size")
             src = tar.extractfile(m)
-            with open(dest, "xb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
-            os.chmod(dest, 0o755)
+            digest, size = hashlib.sha256(), 0
+            with os.fdopen(work.open(m.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755), "wb") as out:
+                while chunk := src.read(1 << 20):
+                    size += len(chunk)
+                    if size > m.size:
+                        raise tarfile.TarError(f"{m.name!r} is longer than its header says")
+                    digest.update(chunk)
+                    out.write(chunk)
+            files[m.name] = {"size": size, "sha256": digest.hexdigest()}
         else:
             raise tarfile.TarError(f"unexpected member type in {m.name!r}")
+    return files
 
 
 # The ggml library libllama links against: on Linux its soname (a second copy under another name
