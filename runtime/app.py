@@ -15,7 +15,7 @@ import time
 
 from . import __version__, process
 from .backends import KEYS as GPU_KEYS
-from .errors import OutputError, RuntimeFailure, UsageError
+from .errors import ContextOverflowError, OutputError, RuntimeFailure, UsageError
 from .payload import FORMAT_VERSION, MODEL_ENTRY, NATIVE_CPU_ENTRY, read_payload
 from .settings import Settings, env_flag, resolve
 from .template import load_template
@@ -53,6 +53,23 @@ def self_path() -> str:
     if not path:
         raise UsageError("not running from a bundle; set BUNDLE_SELF=path/to/bundle to run the runtime from source")
     return path
+
+
+def open_once(path: str) -> str:
+    """A path that names the file opened now, whatever later happens to path: /proc/self/fd/N
+    where there is /proc (Linux), else path itself (Windows does not let a running executable be
+    replaced). A file that cannot be opened is left to read_payload to explain."""
+    if sys.platform == "win32":
+        return path
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return path
+    source = f"/proc/self/fd/{fd}"
+    if not os.path.exists(source):
+        os.close(fd)
+        return path
+    return source
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -109,7 +126,10 @@ class Runtime:
         self.busy = BusyMeter()  # read when the thread count is chosen, after the launch's own work
         self.path = path
         self.args = args
-        self.payload = read_payload(path)
+        # Opened once: checked, unpacked from and mapped through this one descriptor, so a file
+        # renamed over the bundle during the launch is never what runs (issue 22.3).
+        self.source = open_once(path)
+        self.payload = read_payload(path, self.source)
         self.manifest = self.payload.manifest
         flags = {k: getattr(args, k, None) for k in Settings.field_names()}
         self.settings = resolve(self.manifest.settings, flags)
@@ -158,6 +178,10 @@ class Runtime:
                 self.payload.find_model_parts()  # a missing part is named before any hashing
             self.cache = native.usable_cache_root()
             self.check = checks.check_once(self.payload, self.cache, say=say)
+            pause = os.environ.get("_BUNDLE_TEST_PAUSE_AFTER_CHECK")
+            if pause:  # for the test that swaps the file between the check and the load
+                say("test hook: paused after the check")
+                time.sleep(float(pause))
 
     def load_libraries(self) -> None:
         from . import native
@@ -217,8 +241,8 @@ class Runtime:
         elif MODEL_ENTRY not in self.payload.entries:
             raise RuntimeFailure(f"{self.path} holds no model; rebuild it with bundle build")
         else:
-            source, offset = self.path, self.payload.absolute_offset(MODEL_ENTRY)
-            with open(self.path, "rb") as f:
+            source, offset = self.source, self.payload.absolute_offset(MODEL_ENTRY)
+            with open(self.source, "rb") as f:
                 f.seek(offset)
                 if f.read(4) != b"GGUF":
                     raise RuntimeFailure(f"{self.path}: the model inside it is damaged; copy the file again")
@@ -275,6 +299,7 @@ class Runtime:
         }
 
     def info(self) -> dict:
+        from . import native
         from .native import physical_cores
 
         if self.C is None:
@@ -288,7 +313,7 @@ class Runtime:
             "model": self.manifest.model.to_json(),
             "template": self.manifest.template_name,
             "settings": self.settings.to_manifest(),
-            "backend": {**self.backend.to_json(), "libraries": str(self.libdir)},
+            "backend": {**self.backend.to_json(), "libraries": str(native.real_path(self.libdir))},
             "threads": self.threads(),
             "context": self.settings.ctx,
             "parallel": self.parallel(),
@@ -364,25 +389,36 @@ def _hardware(cores: int) -> dict:
     }
 
 
-def _read_prompt(args) -> str | None:
+# No token of any vocabulary we know spans more bytes than this: a prompt file longer than the
+# context times this cannot fit, and is not read further (-f /dev/zero must not fill memory).
+MAX_BYTES_PER_TOKEN = 32
+
+
+def _read_prompt(args, ctx: int) -> str | None:
     if args.prompt is not None and args.file is not None:
         raise UsageError("give either -p PROMPT or -f FILE, not both")
-    if args.file is not None:
-        if args.file == "-":
-            data = sys.stdin.buffer.read() if sys.stdin is not None else b""
-            try:
-                return data.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UsageError("the prompt on standard input is not UTF-8 text; convert it first "
-                                 "(iconv -t UTF-8)") from None
+    if args.file is None:
+        return args.prompt
+    limit = ctx * MAX_BYTES_PER_TOKEN
+    name = "standard input" if args.file == "-" else f"the prompt file {args.file}"
+    if args.file == "-":
+        data = sys.stdin.buffer.read(limit + 1) if sys.stdin is not None else b""
+    else:
         try:
-            with open(args.file, encoding="utf-8") as f:
-                return f.read()
+            with open(args.file, "rb") as f:
+                data = f.read(limit + 1)
         except OSError as exc:
             raise UsageError(f"cannot read the prompt file {args.file}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise UsageError(f"the prompt file {args.file} is not UTF-8 text") from None
-    return args.prompt
+    if len(data) > limit:
+        raise ContextOverflowError(f"{name} holds more than {limit} bytes, more than a context of {ctx} tokens "
+                                   "can hold; shorten it or raise --ctx")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        if args.file == "-":
+            raise UsageError("the prompt on standard input is not UTF-8 text; convert it first "
+                             "(iconv -t UTF-8)") from None
+        raise UsageError(f"the prompt file {args.file} is not UTF-8 text") from None
 
 
 def run(argv) -> int:
@@ -404,7 +440,7 @@ def run(argv) -> int:
         return 0
     if args.bench:
         return modes.bench(rt, args.json)
-    prompt = _read_prompt(args)
+    prompt = _read_prompt(args, rt.settings.ctx)
     if prompt is not None:
         if not prompt.strip():
             raise UsageError("the prompt is empty; pass some text with -p or -f")

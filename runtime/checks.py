@@ -3,29 +3,40 @@
 Issue 8.2: single-byte flips inside a model's weights make llama.cpp answer garbage with exit 0.
 So before the model or the libraries are used for the first time, the runtime hashes them and
 its own parts (bootloader, archive, tail) and remembers the verdict in the cache, keyed by the
-file's identity: device, inode, size, modification time and the table of contents' hash. A copy
-(new inode), an edit (new mtime) or a rebuilt bundle (new TOC) is checked again. A mismatch is
-never remembered: every launch of a damaged file stops and names the damaged part.
+identity of the file the runtime opened (payload.source, one descriptor for the whole launch):
+device, inode, size, modification time, change time and the table of contents' hash. A copy (new
+inode), an edit (new mtime) or a rebuilt bundle (new TOC) is checked again, and so is damage
+whose mtime was put back (`touch -r`): the change time cannot be set back (issue 22.3). A
+verdict is kept only in the private cache (runtime/cachedir.py) and carries a MAC under a key
+kept there too: one written by anything but the runtime is not believed, the file is checked
+again. A mismatch is never remembered: every launch of a damaged file stops and names the
+damaged part.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
 
+from . import cachedir
 from .errors import DamagedError
 from .payload import MODEL_ENTRY, NATIVE_CPU_ENTRY, Payload
 
 PROGRESS_AFTER = 1.0  # seconds: quick checks say nothing
 
 
+KEY_FILE = ".key"
+
+
 def verdict_key(payload: Payload) -> str:
-    st = os.stat(payload.path)
-    ident = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{payload.toc_sha256}"
+    st = os.stat(payload.source)  # the open descriptor's file (/proc/self/fd/N), not the name
+    ident = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{payload.toc_sha256}"
     if payload.manifest.model.parts:
         ident += "|" + payload.model_parts_identity()
     return hashlib.sha256(ident.encode()).hexdigest()[:32]
@@ -63,13 +74,42 @@ class _Progress:
             sys.stderr.flush()
 
 
+def _mac_key(folder: cachedir.Folder) -> bytes:
+    """The key verdicts are signed with: 32 random bytes in the private cache, made once."""
+    key = folder.read_own(KEY_FILE, 64)
+    if key and len(key) == 32:
+        return key
+    key = secrets.token_bytes(32)
+    folder.write_atomic(KEY_FILE, key)
+    return key
+
+
+def _mac(key: bytes, name: str) -> str:
+    return hmac.new(key, f"bundle verdict {name}".encode(), hashlib.sha256).hexdigest()
+
+
+def _remembered(folder: cachedir.Folder, name: str) -> bool:
+    data = folder.read_own(name, 4096)
+    key = folder.read_own(KEY_FILE, 64)
+    if not data or not key or len(key) != 32:
+        return False
+    try:
+        mac = json.loads(data).get("mac", "")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(mac, str) and hmac.compare_digest(mac, _mac(key, name))
+
+
 def check_once(payload: Payload, cache_root: Path, say=lambda msg: None) -> dict:
     """Hash what the runtime is about to use, unless this very file was checked before.
     Returns figures (checked: bool, seconds, bytes); raises DamagedError naming the part."""
-    folder = cache_root / "verified"
-    marker = folder / verdict_key(payload)
-    if marker.exists():
-        return {"checked": False, "seconds": 0.0, "bytes": 0}
+    name = verdict_key(payload)
+    try:
+        with cachedir.Folder.open_root(cache_root) as root, root.sub("verified") as folder:
+            if _remembered(folder, name):
+                return {"checked": False, "seconds": 0.0, "bytes": 0}
+    except OSError:
+        pass  # a cache we cannot read: check
     names = parts_to_check(payload)
     total = payload.checked_bytes(names) + sum(p.size for p in payload.manifest.model.parts)
     t0 = time.perf_counter()
@@ -85,11 +125,10 @@ def check_once(payload: Payload, cache_root: Path, say=lambda msg: None) -> dict
             raise DamagedError(f"{problems[0]}{more}; copy that file again (it belongs beside {payload.path})")
         raise DamagedError(f"{payload.path}: {problems[0]}{more}; copy the file again")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{marker.name}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"path": os.fsdecode(payload.path), "checked": time.time(),
-                                   "bytes": total, "seconds": seconds}, ensure_ascii=True))
-        os.replace(tmp, marker)
+        with cachedir.Folder.open_root(cache_root) as root, root.sub("verified") as folder:
+            record = {"path": os.fsdecode(payload.path), "checked": time.time(), "bytes": total,
+                      "seconds": seconds, "mac": _mac(_mac_key(folder), name)}
+            folder.write_atomic(name, json.dumps(record, ensure_ascii=True).encode())
     except OSError:
         pass  # a cache we cannot write: the next launch checks again
     return {"checked": True, "seconds": seconds, "bytes": total}

@@ -56,6 +56,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator
@@ -454,12 +455,19 @@ class Payload:
     regions: dict[str, Region] = field(default_factory=dict)
     toc_sha256: str = ""
     signature: tuple[int, int] | None = None  # a Windows bundle's Authenticode table after it
+    # Where its bytes are read from: the path, or /proc/self/fd/N of the descriptor the runtime
+    # opened once at launch, so that what was checked is what runs (issue 22.3). `path` names
+    # the file in messages.
+    source: str = ""
+
+    def __post_init__(self):
+        self.source = self.source or self.path
 
     def absolute_offset(self, name: str) -> int:
         return self.payload_start + self.entries[name].offset
 
     def _chunks(self, offset: int, size: int, what: str) -> Iterator[bytes]:
-        with open(self.path, "rb") as f:
+        with open(self.source, "rb") as f:
             f.seek(offset)
             left = size
             while left:
@@ -485,7 +493,7 @@ class Payload:
         parts += [(r.name, r.offset, r.size, r.sha256, REGIONS[r.name]) for r in self.regions.values()]
         mask = []
         if "bootloader" in self.regions:
-            with open(self.path, "rb") as f:
+            with open(self.source, "rb") as f:
                 mask = pe_hash_mask(f)
         for name, offset, size, expected, label in parts:
             if names is not None and name not in names:
@@ -510,7 +518,7 @@ class Payload:
 
     def check_header(self) -> list[str]:
         """The payload header at the front must repeat the trailer."""
-        with open(self.path, "rb") as f:
+        with open(self.source, "rb") as f:
             data = _read_at(f, self.payload_start, HEADER_SIZE)
         trailer = self._trailer_fields()
         if len(data) != HEADER_SIZE or data[:8] != HEADER_MAGIC or unpack_header(data)[1:] != trailer[1:]:
@@ -518,14 +526,14 @@ class Payload:
         return []
 
     def _trailer_fields(self) -> tuple:
-        with open(self.path, "rb") as f:
+        with open(self.source, "rb") as f:
             return unpack_header(_read_at(f, self.payload_start + self.payload_size - HEADER_SIZE, HEADER_SIZE))
 
     def verify(self, progress=None) -> list[str]:
         """Recompute every hash: entries, the runtime's regions, the header, the model's parts
         beside the file. Every damaged region is listed (empty when intact)."""
         problems = []
-        actual = os.path.getsize(self.path)
+        actual = os.path.getsize(self.source)
         if self.signature and actual == self.signature[0] + self.signature[1]:
             actual = self.file_size  # the signature after the bundle is not part of it
         if actual != self.file_size:
@@ -584,12 +592,12 @@ class Payload:
         return problems
 
     def model_parts_identity(self) -> str:
-        """Device, inode, size and mtime of every part: what a remembered check is keyed on."""
+        """Device, inode, size, mtime and ctime of every part: what a remembered check is keyed on."""
         out = []
         for path in self.model_part_paths():
             try:
                 st = os.stat(path)
-                out.append(f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
+                out.append(f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}")
             except OSError:
                 out.append("missing")
         return ";".join(out)
@@ -605,6 +613,10 @@ def _file_chunks(path):
 
 
 def incomplete_message(path: str, actual: int, expected: int) -> str:
+    if actual > expected:  # something was appended after it was built
+        return (f"this file has {actual - expected} byte(s) more than it was built with ({actual} instead of "
+                f"{expected}: something was appended to {path}); copy it again, or cut them off: "
+                f"truncate -s {expected} {path}")
     return (
         f"this file is incomplete: {actual} of {expected} bytes ({path}); copy it again"
     )
@@ -830,11 +842,17 @@ def _no_payload(path: str, f: BinaryIO, file_size: int) -> PayloadError:
     return NotABundleError(f"{path} is not a bundle (no bundle payload found)")
 
 
-def read_payload(path: str) -> Payload:
-    """Read and check a bundle's payload table. Raises a PayloadError subclass."""
+def read_payload(path: str, source: str | None = None) -> Payload:
+    """Read and check a bundle's payload table. Raises a PayloadError subclass. source: where to
+    read it from when not from path (an open descriptor's /proc/self/fd/N)."""
     try:
-        file_size = os.path.getsize(path)
-        f = open(path, "rb")
+        st = os.stat(source or path)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block, or never end
+            raise NotABundleError(f"{path} is not a regular file, so not a bundle")
+        file_size = st.st_size
+        f = open(source or path, "rb")
     except IsADirectoryError:
         raise NotABundleError(f"{path} is a directory, not a bundle") from None
     except OSError as exc:
@@ -844,17 +862,18 @@ def read_payload(path: str) -> Payload:
         try:
             signature = pe_signature(f, file_size)
             if signature:  # signed after it was built: the bundle ends where the signature starts
-                payload = _read_payload(path, f, signature[0], damaged, signed=True)
+                payload = _read_payload(path, f, signature[0], damaged, signed=True, source=source)
                 payload.signature = signature
                 return payload
-            return _read_payload(path, f, file_size, damaged)
+            return _read_payload(path, f, file_size, damaged, source=source)
         except _Invalid as exc:
             raise PayloadError(f"{damaged} ({exc}); copy the file again") from None
         except (struct.error, OverflowError, ValueError):
             raise PayloadError(f"{damaged}; copy the file again") from None
 
 
-def _read_payload(path: str, f: BinaryIO, file_size: int, damaged: str, signed: bool = False) -> Payload:
+def _read_payload(path: str, f: BinaryIO, file_size: int, damaged: str, signed: bool = False,
+                  source: str | None = None) -> Payload:
     found = _find_trailer(f, file_size)
     if found is None:
         # No trailer: not a bundle, or its end was cut off.
@@ -928,6 +947,7 @@ def _read_payload(path: str, f: BinaryIO, file_size: int, damaged: str, signed: 
         manifest=manifest,
         regions=regions,
         toc_sha256=hashlib.sha256(toc).hexdigest(),
+        source=source,
     )
 
 
