@@ -714,6 +714,29 @@ def main() -> int:
     return 0
 
 
+def llama_architectures(version: str = LLAMA_CPP_PYTHON) -> list[str]:
+    """The model architectures the vendored llama.cpp loads (LLM_ARCH_NAMES in src/llama-arch.cpp),
+    for `bundle build` to refuse a model that would build and then not load. Read from the
+    sdist once, cached."""
+    cached = cache_dir() / f"llama-architectures-{version}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(fetch_sdist(f"llama-cpp-python=={version}", Path(tmp), "llama_cpp_python-*.tar.gz")) as tar:
+            member = next(m for m in tar.getmembers() if m.name.endswith("vendor/llama.cpp/src/llama-arch.cpp"))
+            text = tar.extractfile(member).read().decode("utf-8")
+    table = text.split("LLM_ARCH_NAMES = {", 1)[1].split("};", 1)[0]
+    names = sorted({name for key, name in re.findall(r'\{\s*LLM_ARCH_(\w+)\s*,\s*"([^"]+)"', table)
+                    if key not in ("CLIP", "UNKNOWN")})  # clip: a placeholder for llama-quantize
+    if len(names) < 20:
+        sys.exit(f"llama-arch.cpp of llama-cpp-python {version}: found only {len(names)} architectures")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp_file = cached.with_suffix(".tmp")
+    tmp_file.write_text(json.dumps(names))
+    os.replace(tmp_file, cached)
+    return names
+
+
 def stub_meta(target: str, stub: Path, flags: list[str], python_version: str, native: dict, inputs: str,
               **extra) -> dict:
     """stub.json's record of a stub, the same keys for every target (plus extra)."""
@@ -733,6 +756,7 @@ def stub_meta(target: str, stub: Path, flags: list[str], python_version: str, na
         "build_flags": flags,
         "python": python_version,
         "pyinstaller": PyInstaller.__version__,
+        "architectures": llama_architectures(),
         **extra,
         "native": {"cpu": native},
         "inputs": inputs,

@@ -119,6 +119,9 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
     info = gguf.read_gguf(str(model_path))
     template_name, template_source = resolve_template(template, info.chat_template, info)
     stub_info = stubs.find_stub(target, stub)
+    gguf.check_architecture(info, stub_info.meta.get("architectures"), stub_info.meta.get("llama_cpp_python", "?"))
+    if name is not None and len(name) > gguf.MAX_NAME:
+        raise BundleError(f"--name is {len(name)} characters long; give one of at most {gguf.MAX_NAME}")
     stem = Path(model_path.name).stem if not hub.is_hub_ref(model) else Path(model.rsplit("/", 1)[-1]).stem
     windows = stub_info.target.startswith("windows")
     out = Path(output) if output else Path("dist") / stem
@@ -254,6 +257,8 @@ def describe(path: str) -> dict:
         raise BundleError(f"{path} is a directory; pass a .gguf file or a bundle")
     if not p.exists():
         raise BundleError(f"{path} does not exist; check the path")
+    if not p.is_file():  # a FIFO would block for ever, a device never end
+        raise BundleError(f"{path} is not a regular file (a pipe or a device); pass a .gguf file or a bundle")
     with open(p, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":

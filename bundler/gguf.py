@@ -8,6 +8,7 @@ then padding to `general.alignment` (default 32), then the tensor data.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 
@@ -168,7 +169,7 @@ class GGUFInfo:
 
     def summary(self) -> dict:
         return {
-            "name": self.name,
+            "name": _clip(self.name, MAX_NAME),
             "architecture": self.architecture,
             "parameters": self.n_params,
             "size_label": self.size_label,
@@ -180,6 +181,13 @@ class GGUFInfo:
             "file_size": self.file_size,
             "layout": self.layout(),
         }
+
+
+MAX_NAME = 200  # characters of general.name kept in a bundle's manifest (which takes 1024)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 class _Reader:
@@ -291,6 +299,8 @@ def read_gguf(path: str) -> GGUFInfo:
     if os.path.isdir(path):
         raise GGUFError(f"{path} is a directory; pass the .gguf file inside it")
     try:
+        if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block for ever
+            raise GGUFError(f"{path} is not a regular file (a pipe or a device); pass the .gguf file itself")
         f = open(path, "rb")
     except FileNotFoundError:
         raise GGUFError(f"{path} does not exist; check the path") from None
@@ -441,3 +451,32 @@ def check_hyperparameters(info: GGUFInfo) -> None:
         if not 1 <= n_head_kv <= n_head or n_head % n_head_kv:
             raise GGUFError(f"{info.path}: {arch}.attention.head_count_kv ({n_head_kv}) must divide head_count "
                             f"({n_head}); llama.cpp cannot load it; re-convert the model")
+    check_vocabulary(info)
+
+
+def _array_len(value) -> int | None:
+    if isinstance(value, list):
+        return len(value)
+    if isinstance(value, dict) and isinstance(value.get("count"), int):
+        return value["count"]
+    return None
+
+
+def check_vocabulary(info: GGUFInfo) -> None:
+    """The token list must cover every row of the embedding table: llama.cpp refuses a model
+    whose vocabulary is shorter than its token_embd (a list cut short, a damaged conversion)."""
+    n_tokens = _array_len(info.get("tokenizer.ggml.tokens"))
+    embd = next((t for t in info.tensors if t.name == "token_embd.weight"), None)
+    if n_tokens is None or embd is None or len(embd.shape) < 2:
+        return
+    if n_tokens != embd.shape[1]:
+        raise GGUFError(f"{info.path}: its token list (tokenizer.ggml.tokens) has {n_tokens} tokens but its "
+                        f"embedding table has {embd.shape[1]} rows; llama.cpp cannot load it; re-convert the model")
+
+
+def check_architecture(info: GGUFInfo, known: list[str] | None, llama_version: str) -> None:
+    """An architecture the stub's llama.cpp does not know would build and then fail to load."""
+    if known and info.architecture not in known:
+        raise GGUFError(f"{info.path}: its architecture {printable(info.architecture)!r} is not one this "
+                        f"runtime's llama.cpp (llama-cpp-python {llama_version}) can load; use a model of a "
+                        "supported architecture (bundle inspect shows it), or a stub built from a newer llama.cpp")
