@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import base64
 import errno
+import hmac
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
@@ -50,6 +51,10 @@ PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inl
 MAX_CONNECTIONS = 512
 REQUEST_HEAD_SECONDS = 10.0
 KEEPALIVE_IDLE_SECONDS = 5
+# A request body must keep coming (issue 22.6): after REQUEST_HEAD_SECONDS of grace it must
+# have arrived at MIN_BODY_RATE bytes a second on average, else the connection is closed (a body
+# trickled at 1 byte a second would otherwise hold a connection and a handler for ever).
+MIN_BODY_RATE = 1024
 # Host header: a name or address and an optional port, nothing else (127.0.0.1:PORT@evil.example
 # is refused, not read as 127.0.0.1).
 _HOST = re.compile(r"(?P<name>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(?::(?P<port>[0-9]{1,5}))?\Z")
@@ -57,8 +62,10 @@ JSON_TYPE = re.compile(r"application/(?:[\w.+-]+\+)?json\s*(?:;.*)?\Z", re.IGNOR
 log = logging.getLogger("bundle.server")
 
 
-def error_response(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+def error_response(exc: ApiError, close: bool = False) -> JSONResponse:
+    """close: end the connection after this answer (a refused request whose body was not read:
+    what follows it on the connection is not a request to serve, RFC 9112 §6.1, §9.6)."""
+    return JSONResponse(exc.body(), status_code=exc.status, headers={"Connection": "close"} if close else None)
 
 
 def parse_host(value: str) -> tuple[str, int | None] | None:
@@ -122,6 +129,9 @@ class Guard:
                 return await self._refuse(scope, receive, send, 400, f"the {key} header is given twice",
                                           "invalid_header")
             headers[key] = v.decode("latin-1")
+        if "transfer-encoding" in headers and "content-length" in headers:
+            return await self._refuse(scope, receive, send, 400, "the request has both Content-Length and "
+                                      "Transfer-Encoding; send one of them", "invalid_framing", close=True)
         host = headers.get("host", "")
         if not self._host_ok(host):
             return await self._refuse(
@@ -144,22 +154,30 @@ class Guard:
                     scope, receive, send, 415,
                     "the request body must be JSON, sent with 'Content-Type: application/json'",
                     "unsupported_media_type")
-        if self.api_key and (path.startswith("/v1/") or path == "/info"):
+        # With --api-key, everything but the page, its files and the liveness check (/health: slot
+        # counts, what a load balancer polls, open on llama-server too) needs the key: the API,
+        # /info, /metrics and /apply-template (which shows the bundle's system prompt).
+        if self.api_key and path not in ("/", "/health") and not path.startswith("/static/"):
             auth = headers.get("authorization", "")
-            if auth != f"Bearer {self.api_key}":
+            if not hmac.compare_digest(auth.encode("latin-1"), f"Bearer {self.api_key}".encode("utf-8")):
                 msg = "missing API key: send 'Authorization: Bearer KEY'" if not auth else "incorrect API key"
-                return await error_response(ApiError(401, msg, None, "invalid_api_key", "authentication_error"))(
-                    scope, receive, send)
+                return await self._refuse(scope, receive, send, 401, msg, "invalid_api_key", "authentication_error")
         length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            return await error_response(ApiError(413, f"the request body is larger than {MAX_BODY} bytes", None,
-                                                 "request_too_large"))(scope, receive, send)
+        if length is not None and not length.isdigit():
+            return await self._refuse(scope, receive, send, 400, "the Content-Length header is not a number",
+                                      "invalid_framing", close=True)
+        if length is not None and int(length) > MAX_BODY:
+            return await self._refuse(scope, receive, send, 413, f"the request body is larger than {MAX_BODY} bytes",
+                                      "request_too_large")
         if origin is not None and origin.strip().lower().rstrip("/") in self.allowed_origins:
             send = _with_cors(send, origin.strip())
         await self.app(scope, receive, send)
 
-    async def _refuse(self, scope, receive, send, status, message, code, type_="invalid_request_error"):
-        return await error_response(ApiError(status, message, None, code, type_))(scope, receive, send)
+    async def _refuse(self, scope, receive, send, status, message, code, type_="invalid_request_error",
+                      close: bool = False):
+        """close: a request whose framing is in doubt; where its body ends is not known, so the
+        connection is closed after the answer (what follows is not a request to serve)."""
+        return await error_response(ApiError(status, message, None, code, type_), close=close)(scope, receive, send)
 
     async def _preflight(self, scope, receive, send, origin):
         """CORS preflight: answered only for an origin allowed with --allow-origin."""
@@ -220,10 +238,14 @@ def _settle(future, result, exc):
 
 async def read_body(request: Request) -> bytes:
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes", None, "request_too_large")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes", None, "request_too_large")
+    except ClientDisconnect:  # gone, or closed for sending its body too slowly: nobody to answer
+        raise ApiError(400, "the connection closed before the request body was complete", None,
+                       "incomplete_body") from None
     return bytes(body)
 
 
@@ -903,6 +925,43 @@ def _protocol_class(max_connections: int):
             super().data_received(data)
             if self.cycle is not None and not self.cycle.response_complete:
                 self._disarm_head_timer()
+                self._watch_body(len(data))
+
+        _body_since = None
+        _body_bytes = 0
+        _body_timer = None
+
+        def _watch_body(self, n: int):
+            """While a request's body is still coming, it must keep MIN_BODY_RATE after the grace."""
+            import h11
+
+            if self.conn.their_state is not h11.SEND_BODY:
+                self._body_since = None
+                if self._body_timer is not None:
+                    self._body_timer.cancel()
+                    self._body_timer = None
+                return
+            if self._body_since is None:
+                self._body_since, self._body_bytes = time.monotonic(), 0
+            self._body_bytes += n
+            if self._body_timer is None:
+                self._body_timer = self.loop.call_later(self._body_time_left(), self._body_check)
+
+        def _body_time_left(self) -> float:
+            allowed = REQUEST_HEAD_SECONDS + self._body_bytes / MIN_BODY_RATE
+            return max(0.05, self._body_since + allowed - time.monotonic())
+
+        def _body_check(self):
+            import h11
+
+            self._body_timer = None
+            if self._body_since is None or self.transport.is_closing() or self.conn.their_state is not h11.SEND_BODY:
+                return
+            left = self._body_time_left()
+            if left > 0.05:
+                self._body_timer = self.loop.call_later(left, self._body_check)
+                return
+            self.transport.close()  # a body trickled too slowly: the handler sees a disconnect
 
         def on_response_complete(self):
             super().on_response_complete()
@@ -911,6 +970,9 @@ def _protocol_class(max_connections: int):
 
         def connection_lost(self, exc):
             self._disarm_head_timer()
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
             super().connection_lost(exc)
 
     return GuardedH11Protocol
