@@ -102,10 +102,12 @@ test-cuda: venv buildtools-vulkan $(MODEL)
 	$(PY) build.py --vulkan --cuda
 	$(PY) -m pytest tests -m cuda
 
-# The long run of the readers' fuzz tests and of the cut-copy measurement (every one of the last
-# 256 bytes); `make test` runs a few hundred cases of each.
+# The long run of the readers' fuzz tests, of the cut-copy measurement (every one of the last
+# 256 bytes) and of the archive locator (every bit of it, and every 64th byte of the 32 KiB after
+# it: no launch may hang); `make test` runs a few hundred cases of each.
 fuzz: stub $(MODEL)
-	BUNDLE_FUZZ_CASES=20000 BUNDLE_CUT_EVERY=1 $(PY) -m pytest tests/test_fuzz.py tests/test_trust.py -k "fuzz or cut"
+	BUNDLE_FUZZ_CASES=20000 BUNDLE_CUT_EVERY=1 BUNDLE_FUZZ_LOCATOR=all $(PY) -m pytest tests/test_fuzz.py \
+		tests/test_trust.py tests/test_trust_limits.py -k "fuzz or cut or every_bit"
 
 bench: stub reference $(MODEL)
 	$(PY) -m bench

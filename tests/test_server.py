@@ -282,6 +282,15 @@ def test_api_key(built_bundle):
         assert s.client(api_key="sekret").models.list().data
         status, _ = s.request("GET", "/health")  # the health check and the page stay open
         assert status == 200
+        assert s.request("GET", "/")[0] == 200
+        # everything else needs the key; /apply-template would show the bundle's system prompt
+        for method, path, body in [("POST", "/apply-template", {"messages": [{"role": "user", "content": "hi"}]}),
+                                   ("GET", "/info", None), ("GET", "/metrics", None)]:
+            status, body = s.request(method, path, body)
+            assert status == 401 and body["error"]["code"] == "invalid_api_key", (path, status, body)
+        status, body = s.request("POST", "/apply-template", {"messages": [{"role": "user", "content": "hi"}]},
+                                 headers={"Authorization": "Bearer sekret"})
+        assert status == 200 and "hi" in body["prompt"]
     finally:
         s.stop()
 

@@ -147,6 +147,65 @@ def test_a_connection_that_never_sends_a_request_is_closed(server):
     assert 5 < time.monotonic() - t0 < 20
 
 
+def _read_until_closed(sock, seconds: float) -> tuple[bytes, bool]:
+    """Everything the server sends within seconds, and whether it closed the connection."""
+    sock.settimeout(0.5)
+    data, deadline = b"", time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            continue
+        if not chunk:
+            return data, True
+        data += chunk
+    return data, False
+
+
+def test_a_request_with_both_framings_is_refused_and_its_smuggled_request_never_served(server):
+    """Issue 22.7: Content-Length and Transfer-Encoding together (RFC 9112 §6.1): a 400, and the
+    connection closed, so the request hidden in the body is not served on it."""
+    hidden = b"GET /info HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    body = b"0\r\n\r\n" + hidden
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % len(body))
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(head + body)
+        data, closed = _read_until_closed(s, 10)
+    assert data.startswith(b"HTTP/1.1 400"), data[:200]
+    assert data.count(b"HTTP/1.1 ") == 1, data  # one answer: the hidden /info was not served
+    assert b"invalid_framing" in data and closed
+    with socket.create_connection(("127.0.0.1", server.port)) as s:  # a bad length: the same
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 5x\r\n\r\n" + hidden)
+        data, closed = _read_until_closed(s, 10)
+    assert data.count(b"HTTP/1.1 ") == 1 and data.startswith(b"HTTP/1.1 400") and closed, data[:300]
+
+
+def test_a_body_trickled_a_byte_a_second_is_cut_off(server):
+    """Issue 22.6: a request body must keep coming like its head (10 s, then 1 KiB/s on average)."""
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n")
+        t0 = time.monotonic()
+        closed = False
+        s.settimeout(1.0)
+        while time.monotonic() - t0 < 40:
+            try:
+                s.send(b" ")
+                if s.recv(4096) == b"":
+                    closed = True
+                    break
+            except socket.timeout:
+                continue
+            except OSError:  # reset: closed too
+                closed = True
+                break
+        took = time.monotonic() - t0
+    assert closed and 8 < took < 20, took
+    assert health_time(server) < 5  # and the server is fine
+
+
 def test_health_counts_only_real_cancellations(server):
     _, before = server.request("GET", "/health")
     for _ in range(3):
