@@ -9,6 +9,7 @@ Built once into ~/.cache/bundle/bench/<version>-native/ (never committed); later
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -25,14 +26,22 @@ from build import LLAMA_CPP_PYTHON, cache_dir, log, run_with_progress  # noqa: E
 from buildsys.cache import fetch_sdist  # noqa: E402
 
 TOOLS = ("llama-bench", "llama-server")
+# Without ggml's AMX code: on a Sapphire Rapids VM, this source built with -march=native by
+# Debian's GCC 12 crashes in ggml_backend_amx_mul_mat at the first decode (llama-server and
+# llama-bench alike; SIGSEGV, seen 2026-12-04). -march=native defines __AMX_INT8__ and friends,
+# and ggml compiles its AMX path only under them; -U takes them back whatever the -march.
+NO_AMX = "-U__AMX_INT8__ -U__AMX_TILE__ -U__AMX_BF16__"
 CMAKE_FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF",
     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
+    f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}",
 ]
 
 
 def tools_dir() -> Path:
-    return cache_dir().parent / "bench" / f"llama.cpp-{LLAMA_CPP_PYTHON}-native"
+    """Keyed by version and flags: a change of flags builds anew."""
+    flags = hashlib.sha256("|".join(CMAKE_FLAGS).encode()).hexdigest()[:8]
+    return cache_dir().parent / "bench" / f"llama.cpp-{LLAMA_CPP_PYTHON}-native-{flags}"
 
 
 def templates_dir() -> Path:

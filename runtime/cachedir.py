@@ -116,6 +116,8 @@ class Folder:
         if not POSIX:
             if create:
                 os.makedirs(at, exist_ok=True)
+            if not os.path.lexists(at):
+                raise FileNotFoundError(2, "no such folder", at)
             if not os.path.isdir(at):
                 raise UnsafeCacheError(f"{path} is not a folder; remove it (the runtime makes it again)")
             return Folder(path, None)
