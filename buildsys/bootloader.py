@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from . import zig
-from .cache import fetch_sdist
+from .cache import apply_patches, fetch_sdist
 
 HERE = Path(__file__).resolve().parent
 OURS = [HERE / "bundle_unpack_dir.c", HERE / "bundle_archive_guard.c"]
@@ -64,14 +64,6 @@ PATCHES = [
 ]
 
 
-def _patch(src: Path) -> None:
-    for name, old, new in PATCHES:
-        path = src / name
-        text = path.read_text()
-        if text.count(old) != 1:
-            sys.exit(f"bootloader: {name} of this PyInstaller no longer has the text a patch expects; "
-                     "update buildsys/bootloader.py's PATCHES")
-        path.write_text(text.replace(old, new))
 PLATFORM_DIR = "Linux-64bit-intel"
 
 
@@ -98,7 +90,7 @@ def build(cache: Path, pyinstaller_version: str) -> Path:
         src = next(work.glob("pyinstaller-*/bootloader"))
         for f in OURS:
             shutil.copy(f, src / "src" / f.name)
-        _patch(src / "src")
+        apply_patches(src / "src", PATCHES, "buildsys/bootloader.py's PATCHES")
         env = zig.env(cache / "zig-tools")
         with open(logfile, "w") as out:
             rc = subprocess.run([sys.executable, "waf", "--static-zlib", "--no-universal2", "distclean", "all"],

@@ -1,5 +1,6 @@
-"""The two steps every cached build piece shares: fetch a source distribution from PyPI, and
-put a finished tree in its cache folder so that it is either whole or absent."""
+"""The steps cached build pieces share: fetch a source distribution from PyPI, change its text
+in a few exact places, and put a finished tree in its cache folder so that it is either whole
+or absent."""
 
 from __future__ import annotations
 
@@ -27,3 +28,15 @@ def publish(tree: Path, folder: Path) -> Path:
         shutil.rmtree(folder)
     os.replace(tree, folder)
     return folder
+
+
+def apply_patches(src: Path, patches, where: str) -> None:
+    """patches: (file under src, text, what it becomes). Each text must be there exactly once: an
+    upstream change that moves one stops the build (naming `where` to update) instead of
+    silently dropping the change."""
+    for rel, old, new in patches:
+        path = src / rel
+        text = path.read_text()
+        if text.count(old) != 1:
+            sys.exit(f"{rel} of this source no longer has the text a change expects; update {where}")
+        path.write_text(text.replace(old, new))

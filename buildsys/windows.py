@@ -30,7 +30,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .cache import fetch_sdist, publish
+from .cache import apply_patches, fetch_sdist, publish
 
 TARGET = "windows-x86_64"
 MINGW = "x86_64-w64-mingw32"
@@ -131,16 +131,6 @@ def _toolchain_file(folder: Path) -> Path:
     return path
 
 
-def apply_patches(src: Path) -> None:
-    for rel, old, new in PATCHES:
-        path = src / rel
-        text = path.read_text()
-        if text.count(old) != 1:
-            sys.exit(f"the Windows build's change to {rel} no longer applies (llama.cpp changed); update "
-                     f"buildsys/windows.py")
-        path.write_text(text.replace(old, new))
-
-
 def mingw_runtime_dlls() -> dict[str, Path]:
     """Where MinGW's own DLLs lie (asked of the compiler, not assumed)."""
     out = {}
@@ -190,7 +180,7 @@ def ensure_llama(cache: Path, version: str, jobs: int, run_with_progress) -> Pat
         with tarfile.open(fetch_sdist(f"llama-cpp-python=={version}", work, "llama_cpp_python-*.tar.gz")) as tar:
             tar.extractall(work, filter="data")
         src = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
-        apply_patches(src)
+        apply_patches(src, PATCHES, "buildsys/windows.py (llama.cpp changed)")
         build = work / "build"
         gen = ["-G", "Ninja"] if shutil.which("ninja") else []
         logfile = work / "build.log"
