@@ -29,7 +29,7 @@ OURS = [HERE / "bundle_unpack_dir.c", HERE / "bundle_archive_guard.c"]
 # (file under bootloader/src, text in PyInstaller's source, what it becomes). Each text must be
 # found exactly once: a PyInstaller upgrade that moves one stops the build instead of dropping it.
 _LOCATOR_DECL = ("int bundle_locator_sane(FILE *fp, uint64_t cookie_pos, uint32_t pkg_length, uint32_t toc_offset, "
-                 "uint32_t toc_length);\nint bundle_toc_sane(const struct TOC_ENTRY *toc, uint32_t toc_length, "
+                 "uint32_t toc_length, uint32_t python_version, const char *python_libname);\nint bundle_toc_sane(const struct TOC_ENTRY *toc, uint32_t toc_length, "
                  "uint32_t toc_offset);\n\n")
 PATCHES = [
     ("pyi_archive.c", "struct ARCHIVE *\npyi_archive_open(const char *filename)\n",
@@ -37,7 +37,8 @@ PATCHES = [
     ("pyi_archive.c", "    archive_cookie.python_version = pyi_be32toh(archive_cookie.python_version);\n",
      "    archive_cookie.python_version = pyi_be32toh(archive_cookie.python_version);\n"
      "    if (!bundle_locator_sane(archive_fp, cookie_pos, archive_cookie.pkg_length, archive_cookie.toc_offset,\n"
-     "                             archive_cookie.toc_length)) {\n"
+     "                             archive_cookie.toc_length, archive_cookie.python_version,\n"
+     "                             archive_cookie.python_libname)) {\n"
      "        free(archive);\n        archive = NULL;\n        goto cleanup;\n    }\n"),
     ("pyi_archive.c", "    /* Check input file is still ok (should be). */\n",
      "    if (!bundle_toc_sane(archive->toc, archive_cookie.toc_length, archive_cookie.toc_offset)) {\n"

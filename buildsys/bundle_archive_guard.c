@@ -40,10 +40,21 @@ __attribute__((constructor)) static void bundle_guard_init(void)
 }
 
 int bundle_locator_sane(FILE *fp, uint64_t cookie_pos, uint32_t pkg_length, uint32_t toc_offset,
-                        uint32_t toc_length)
+                        uint32_t toc_length, uint32_t python_version, const char *python_libname)
 {
     uint64_t end = cookie_pos + sizeof(struct ARCHIVE_COOKIE);
     int64_t size;
+    char version[32];
+
+    /* The Python version and the library's name must agree (311 and "libpython3.11.so.1.0"): a
+     * flipped version makes the bootloader set Python up for another version, which fails with
+     * a traceback instead of a word about the file. */
+    snprintf(version, sizeof(version), "%u.%u", python_version / 100, python_version % 100);
+    if (python_version < 300 || python_version >= 400 || memchr(python_libname, 0, 64) == NULL
+        || strstr(python_libname, version) == NULL) {
+        bundle_damaged = 1;
+        return 0;
+    }
 
     if (fseeko(fp, 0, SEEK_END) != 0 || (size = (int64_t)ftello(fp)) < 0) {
         bundle_damaged = 1;

@@ -45,8 +45,9 @@ def timed(exe: Path, *args, timeout: float = 30, **kw):
 
 # -- 4. hangs: the archive locator -------------------------------------------------------------
 
-# pkg_len (4 bytes at +8 of the cookie), then toc_offset and toc_len: a flip of any of their bits
-PKG_FIELDS = range(8, 20)
+# pkg_len (4 bytes at +8 of the cookie), then toc_offset, toc_len and the Python version: a flip of
+# any of their bits
+PKG_FIELDS = range(8, 24)
 
 
 @pytest.mark.parametrize("mode", [("-p", QUESTION), ("--info",), ("--verify",)])
@@ -73,8 +74,8 @@ def test_a_locator_appended_twice_ends_at_once_with_one_line(bundle_copy):
 def test_every_bit_of_the_locator_ends_in_time(bundle_copy):
     """No flip of the locator or of the padding after it hangs: each launch ends (one line, or an
     answer when the flip is harmless) well within its time. `make fuzz` flips every bit of the
-    locator and every 64th byte of the 32 KiB after it; here every bit of the length fields and
-    a byte in each field."""
+    locator and every 64th byte of the 32 KiB after it; here every bit of the length and version
+    fields and a byte in each other field."""
     at = locator_at(bundle_copy)
     if FUZZ_LOCATOR:
         cases = [(at + i, 1 << b) for i in range(LOCATOR) for b in range(8)]
