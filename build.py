@@ -78,7 +78,7 @@ WHEEL_PLATFORM = "manylinux2014_x86_64"
 GLIBC_LIBS = {"libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0", "librt.so.1", "ld-linux-x86-64.so.2",
               "libutil.so.1", "libresolv.so.2"}
 GLIBC_FLOOR = tuple(int(x) for x in zig.GLIBC_FLOOR.split("."))
-# Modules the runtime never imports; keeping them out keeps launch fast (DESIGN.md #8).
+# Modules the runtime never imports; keeping them out keeps launch fast (docs/facts.md #8).
 # (ssl stays: uvicorn imports it at module level.)
 EXCLUDES = [
     "numpy", "llama_cpp.llama", "llama_cpp.server", "llama_cpp.llama_chat_format",
@@ -188,7 +188,7 @@ def native_files(wheel: Path) -> dict[str, bytes]:
 
 def pack_native(files: dict[str, bytes], dest: Path) -> dict:
     """One tar: each distinct library once, its other names as symlinks (the wheel holds
-    libggml.so, .so.0 and .so.0.x.y as three copies, DESIGN.md #5b)."""
+    libggml.so, .so.0 and .so.0.x.y as three copies, docs/facts.md #5b)."""
     import zstandard
 
     by_content: dict[str, list[str]] = {}
@@ -511,7 +511,7 @@ def ensure_stub_python(wheel: Path) -> Path:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--upgrade", "--target", str(site),
                         "--platform", WHEEL_PLATFORM, "--python-version", "3.11", "--implementation", "cp",
                         "--abi", "cp311", "--only-binary=:all:", "-c", str(constraints), *wanted], check=True)
-    # llama_cpp's Python modules only: its native libraries travel in the payload (DESIGN.md #6)
+    # llama_cpp's Python modules only: its native libraries travel in the payload (docs/facts.md #6)
     shutil.rmtree(site / "llama_cpp", ignore_errors=True)
     with zipfile.ZipFile(wheel) as z:
         for name in z.namelist():

@@ -14,7 +14,7 @@ from pathlib import Path
 def load_llama():
     import llama_cpp
 
-    # The portable wheel puts its CPU variants in site-packages/bin/ (DESIGN.md #5a); ggml's
+    # The portable wheel puts its CPU variants in site-packages/bin/ (docs/facts.md #5a); ggml's
     # default search does not look there, so load them the way the runtime does.
     lib = Path(llama_cpp.__file__).parent / "lib" / "libggml.so.0"
     variants = Path(llama_cpp.__file__).parent.parent / "bin"

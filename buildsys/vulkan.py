@@ -2,7 +2,7 @@
 libraries and with the same toolchain (zig for glibc 2.17, buildsys/zig.py), so that a bundle
 carrying it still starts on the old userlands the CPU build reaches.
 
-The tools come from Debian (DESIGN.md #12): glslc compiles the shaders, libvulkan-dev gives the
+The tools come from Debian (docs/facts.md #12): glslc compiles the shaders, libvulkan-dev gives the
 headers and the loader to link against, spirv-headers what ggml-vulkan's configure asks for. Only
 the headers the back end includes are put on zig's include path (never the whole /usr/include,
 whose glibc headers are newer than the target's). The loader itself, libvulkan.so.1, is never

@@ -3,7 +3,7 @@ low-level ctypes bindings; the high-level `Llama` class costs ~20% of decode spe
 work per token and only takes a path).
 
 The model is loaded with llama_model_load_from_file_ptr from the bundle file itself, at the
-payload offset, memory-mapped (DESIGN.md #4): no copy of the model is ever written.
+payload offset, memory-mapped (docs/facts.md #4): no copy of the model is ever written.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ GGML_LOG_LEVEL_ERROR = 4
 
 
 def set_logging(C, verbose: bool) -> None:
-    """Keep llama.cpp's and ggml's thousands of log lines off stderr unless asked (DESIGN.md
+    """Keep llama.cpp's and ggml's thousands of log lines off stderr unless asked (docs/facts.md
     #8). Called before the back ends load, so their messages are caught too. Errors are kept
     (the last few) so a failure can say what llama.cpp said."""
     global _log_callback

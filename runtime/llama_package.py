@@ -1,5 +1,5 @@
 """The llama_cpp package (llama-cpp-python) without its __init__.py, which imports the high-level
-Llama class and with it numpy (40 MB kept out of the stub, DESIGN.md #8) and loads the C library
+Llama class and with it numpy (40 MB kept out of the stub, docs/facts.md #8) and loads the C library
 from its default place. Registering the package module unexecuted lets Python find its submodules:
 the ctypes bindings (engine.import_bindings, after the library path is set) and the pure-Python
 JSON schema → GBNF converter (grammar())."""

@@ -1,6 +1,6 @@
 """The native llama.cpp/ggml libraries: extracted once into a per-user cache, then loaded.
 
-They travel in the payload as one zstd-compressed tar (DESIGN.md #6, #8): extracted on the first
+They travel in the payload as one zstd-compressed tar (docs/facts.md #6, #8): extracted on the first
 launch into <cache>/native/<hash>/ and reused by every later launch of any bundle carrying the
 same libraries. Extraction follows pex's atomic_directory: check, take a blocking lock, check
 again, work in a sibling folder, rename into place. A killed launch leaves only a work folder
@@ -398,7 +398,7 @@ def _extract_flat(tar: tarfile.TarFile, work: cachedir.Folder, unpacked_size: in
 
 
 # The ggml library libllama links against: on Linux its soname (a second copy under another name
-# gives a registry libllama never sees, DESIGN.md #5b); on Windows the DLL name it imports.
+# gives a registry libllama never sees, docs/facts.md #5b); on Windows the DLL name it imports.
 GGML_LIB = "ggml.dll" if WINDOWS else "libggml.so.0"
 # Loaded by full path before libllama on Windows, in dependency order: the loader then reuses
 # them by name instead of searching the PATH (where another program's ggml.dll may sit).

@@ -13,7 +13,7 @@ A Linux bundle is the stub, unchanged, followed by the payload and a tail::
                      cookie (TAIL_ARCHIVE); then TAIL_PAD zero bytes (a copy cut in its last
                      32 KiB still has a whole cookie, so it starts and says it is cut).
 
-Why this layout (DESIGN.md facts 1-3): PyInstaller's bootloader finds its archive by scanning
+Why this layout (docs/facts.md #1-2): PyInstaller's bootloader finds its archive by scanning
 backwards from the end of the file for the cookie. The tail puts a cookie in the last bytes, so
 launching costs no scan however large the model (appending 200 MB with no cookie after it cost
 2.5 s per launch). A copy cut short (an interrupted USB copy) loses the tail: the bootloader
@@ -76,7 +76,7 @@ assert HEADER_SIZE == 64
 ENTRY_ALIGN = 64 * 1024
 CHUNK = 4 * 1024 * 1024
 
-# PyInstaller's CArchive cookie: magic, pkg_len, toc_offset, toc_len, pyver, pylib (DESIGN.md #1).
+# PyInstaller's CArchive cookie: magic, pkg_len, toc_offset, toc_len, pyver, pylib (docs/facts.md #1).
 PYI_COOKIE_MAGIC = b"MEI\014\013\012\013\016"
 PYI_COOKIE_FORMAT = "!8sIIii64s"
 PYI_COOKIE_SIZE = struct.calcsize(PYI_COOKIE_FORMAT)

