@@ -21,6 +21,7 @@ which the system's ACLs keep per-user, and the same operations run on plain path
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -129,7 +130,7 @@ class Folder:
         try:
             fd = os.open(at, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC, **kw)
         except OSError as exc:
-            if exc.errno in (40, 20):  # ELOOP (a link), ENOTDIR (a file)
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # a link, a file
                 raise UnsafeCacheError(f"{path} in the runtime cache is a link or a file, not the folder the "
                                        f"runtime made; remove it (rm {path}) and run again") from None
             raise
@@ -151,7 +152,7 @@ class Folder:
         try:
             return os.open(at, flags | _NOFOLLOW | _CLOEXEC | _BINARY, mode, **kw)
         except OSError as exc:
-            if exc.errno == 40:
+            if exc.errno == errno.ELOOP:
                 raise UnsafeCacheError(f"{self.path / name} in the runtime cache is a link; remove it "
                                        f"(rm {self.path / name}) and run again") from None
             raise

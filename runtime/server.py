@@ -868,6 +868,7 @@ def raise_fd_limit(want: int = 8192) -> int:
 
 def _protocol_class(max_connections: int):
     """uvicorn's h11 protocol with the connection rules above."""
+    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     refused = {"last": 0.0}
@@ -933,8 +934,6 @@ def _protocol_class(max_connections: int):
 
         def _watch_body(self, n: int):
             """While a request's body is still coming, it must keep MIN_BODY_RATE after the grace."""
-            import h11
-
             if self.conn.their_state is not h11.SEND_BODY:
                 self._body_since = None
                 if self._body_timer is not None:
@@ -952,8 +951,6 @@ def _protocol_class(max_connections: int):
             return max(0.05, self._body_since + allowed - time.monotonic())
 
         def _body_check(self):
-            import h11
-
             self._body_timer = None
             if self._body_since is None or self.transport.is_closing() or self.conn.their_state is not h11.SEND_BODY:
                 return
