@@ -108,7 +108,9 @@ def llama_bench(tool: Path, model: Path, threads: int) -> dict:
 
 def write_synthetic_gguf(path: Path, mib: int) -> None:
     """A valid GGUF of about `mib` MiB (one F32 tensor of non-repeating-page data): big enough
-    to show how `bundle build` compares with `cp` once start-up costs stop mattering."""
+    to show how `bundle build` compares with `cp` once start-up costs stop mattering. It names
+    an architecture the stub's llama.cpp knows (`bundle build` refuses others); it is never
+    loaded, only built and checked."""
     import struct
 
     n = mib * 2**20 // 4
@@ -117,7 +119,7 @@ def write_synthetic_gguf(path: Path, mib: int) -> None:
         b = s.encode()
         return struct.pack("<Q", len(b)) + b
 
-    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + gstr("general.architecture") + struct.pack("<I", 8) + gstr("synthetic")
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + gstr("general.architecture") + struct.pack("<I", 8) + gstr("llama")
     head += gstr("t") + struct.pack("<IQIQ", 1, n, 0, 0)
     head += b"\0" * (-len(head) % 32)
     block = bytes(range(256)) * 4096  # 1 MiB
