@@ -90,7 +90,9 @@ chromium:
 reference: venv
 	$(PY) bench/native.py
 
+# The runtime's layers (pyproject.toml's import-linter contracts) are checked first: seconds.
 test: stub stub-windows reference $(MODEL) chromium
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest tests -m "not cuda"
 
 # The Windows bundle's tests alone (they are part of `make test` too).

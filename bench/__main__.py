@@ -148,7 +148,7 @@ def main() -> int:
     if not model.exists():
         sys.exit(f"no model at {model}; run `make model` or pass --model")
     sys.path.insert(0, str(ROOT))
-    from runtime.native import physical_cores
+    from runtime.host.cpu import physical_cores
 
     threads = physical_cores()
     work = Path(tempfile.mkdtemp(prefix="bundle-bench-"))

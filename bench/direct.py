@@ -26,7 +26,7 @@ def load_llama():
 
 def physical_cores():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from runtime.native import physical_cores as pc
+    from runtime.host.cpu import physical_cores as pc
 
     return pc()
 

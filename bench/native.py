@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from build import LLAMA_CPP_PYTHON, cache_dir, log, run_with_progress  # noqa: E402
+from buildsys.console import log  # noqa: E402
+from buildsys.stub import LLAMA_CPP_PYTHON, cache_dir, run_with_progress  # noqa: E402
 from buildsys.cache import fetch_sdist  # noqa: E402
 
 TOOLS = ("llama-bench", "llama-server")

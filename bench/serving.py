@@ -27,7 +27,7 @@ def standalone(model: Path, prefix: str):
     temporary folder, an environment with a cache of its own there, llama-server (built on first
     use) and the threads to use; the folder is removed after."""
     from bench.native import ensure_tools
-    from runtime.native import physical_cores
+    from runtime.host.cpu import physical_cores
 
     work = Path(tempfile.mkdtemp(prefix=prefix))
     try:

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from . import zig
+from .console import log
 from .cache import apply_patches, fetch_sdist
 
 HERE = Path(__file__).resolve().parent
@@ -66,10 +67,6 @@ PATCHES = [
 
 
 PLATFORM_DIR = "Linux-64bit-intel"
-
-
-def log(msg: str) -> None:
-    print(f"[build] {msg}", flush=True)
 
 
 def build(cache: Path, pyinstaller_version: str) -> Path:

@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 from . import zig
+from .console import log
 
 # Bump when the recipe below changes in a way the cache key would not see.
 RECIPE = "3"
@@ -41,10 +42,6 @@ OPENSSL_CONFIGURE = ["linux-x86_64", "no-shared", "no-tests", "no-ui-console", "
 FFI_CONFIGURE = ["--disable-shared", "--enable-static", "--with-pic", "--disable-docs",
                  "--disable-multi-os-directory", "--disable-exec-static-tramp"]
 CFLAGS = "-O2 -fPIC -Wno-date-time"
-
-
-def log(msg: str) -> None:
-    print(f"[build] {msg}", flush=True)
 
 
 def key() -> str:

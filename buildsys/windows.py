@@ -27,12 +27,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
 from .cache import apply_patches, fetch_sdist, publish
+from .console import log
 
-TARGET = "windows-x86_64"
 MINGW = "x86_64-w64-mingw32"
 CC = f"{MINGW}-gcc-posix"
 CXX = f"{MINGW}-g++-posix"
@@ -77,10 +78,6 @@ PATCHES = [
      "            # bundle: sapphirerapids (AMX) left out of the MinGW build\n"),
 ]
 RECIPE = "1"
-
-
-def log(msg: str) -> None:
-    print(f"[build] {msg}", flush=True)
 
 
 def _tool(name: str) -> str:
@@ -394,3 +391,61 @@ def run_pyinstaller(python_dir: Path, env: dict, args: list[str], out_dir: Path,
         return final
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def build(args) -> int:
+    """stubs/windows-x86_64/: the Windows stub, built here (args: build.py's)."""
+    from targets.windows_x86_64 import TARGET
+
+    from .stub import (LLAMA_CPP_PYTHON, NATIVE_NAME, ROOT, STUB_REQUIREMENTS, WEB_VENDOR, cache_dir, check_variants,
+                       ensure_web_vendor, pack_native, pyinstaller_args, run_with_progress, sources_digest, stub_meta,
+                       stub_requirements, write_meta)
+
+    if args.cuda or args.vulkan:
+        sys.exit(f"--{'cuda' if args.cuda else 'vulkan'}: the Windows stub has no GPU back end yet")
+    force = args.force
+    out_dir = ROOT / "stubs" / TARGET.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = cache_dir()
+    t0 = time.time()
+    libs = ensure_llama(cache, LLAMA_CPP_PYTHON, os.cpu_count() or 2, run_with_progress)
+    web_vendor = ensure_web_vendor()
+    pydir = ensure_python(cache)
+    pins = stub_requirements()
+    wanted = [p for p in pins if p.split("==")[0].lower() in STUB_REQUIREMENTS]
+    site_digest = ensure_site(pydir, pins, wanted, llama_python_files(cache, LLAMA_CPP_PYTHON))
+    h = hashlib.sha256()
+    h.update(site_digest.encode())
+    h.update(libs.name.encode())
+    h.update(json.dumps(WEB_VENDOR, sort_keys=True).encode())
+    sources_digest(h)
+    digest = h.hexdigest()
+    meta_path = out_dir / "stub.json"
+    stub_name = STUB_NAME
+    if not force and meta_path.exists() and (out_dir / stub_name).exists() and (out_dir / NATIVE_NAME).exists():
+        if json.loads(meta_path.read_text()).get("inputs") == digest:
+            log(f"Windows stub up to date: {out_dir / stub_name}")
+            return 0
+    files = native_files(libs)
+    if "msvcrt.dll" not in dll_imports(libs / "libllama.dll"):
+        # runtime/inference/engine.py hands libllama a FILE* from msvcrt.dll: both must share that C runtime
+        sys.exit(f"{libs / 'libllama.dll'} does not use msvcrt.dll (a UCRT toolchain?); runtime/inference/engine.py must "
+                 "open the model with the C runtime libllama uses")
+    native = pack_native(files, out_dir / NATIVE_NAME)
+    check_variants(TARGET, native)
+    log(f"Windows native libraries: {len(files)} files, {native['unpacked_size'] / 2**20:.1f} MiB -> "
+        f"{native['size'] / 2**20:.1f} MiB zstd ({', '.join(native['cpu_variants'])})")
+    env = ensure_wine(cache / "wine-prefix")
+    try:
+        version = python_version(pydir, env)
+        log("running PyInstaller under wine")
+        stub = run_pyinstaller(pydir, env, pyinstaller_args(web_vendor, stub_name.removesuffix(".exe"),
+                                                                    to_windows_path, strip=False),
+                                       out_dir, cache)
+    finally:
+        stop_wine(env)
+    meta = stub_meta(TARGET.name, stub, FLAGS, version, native, digest,
+                     toolchain=toolchain_identity(), windows_min=WINDOWS_MIN)
+    write_meta(meta_path, meta)
+    log(f"Windows stub: {stub} ({stub.stat().st_size / 2**20:.1f} MiB) in {time.time() - t0:.0f} s")
+    return 0

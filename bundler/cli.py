@@ -12,13 +12,13 @@ from pathlib import Path
 
 import click
 
-from runtime.backends import KEYS as GPU_KEYS
-from runtime.backends import by_key
+from runtime.host.gpu.registry import KEYS as GPU_KEYS
+from runtime.host.gpu.registry import by_key
 from runtime.errors import UsageError as SettingsError
-from runtime.payload import Manifest, ModelInfo, PayloadError, StubInfo, read_payload
+from runtime.bundlefile import Manifest, ModelInfo, PayloadError, StubInfo, read_payload
 from runtime.text import printable
-from runtime.settings import Settings
-from runtime.template import PRESETS
+from runtime.launch.settings import Settings
+from runtime.prompts.template import PRESETS
 
 from . import __version__
 from .errors import BundleError, UsageError
@@ -37,7 +37,8 @@ def _human(n: float) -> str:
 def resolve_template(choice: str, gguf_template: str | None, info=None) -> tuple[str, str | None]:
     """--template value -> (name stored in the manifest, Jinja source). A GGUF without a template
     gets its family's preset (info: the GGUF's metadata), and a note says so."""
-    from runtime.template import ChatTemplate, TemplateError, TemplateLimitError, fallback_preset
+    from runtime.prompts.template import ChatTemplate, TemplateLimitError, fallback_preset
+    from runtime.errors import TemplateError
 
     if choice == "auto" and not gguf_template:
         fallback = fallback_preset(info.architecture, info.get("tokenizer.ggml.pre"), info.get("tokenizer.ggml.model"),
@@ -123,12 +124,13 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
     if name is not None and len(name) > gguf.MAX_NAME:
         raise BundleError(f"--name is {len(name)} characters long; give one of at most {gguf.MAX_NAME}")
     stem = Path(model_path.name).stem if not hub.is_hub_ref(model) else Path(model.rsplit("/", 1)[-1]).stem
-    windows = stub_info.target.startswith("windows")
     out = Path(output) if output else Path("dist") / stem
-    if windows and out.suffix.lower() != ".exe":
+    named = stub_info.spec.executable_name(out.name)
+    if named != out.name:
         if output:
-            click.echo(f"note: Windows runs programs only by the name .exe: writing {out.name}.exe", err=True)
-        out = out.with_name(out.name + ".exe")
+            click.echo(f"note: {stub_info.spec.system.capitalize()} runs programs only by the name "
+                       f"{stub_info.spec.exe_suffix}: writing {named}", err=True)
+        out = out.with_name(named)
     if gpu in GPU_KEYS and gpu not in stub_info.gpu:
         b = by_key(gpu)
         raise BundleError(f"--gpu {gpu}: the stub in {stub_info.folder}/ has no {b.label} back end; build one with "
@@ -147,11 +149,15 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
     if limit is not None and exe_size + info.file_size <= limit:
         limit = None  # it fits in one file: nothing to split
         click.echo("note: the bundle fits in one file under the limit; not splitting", err=True)
-    if windows and limit is None and exe_size + info.file_size > splitter.FAT32_MAX:
-        # Windows refuses to start an executable over 4 GiB ("This app can't run on your PC")
-        limit = splitter.FAT32_MAX
-        click.echo("note: Windows runs no executable over 4 GiB: the model goes beside it as parts", err=True)
-    part_stem = out.stem if windows else out.name
+    spec = stub_info.spec
+    if spec.max_executable and limit is None and exe_size + info.file_size > spec.max_executable:
+        limit = min(splitter.FAT32_MAX, spec.max_executable)
+        most = spec.max_executable + 1
+        click.echo(f"note: {spec.system.capitalize()} runs no executable over "
+                   f"{f'{most >> 30} GiB' if most % (1 << 30) == 0 else _human(most)}: "
+                   "the model goes beside it as parts", err=True)
+    part_stem = out.name[:-len(spec.exe_suffix)] if spec.exe_suffix and out.name.lower().endswith(spec.exe_suffix) \
+        else out.name
     if limit is not None:
         _check_part_targets(out.parent, part_stem, force)
 
@@ -164,7 +170,7 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
     summary = info.summary()
     summary["file"] = model_path.name
     manifest = Manifest(
-        name=name or (out.stem if windows else out.name),
+        name=name or part_stem,
         built=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         bundler_version=__version__,
         model=ModelInfo.from_json(summary),
@@ -205,8 +211,7 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
         for tmp, *_ in parts or ():
             tmp.unlink(missing_ok=True)  # renamed into place on success; leftovers of a failure
     seconds = time.perf_counter() - t0
-    needs = (f"Windows {stub_info.meta.get('windows_min', '10')}+" if windows
-             else f"glibc ≥ {stub_info.meta.get('glibc_min', '?')}")
+    needs = spec.needs_text(stub_info.meta)
     click.echo(f"wrote {out} ({_human(result['size'])}, {stub_info.target}, needs {needs}) in {seconds:.2f} s",
                err=True)
     if parts:
@@ -222,8 +227,18 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
     elif result["size"] > splitter.FAT32_MAX:
         click.echo(f"note: {out} is {_human(result['size'])}; FAT32 USB sticks hold no file over 4 GiB: "
                    "build with --split to write the model as parts beside it", err=True)
-    shown = out if out.is_absolute() or str(out).startswith(".") or windows else f"./{out}"
+    shown = out if out.is_absolute() or str(out).startswith(".") or spec.system == "windows" else f"./{out}"
     click.echo(f"run it: {shown} -p \"Hello\"   or   {shown} --cli", err=True)
+
+
+def _needs(stub: dict) -> str:
+    """What a bundle's machine must have, from its stub record (an unknown target: what is recorded)."""
+    import targets
+
+    spec = targets.TARGETS.get(stub.get("target") or "")
+    if spec is None:
+        return ", ".join(f"{k} {stub[k]}" for k in ("glibc_min", "windows_min") if stub.get(k)) or "?"
+    return spec.needs_text(stub)
 
 
 def _check_part_targets(folder: Path, stem: str, force: bool) -> None:
@@ -310,8 +325,7 @@ def format_description(d: dict) -> str:
         st = d["stub"]
         lines.append(
             f"stub:        {st.get('target')} · runtime {st.get('runtime_version')} · llama-cpp-python "
-            f"{st.get('llama_cpp_python')} · needs "
-            + (f"Windows {st['windows_min']}+" if st.get("windows_min") else f"glibc ≥ {st.get('glibc_min')}")
+            f"{st.get('llama_cpp_python')} · needs {_needs(st)}"
         )
         lines.append("entries:")
         for e in d["entries"]:
@@ -349,8 +363,8 @@ def verify(bundle):
 
 
 def main(argv=None) -> int:
-    from runtime.process import ensure_std_streams
-    from runtime.settings import env_flag
+    from runtime.host.process import ensure_std_streams
+    from runtime.launch.settings import env_flag
 
     ensure_std_streams()
     try:

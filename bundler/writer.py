@@ -1,4 +1,4 @@
-"""Writing a bundle: a copy of the stub, then the payload, then the tail (runtime/payload.py
+"""Writing a bundle: a copy of the stub, then the payload, then the tail (runtime/bundlefile
 has the layout and why).
 
 Nothing is compiled or packaged here: building a bundle is a file copy (hashed on the way) plus
@@ -15,25 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from runtime.backends import GPU_BACKENDS
-from runtime.payload import (
-    Manifest,
-    ModelPart,
-    Region,
-    MODEL_ENTRY,
-    NATIVE_CPU_ENTRY,
-    NotABundleError,
-    PayloadError,
-    PayloadWriter,
-    align_up,
-    PYI_COOKIE_SIZE,
-    find_cookie,
-    masked,
-    pe_hash_mask,
-    TAIL_PAD,
-    make_tail,
-    read_payload,
-)
+from runtime.host.gpu.registry import GPU_BACKENDS
+from runtime.bundlefile import Manifest, ModelPart, Region, MODEL_ENTRY, NATIVE_CPU_ENTRY, NotABundleError, PayloadError, PayloadWriter, align_up, PYI_COOKIE_SIZE, find_cookie, masked, pe_hash_mask, TAIL_PAD, make_tail, read_payload
 
 from .errors import BundleError
 from .stubs import Stub
@@ -109,7 +92,7 @@ def write_bundle(
 ) -> dict:
     """Write the bundle at output (via a temporary file in the same folder). Returns figures.
 
-    gpu: the keys of the GPU back ends to carry (runtime/backends.py), each from the stub folder.
+    gpu: the keys of the GPU back ends to carry (runtime/host/gpu/registry.py), each from the stub folder.
 
     parts: the model already written as split parts (bundler/split.py: temporary path, final
     name, size, sha256 each): the executable then carries no model, and the parts are renamed

@@ -2,7 +2,7 @@
 
 import sys
 
-from runtime.app import main
+from runtime.launch.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

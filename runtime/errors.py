@@ -1,4 +1,4 @@
-"""The runtime's exceptions: one root, converted once at the edge (runtime.app.main), where one
+"""The runtime's exceptions: one root, converted once at the edge (runtime.launch.main.main), where one
 table maps each kind to its exit status.
 
 Every message says what is wrong and what to do next; nothing below main() prints errors.

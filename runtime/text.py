@@ -34,3 +34,12 @@ def printable_tree(value):
     if isinstance(value, (list, tuple)):
         return [printable_tree(v) for v in value]
     return value
+
+
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def is_sha256_hex(value) -> bool:
+    """A SHA-256 as the bundle format writes it (64 lowercase hex digits): the only kind of name
+    the cache ever builds a path from."""
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX_DIGITS

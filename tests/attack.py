@@ -10,7 +10,7 @@ import shutil
 import struct
 from pathlib import Path
 
-from runtime import payload as P
+from runtime import bundlefile as P
 
 
 def locate(path: Path):

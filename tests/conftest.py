@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.gguf"
-STUB_DIR = ROOT / "stubs" / "linux-x86_64"
+STUB_DIR = ROOT / "stubs" / "linux-x86_64"  # targets/linux_x86_64.py: run natively here
 BUNDLE_CMD = [str(Path(sys.executable).parent / "bundle")]  # the installed command, as users run it
 QUESTION = "What is the capital of France? Answer in one word."
 
@@ -95,13 +95,13 @@ def as_nobody() -> list[str]:
 def load_engine(bundle: Path, cache: Path, **kw):
     """The real model in-process, as the runtime loads it: libraries unpacked from the bundle
     into cache, the model mapped from inside the bundle at its payload offset."""
-    from runtime import native
-    from runtime.engine import Engine, import_bindings, set_logging
-    from runtime.payload import MODEL_ENTRY, read_payload
+    from runtime.bundlefile import MODEL_ENTRY, read_payload
+    from runtime.host import bindings, libraries
+    from runtime.inference.engine import Engine
 
     payload = read_payload(str(bundle))
-    libdir = native.extract_entry(payload, "native/cpu.tar.zst", root=cache)
-    C = import_bindings(libdir)
-    set_logging(C, False)
-    native.load_backends(libdir)
+    libdir = libraries.extract_entry(payload, "native/cpu.tar.zst", root=cache)
+    C = bindings.import_bindings(libdir)
+    bindings.set_logging(C, False)
+    bindings.load_backends(libdir)
     return Engine(C, str(bundle), payload.absolute_offset(MODEL_ENTRY), **kw)

@@ -9,8 +9,8 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from runtime.batch import Counters
-from runtime.engine import Result, TokenLogprob
+from runtime.inference.scheduler import Counters
+from runtime.inference.sampling import Result, TokenLogprob
 from runtime.errors import ContextOverflowError, RuntimeFailure
 
 
@@ -55,18 +55,8 @@ class Call:
     sampling: object
 
 
-class _Scheduler:
-    n_parallel = 2
-
-    def busy_slots(self) -> int:
-        return 0
-
-    def queued(self) -> int:
-        return 0
-
-
 @dataclass
-class FakeWorker:
+class FakeScheduler:
     """answer: the text every generation produces, in pieces of `piece` characters (or a
     callable of the call); fail: a RuntimeFailure message to raise instead; finish: its reason."""
 
@@ -76,11 +66,14 @@ class FakeWorker:
     fail: str | None = None
     calls: list = field(default_factory=list)
     engine: FakeEngine = field(default_factory=FakeEngine)
-    scheduler: _Scheduler = field(default_factory=_Scheduler)
     stats: Counters = field(default_factory=Counters)
     parallel: int = 2
+    n_parallel: int = 2
 
     def pending(self) -> int:
+        return 0
+
+    def busy_slots(self) -> int:
         return 0
 
     def generate(self, tokens, sampling, on_text=None, cancel=None, on_logprobs=None) -> Future:
@@ -116,6 +109,6 @@ class FakeWorker:
         job.future = Future()
         try:
             job.future.set_result(run(self.engine, lambda: False))
-        except Exception as exc:  # handed to the request, as the real worker does
+        except Exception as exc:  # handed to the request, as the real scheduler does
             job.future.set_exception(exc)
         return job

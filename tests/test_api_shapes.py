@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from fakes import FakeWorker
-from runtime.server import create_app
-from runtime.settings import Settings
-from runtime.template import load_template
+from fakes import FakeScheduler
+from runtime.serving.routes import create_app
+from runtime.launch.settings import Settings
+from runtime.prompts.template import load_template
 
 HI = [{"role": "user", "content": "Hi"}]
 DATA = Path(__file__).parent / "data"
 
 
 def client(worker=None, template="chatml", source=None, settings=None, **kw):
-    worker = worker or FakeWorker()
+    worker = worker or FakeScheduler()
     app = create_app(settings or Settings(), worker, template=load_template(template, source, "<s>", "</s>"),
                      info={"name": "fake"}, **kw)
     return TestClient(app), worker
@@ -104,7 +104,7 @@ def test_n_choices_streamed_interleave_with_index():
 
 
 def test_responses_shape_and_incomplete():
-    c, _ = client(FakeWorker(finish="length"))
+    c, _ = client(FakeScheduler(finish="length"))
     body = c.post("/v1/responses", json={"input": "Hi", "instructions": "Be brief.", "max_output_tokens": 3}).json()
     assert body["object"] == "response" and body["status"] == "incomplete"
     assert body["incomplete_details"] == {"reason": "max_output_tokens"} and body["instructions"] == "Be brief."
@@ -122,7 +122,7 @@ def test_responses_stream_events_numbered():
 
 def test_generic_tool_call_parsed():
     answer = json.dumps({"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]})
-    c, w = client(FakeWorker(answer=answer))
+    c, w = client(FakeScheduler(answer=answer))
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
     body = c.post("/v1/chat/completions", json={"messages": HI, "tools": [tool], "tool_choice": "required"}).json()
@@ -135,7 +135,7 @@ def test_generic_tool_call_parsed():
 
 def test_reasoning_content_split():
     source = (DATA / "thinking.jinja").read_text()
-    c, _ = client(FakeWorker(answer="<think>Capital of France.</think>Paris."), template="file:thinking",
+    c, _ = client(FakeScheduler(answer="<think>Capital of France.</think>Paris."), template="file:thinking",
                   source=source)
     message = c.post("/v1/chat/completions", json={"messages": HI}).json()["choices"][0]["message"]
     assert message.get("reasoning_content", "").strip() == "Capital of France." and message["content"].strip() == "Paris."
@@ -170,7 +170,7 @@ def test_errors_name_the_field(body, param, code):
 
 
 def test_error_mapping_for_body_route_and_failure():
-    c, _ = client(FakeWorker(fail="the model failed"))
+    c, _ = client(FakeScheduler(fail="the model failed"))
     r = c.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     assert c.get("/v1/nothing").json()["error"]["code"] == "not_found"

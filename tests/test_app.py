@@ -19,6 +19,22 @@ def test_one_shot_answer_only_on_stdout(built_bundle):
     assert "CPU (" in r.stderr  # the banner went to stderr
 
 
+def test_one_shot_never_imports_the_server(built_bundle):
+    """-p loads only what an answer needs: the runtime run from source (BUNDLE_SELF: the same
+    code as in the stub, the bundle's libraries and model) under -X importtime answers without
+    importing the serving layer or the web stack. (The layers' import-linter contracts cannot see
+    this: the launch may import the server, only not on this path.)"""
+    import sys
+
+    env = dict(os.environ, BUNDLE_SELF=str(built_bundle))
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "runtime", "-p", QUESTION, "--temp", "0", "-n", "8"],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0 and "Paris" in r.stdout, r.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "runtime.inference.scheduler" in imported and "runtime.launch.modes" in imported  # the measure works
+    assert not {m for m in imported if m.startswith(("runtime.serving", "starlette", "uvicorn", "h11"))}
+
+
 def test_prompt_from_file_and_stdin(built_bundle, tmp_path):
     f = tmp_path / "q.txt"
     f.write_text(QUESTION)
@@ -141,7 +157,7 @@ def test_two_cold_launches_at_once_share_one_extraction(built_bundle, isolated_u
 
 def test_killed_extraction_leaves_nothing_that_looks_complete(built_bundle, isolated_user_dirs):
     """A work folder from a launch killed mid-extraction is removed by the next launch."""
-    from runtime.payload import read_payload
+    from runtime.bundlefile import read_payload
 
     sha = read_payload(str(built_bundle)).entries["native/cpu.tar.zst"].sha256
     native = isolated_user_dirs / "cache" / "bundle" / "native"
@@ -185,7 +201,7 @@ def test_truncated_bundle_says_copy_again(bundle_copy):
 
 
 def test_corrupted_model_is_named(bundle_copy):
-    from runtime.payload import read_payload
+    from runtime.bundlefile import read_payload
 
     p = read_payload(str(bundle_copy))
     at = p.absolute_offset("model.gguf")
@@ -201,7 +217,7 @@ def test_corrupted_model_is_named(bundle_copy):
 
 
 def test_corrupted_table_of_contents(bundle_copy):
-    from runtime.payload import HEADER_SIZE, read_payload
+    from runtime.bundlefile import HEADER_SIZE, read_payload
 
     p = read_payload(str(bundle_copy))
     with open(bundle_copy, "r+b") as f:
@@ -212,7 +228,7 @@ def test_corrupted_table_of_contents(bundle_copy):
 
 
 def test_corrupted_native_libraries(bundle_copy):
-    from runtime.payload import read_payload
+    from runtime.bundlefile import read_payload
 
     p = read_payload(str(bundle_copy))
     with open(bundle_copy, "r+b") as f:
@@ -230,7 +246,7 @@ def test_verify_flag_on_intact_bundle(built_bundle):
 def test_newer_format_refused_by_the_runtime(bundle_copy):
     import struct
 
-    from runtime.payload import FORMAT_VERSION, HEADER_SIZE, read_payload
+    from runtime.bundlefile import FORMAT_VERSION, HEADER_SIZE, read_payload
 
     p = read_payload(str(bundle_copy))
     with open(bundle_copy, "r+b") as f:

@@ -12,10 +12,10 @@ import pytest
 from conftest import QUESTION, load_engine
 from test_server import Server, serving
 
-from runtime.batch import Scheduler
-from runtime.engine import Sampling, TextOut
-from runtime.template import load_template
-from runtime.worker import CancelFlag
+from runtime.inference.scheduler import Scheduler
+from runtime.inference.sampling import Sampling, TextOut
+from runtime.prompts.template import load_template
+from runtime.inference.scheduler import CancelFlag
 
 PROMPTS = ["What is the capital of France? Answer in one word.", "Write a poem about the sea.",
            "List three fruits.", "Explain gravity briefly.", "Count from one to ten.", "Tell me a joke.",
@@ -192,7 +192,7 @@ def test_slot_choice_keeps_busy_slots_in_one_run():
     slots 0, 2, 4, 6 cost four graph computations a step (measured: 32.7 ms against 21.7 ms for
     0-3, and 8.1 ms for one), so a newcomer fills the gap, unless a slot holds a long prefix of
     its prompt (the next turn of a conversation)."""
-    from runtime.batch import LONG_PREFIX, _Slot, choose_slot, runs
+    from runtime.inference.scheduler import LONG_PREFIX, _Slot, choose_slot, runs
 
     assert runs([]) == 0 and runs([3]) == 1 and runs([0, 1, 2, 3]) == 1 and runs([0, 2, 4, 6]) == 4
     header = list(range(30))  # what every prompt of a chat template shares

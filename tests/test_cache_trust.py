@@ -19,7 +19,7 @@ import pytest
 from attack import copy, flip
 from conftest import QUESTION
 
-from runtime import payload as P
+from runtime import bundlefile as P
 
 VICTIM, ATTACKER = 54321, 54322
 PLANTED_C = r"""
@@ -236,7 +236,7 @@ def test_damage_with_the_mtime_put_back_is_still_caught(bundle_copy):
 def test_a_planted_verdict_is_not_believed(bundle_copy, isolated_user_dirs):
     from conftest import run_exe
 
-    from runtime import checks
+    from runtime.bundlefile import checks
 
     _damage_weights(bundle_copy)
     # The verdict the runtime would look for, planted by hand (or by another program).

@@ -12,7 +12,7 @@ import time
 
 from conftest import QUESTION
 
-from runtime.chat import ChatSession, read_message, run_chat
+from runtime.launch.chat import ChatSession, read_message, run_chat
 
 
 def scripted(lines):

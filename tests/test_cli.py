@@ -198,12 +198,33 @@ def test_missing_stub_names_the_folder(model, out_dir, tmp_path):
     r = run_bundle_cmd("build", model, "-o", out_dir / "x", "--target", "windows-x86_64", env=env)
     assert_one_line_error(r, "windows-x86_64", "python build.py --target windows-x86_64")
     r = run_bundle_cmd("build", model, "-o", out_dir / "x", "--target", "macos-arm64")
-    assert_one_line_error(r, "macos-arm64", "does not cross-compile")
+    assert_one_line_error(r, "unknown target 'macos-arm64'", "linux-x86_64, windows-x86_64")
+    assert listing(out_dir) == []
+
+
+def test_a_target_built_on_other_machines_says_so():
+    """A target whose stub this machine cannot build (PyInstaller does not cross-compile) names
+    the machines that can, rather than a build command that would fail here."""
+    import dataclasses
+
+    import targets
+
+    elsewhere = dataclasses.replace(targets.by_name("linux-x86_64"), name="linux-riscv64", built_on=("linux-riscv64",))
+    hint = elsewhere.missing_stub_hint("stubs/linux-riscv64")
+    assert "on a linux-riscv64 machine" in hint and "does not cross-compile" in hint
+    assert targets.by_name("windows-x86_64").missing_stub_hint("x") == targets.by_name("windows-x86_64").build_hint
+
+
+def test_a_stub_built_for_another_target_is_refused(model, out_dir):
+    """--stub of one target with --target another: one line naming both and the stub to build."""
+    win = Path(__file__).resolve().parent.parent / "stubs" / "windows-x86_64" / "bundle-runtime.exe"
+    r = run_bundle_cmd("build", model, "-o", out_dir / "x", "--stub", str(win))
+    assert_one_line_error(r, "built for windows-x86_64, not linux-x86_64", "--target windows-x86_64")
     assert listing(out_dir) == []
 
 
 def test_verify_names_damage(bundle_copy):
-    from runtime.payload import read_payload
+    from runtime.bundlefile import read_payload
 
     p = read_payload(str(bundle_copy))
     with open(bundle_copy, "r+b") as f:

@@ -28,7 +28,7 @@ def real_cuda_bundle(tmp_path_factory, model, stub):
 def test_bundle_carries_the_cuda_entry(real_cuda_bundle):
     d = json.loads(run_bundle_cmd("inspect", real_cuda_bundle, "--json").stdout)
     assert "native/cuda.tar.zst" in {e["name"] for e in d["entries"]}
-    assert d["stub"]["cuda_version_min"] == [13, 0]
+    assert d["stub"]["backends"]["cuda"]["version_min"] == [13, 0]
 
 
 def test_no_driver_here_means_cpu_with_the_reason(real_cuda_bundle, isolated_user_dirs):

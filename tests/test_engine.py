@@ -1,4 +1,5 @@
-"""The generation loop on the real model, in-process: sampling settings and stop conditions.
+"""Generation on the real model, in-process: sampling settings and stop conditions, through the
+one decode loop every mode uses (runtime.inference.scheduler.Scheduler).
 
 The native libraries come out of a real bundle (extracted like the runtime does); the model is
 loaded from inside the bundle at its payload offset.
@@ -7,8 +8,10 @@ loaded from inside the bundle at its payload offset.
 import pytest
 from conftest import load_engine
 
-from runtime.engine import ContextOverflowError, Sampling
-from runtime.template import load_template
+from runtime.errors import ContextOverflowError
+from runtime.inference.sampling import Sampling
+from runtime.inference.scheduler import CancelFlag, Scheduler
+from runtime.prompts.template import load_template
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +19,25 @@ def engine(built_bundle, tmp_path_factory):
     e = load_engine(built_bundle, tmp_path_factory.mktemp("cache"), ctx=512, threads=2)
     yield e
     e.close()
+
+
+class Generate:
+    """One answer at a time from the scheduler, waited for."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.scheduler = Scheduler(engine, 1)
+
+    def __call__(self, tokens, sampling, on_text=None, cancel=None):
+        return self.scheduler.generate(tokens, sampling, on_text=on_text, cancel=cancel).result(300)
+
+    def reset(self):
+        self.scheduler.forget_all()
+
+
+@pytest.fixture(scope="session")
+def gen(engine):
+    return Generate(engine)
 
 
 @pytest.fixture(scope="session")
@@ -36,120 +58,135 @@ def greedy(**kw):
     return Sampling(temp=0, repeat_penalty=1.0, **kw)
 
 
-def test_greedy_answer_and_determinism(engine, prompt_for):
-    a = engine.generate(prompt_for(QUESTION), greedy())
-    b = engine.generate(prompt_for(QUESTION), greedy())
+def test_greedy_answer_and_determinism(gen, prompt_for):
+    a = gen(prompt_for(QUESTION), greedy())
+    b = gen(prompt_for(QUESTION), greedy())
     assert "Paris" in a.text and a.text == b.text
     assert a.finish_reason == "stop" and a.completion_tokens > 0
 
 
-def test_max_tokens_ends_with_length(engine, prompt_for):
-    r = engine.generate(prompt_for(STORY), greedy(max_tokens=7))
+def test_max_tokens_ends_with_length(gen, prompt_for):
+    r = gen(prompt_for(STORY), greedy(max_tokens=7))
     assert r.finish_reason == "length" and r.completion_tokens == 7
 
 
-def test_stop_string_cuts_before_it(engine, prompt_for):
-    full = engine.generate(prompt_for(STORY), greedy(max_tokens=40)).text
+def test_stop_string_cuts_before_it(gen, prompt_for):
+    full = gen(prompt_for(STORY), greedy(max_tokens=40)).text
     words = full.split()
     stop = " " + words[len(words) // 2]
-    cut = engine.generate(prompt_for(STORY), greedy(max_tokens=40, stop=[stop]))
+    cut = gen(prompt_for(STORY), greedy(max_tokens=40, stop=[stop]))
     assert cut.finish_reason == "stop"
     assert cut.text == full[: full.index(stop)]
 
 
-def test_streamed_pieces_add_up_to_the_text(engine, prompt_for):
+def test_streamed_pieces_add_up_to_the_text(gen, prompt_for):
     pieces = []
-    r = engine.generate(prompt_for(STORY), greedy(max_tokens=30, stop=["\n\n\n"]), on_text=pieces.append)
+    r = gen(prompt_for(STORY), greedy(max_tokens=30, stop=["\n\n\n"]), on_text=pieces.append)
     assert "".join(pieces) == r.text and len(pieces) > 5
 
 
-def test_seed_makes_sampling_repeatable(engine, prompt_for):
+def test_seed_makes_sampling_repeatable(gen, prompt_for):
     s = dict(temp=1.0, top_k=0, top_p=1.0, repeat_penalty=1.0, max_tokens=30)
-    a = engine.generate(prompt_for(STORY), Sampling(seed=42, **s)).text
-    b = engine.generate(prompt_for(STORY), Sampling(seed=42, **s)).text
-    others = {engine.generate(prompt_for(STORY), Sampling(seed=n, **s)).text for n in (1, 2, 3)}
+    a = gen(prompt_for(STORY), Sampling(seed=42, **s)).text
+    b = gen(prompt_for(STORY), Sampling(seed=42, **s)).text
+    others = {gen(prompt_for(STORY), Sampling(seed=n, **s)).text for n in (1, 2, 3)}
     assert a == b
     assert len(others | {a}) > 1
 
 
-def test_top_k_1_and_tiny_top_p_are_greedy(engine, prompt_for):
-    g = engine.generate(prompt_for(STORY), greedy(max_tokens=25)).text
-    k1 = engine.generate(prompt_for(STORY), Sampling(temp=1.5, top_k=1, top_p=1.0, repeat_penalty=1.0,
+def test_top_k_1_and_tiny_top_p_are_greedy(gen, prompt_for):
+    g = gen(prompt_for(STORY), greedy(max_tokens=25)).text
+    k1 = gen(prompt_for(STORY), Sampling(temp=1.5, top_k=1, top_p=1.0, repeat_penalty=1.0,
                                                     seed=7, max_tokens=25)).text
-    p0 = engine.generate(prompt_for(STORY), Sampling(temp=1.5, top_k=0, top_p=0.001, repeat_penalty=1.0,
+    p0 = gen(prompt_for(STORY), Sampling(temp=1.5, top_k=0, top_p=0.001, repeat_penalty=1.0,
                                                     seed=7, max_tokens=25)).text
     assert k1 == g and p0 == g
 
 
-def test_temperature_and_repeat_penalty_change_the_output(engine, prompt_for):
-    g = engine.generate(prompt_for(STORY), greedy(max_tokens=60)).text
-    hot = engine.generate(prompt_for(STORY), Sampling(temp=1.5, top_k=0, top_p=1.0, repeat_penalty=1.0,
+def test_temperature_and_repeat_penalty_change_the_output(gen, prompt_for):
+    g = gen(prompt_for(STORY), greedy(max_tokens=60)).text
+    hot = gen(prompt_for(STORY), Sampling(temp=1.5, top_k=0, top_p=1.0, repeat_penalty=1.0,
                                                      seed=3, max_tokens=60)).text
-    pen = engine.generate(prompt_for(STORY), Sampling(temp=0, repeat_penalty=1.8, max_tokens=60)).text
+    pen = gen(prompt_for(STORY), Sampling(temp=0, repeat_penalty=1.8, max_tokens=60)).text
     assert hot != g and pen != g
 
 
-def test_frequency_and_presence_penalties_change_the_output(engine, prompt_for):
-    g = engine.generate(prompt_for(STORY), greedy(max_tokens=60)).text
-    freq = engine.generate(prompt_for(STORY), greedy(max_tokens=60, frequency_penalty=1.5)).text
-    pres = engine.generate(prompt_for(STORY), greedy(max_tokens=60, presence_penalty=1.5)).text
+def test_frequency_and_presence_penalties_change_the_output(gen, prompt_for):
+    g = gen(prompt_for(STORY), greedy(max_tokens=60)).text
+    freq = gen(prompt_for(STORY), greedy(max_tokens=60, frequency_penalty=1.5)).text
+    pres = gen(prompt_for(STORY), greedy(max_tokens=60, presence_penalty=1.5)).text
     assert freq != g and pres != g
 
 
-def test_end_of_generation_token_stops(engine, prompt_for):
-    r = engine.generate(prompt_for(QUESTION), greedy(max_tokens=200))
+def test_end_of_generation_token_stops(gen, prompt_for):
+    r = gen(prompt_for(QUESTION), greedy(max_tokens=200))
     assert r.finish_reason == "stop" and r.completion_tokens < 200
-    forced = engine.generate(prompt_for(QUESTION), greedy(max_tokens=40, ignore_eog=True))
+    forced = gen(prompt_for(QUESTION), greedy(max_tokens=40, ignore_eog=True))
     assert forced.completion_tokens == 40
 
 
-def test_prefix_reuse_gives_the_same_answer(engine, prompt_for):
+def test_prefix_reuse_gives_the_same_answer(gen, engine, prompt_for):
     first = prompt_for(QUESTION)
-    engine.generate(first, greedy(max_tokens=10))
+    gen(first, greedy(max_tokens=10))
     longer = prompt_for(QUESTION + " Then name its river.")
-    warm = engine.generate(longer, greedy(max_tokens=20)).text
-    engine.reset()
-    cold = engine.generate(longer, greedy(max_tokens=20)).text
+    warm = gen(longer, greedy(max_tokens=20)).text
+    gen.reset()
+    cold = gen(longer, greedy(max_tokens=20)).text
     assert warm == cold
 
 
-def test_cancel_stops_between_tokens(engine, prompt_for):
-    seen = []
-    r = engine.generate(prompt_for(STORY), greedy(max_tokens=100), on_text=seen.append,
-                        cancelled=lambda: len(seen) >= 3)
+def test_cancel_stops_between_tokens(gen, prompt_for):
+    seen, cancel = [], CancelFlag()
+
+    def on_text(text):
+        seen.append(text)
+        if len(seen) >= 3:
+            cancel.set()
+
+    r = gen(prompt_for(STORY), greedy(max_tokens=100), on_text=on_text, cancel=cancel)
     assert r.finish_reason == "cancelled" and r.completion_tokens <= 5
 
 
-def test_prompt_longer_than_context(engine):
+def test_prompt_longer_than_context(gen):
     with pytest.raises(ContextOverflowError, match="longer than the context"):
-        engine.generate(list(range(100, 700)), greedy())
+        gen(list(range(100, 700)), greedy())
 
 
-def test_generation_stops_when_context_is_full(engine, prompt_for):
+def test_generation_stops_when_context_is_full(gen, engine, prompt_for):
     p = prompt_for("Count from one to one thousand, in words.")
     s = greedy(max_tokens=-1, stop=[])
     s.ignore_eog = True  # the model may not stop early: only the full context ends this
-    r = engine.generate(p, s)
+    r = gen(p, s)
     assert r.finish_reason == "length"
     # every position of the context holds a token; the last one sampled is shown, never decoded
     assert len(p) + r.completion_tokens == engine.n_ctx + 1
 
 
-def _greedy_text(engine, tokens, sample, n):
-    engine._forget_from(0)
-    assert engine._decode(tokens, lambda: False)
-    out = []
-    for _ in range(n):
-        tok = sample()
-        if engine.C.llama_vocab_is_eog(engine.vocab, tok):
-            break
-        out.append(engine.piece(tok))
-        assert engine._decode([tok], lambda: False)
-    return b"".join(out).decode("utf-8", "replace")
+def _greedy_text(gen, tokens, sample, n):
+    """A greedy answer decoded token by token straight on the engine (a job on the scheduler's
+    thread, its slots' caches forgotten first): the reference the decode loop is checked against."""
+
+    def run(engine, cancelled):
+        engine.clear()
+        engine.decode_prompt(tokens)
+        out = []
+        for _ in range(n):
+            tok = sample()
+            if engine.C.llama_vocab_is_eog(engine.vocab, tok):
+                break
+            out.append(engine.piece(tok))
+            engine.decode_prompt([tok])
+        return b"".join(out).decode("utf-8", "replace")
+
+    gen.reset()
+    try:
+        return gen.scheduler.submit(run).future.result(300)
+    finally:
+        gen.reset()
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
-def test_grammar_rejection_sampling_gives_what_the_whole_vocabulary_pass_gives(engine, prompt_for, penalty):
+def test_grammar_rejection_sampling_gives_what_the_whole_vocabulary_pass_gives(gen, engine, prompt_for, penalty):
     """Grammar-checked rejection sampling (the token drawn first, checked alone, drawn again with
     the grammar only when refused) picks the same greedy tokens as the grammar applied over every
     token of the vocabulary in one chain; the refusals happen (the grammar wants what the model
@@ -157,17 +194,17 @@ def test_grammar_rejection_sampling_gives_what_the_whole_vocabulary_pass_gives(e
     grammar = 'root ::= "{\\"city\\": \\"" [A-Za-z ]{2,20} "\\", \\"zebra\\": " [0-9]{1,3} "}"'
     s = Sampling(temp=0, repeat_penalty=penalty, max_tokens=40, grammar=grammar)
     tokens = prompt_for(QUESTION)
-    sampler = engine._sampler(s, tokens)
+    sampler = engine.sampler_for(s, tokens)
     try:
-        got = _greedy_text(engine, tokens, lambda: sampler.sample(engine.ctx, -1), s.max_tokens)
+        got = _greedy_text(gen, tokens, lambda: sampler.sample(engine.ctx, -1), s.max_tokens)
         assert sampler.rejected > 0
     finally:
         sampler.free()
-    chain = engine._chain(s, tokens, s.grammar)
+    chain = engine.chain(s, tokens, s.grammar)
     try:
-        ref = _greedy_text(engine, tokens, lambda: engine.C.llama_sampler_sample(chain, engine.ctx, -1), s.max_tokens)
+        ref = _greedy_text(gen, tokens, lambda: engine.C.llama_sampler_sample(chain, engine.ctx, -1), s.max_tokens)
     finally:
         engine.C.llama_sampler_free(chain)
     assert got.startswith('{"city": "') and '"zebra": ' in got and got.endswith("}"), got
     assert got == ref
-    assert engine.generate(tokens, s).text == got  # and the generation loop uses it
+    assert gen(tokens, s).text == got  # and the decode loop uses it

@@ -12,7 +12,7 @@ import pytest
 from test_payload import write
 
 from bundler.gguf import GGUFError, read_gguf
-from runtime import payload as P
+from runtime import bundlefile as P
 
 CASES = int(os.environ.get("BUNDLE_FUZZ_CASES", "300"))
 SEED = int(os.environ.get("BUNDLE_FUZZ_SEED", "8"))

@@ -17,7 +17,7 @@ import pytest
 from conftest import QUESTION, STUB_DIR, run_bundle_cmd, run_exe
 
 from bundler.gguf import read_gguf
-from runtime import gpu
+from runtime.host.gpu import nvidia as gpu
 
 GIB = 1024**3
 
@@ -128,7 +128,7 @@ def cuda_bundle(tmp_path_factory, model, stub):
         tar.add(lib, arcname="libggml-cuda.so")
     (folder / "native-cuda.tar.zst").write_bytes(zstandard.ZstdCompressor().compress(raw.getvalue()))
     meta = json.loads((STUB_DIR / "stub.json").read_text())
-    meta["cuda_version_min"] = [13, 0]
+    meta["backends"] = {"cuda": {"version_min": [13, 0]}}
     meta["native"]["cuda"] = {"file": "native-cuda.tar.zst", "unpacked_size": len(raw.getvalue())}
     (folder / "stub.json").write_text(json.dumps(meta))
     out = tmp / "cuda-bundle"

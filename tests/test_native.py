@@ -3,8 +3,8 @@
 import fcntl
 import threading
 
-from runtime import native
-from runtime.payload import read_payload
+from runtime.host import cpu, libraries as native
+from runtime.bundlefile import read_payload
 
 ENTRY = "native/cpu.tar.zst"
 
@@ -44,4 +44,4 @@ def test_waits_for_the_lock_and_says_so(built_bundle, tmp_path):
 
 
 def test_physical_cores():
-    assert 1 <= native.physical_cores() <= (__import__("os").cpu_count() or 1)
+    assert 1 <= cpu.physical_cores() <= (__import__("os").cpu_count() or 1)

@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from runtime import payload as P
+from runtime import bundlefile as P
 
 
 def fake_stub(archive_body: bytes = b"A" * 5000) -> tuple[bytes, int]:

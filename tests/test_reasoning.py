@@ -12,7 +12,7 @@ import pytest
 from conftest import run_bundle_cmd
 from test_server import serving
 
-from runtime import reasoning
+from runtime.prompts import reasoning
 
 DATA = Path(__file__).parent / "data"
 ASK = [{"role": "user", "content": "What is the capital of France?"}]

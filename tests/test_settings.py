@@ -1,7 +1,7 @@
 import pytest
 
 from runtime.errors import UsageError
-from runtime.settings import Settings, parse_bool, resolve
+from runtime.launch.settings import Settings, parse_bool, resolve
 
 
 def test_precedence_defaults_manifest_environment_flags():

@@ -1,7 +1,8 @@
 import pytest
 
 from bundler.gguf import read_gguf
-from runtime.template import PRESETS, ChatTemplate, TemplateError, load_template
+from runtime.prompts.template import PRESETS, ChatTemplate, load_template
+from runtime.errors import TemplateError
 
 CONVO = [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
          {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}]
@@ -61,7 +62,7 @@ GEMMA_LIKE = (
 
 
 def test_system_folded_into_first_user_turn_when_the_template_refuses_it():
-    from runtime.template import ChatTemplate
+    from runtime.prompts.template import ChatTemplate
 
     t = ChatTemplate(GEMMA_LIKE, "gemma-like", bos_token="<bos>")
     out = t.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
@@ -73,7 +74,7 @@ def test_system_folded_into_first_user_turn_when_the_template_refuses_it():
 def test_date_string_is_today():
     import datetime
 
-    from runtime.template import ChatTemplate
+    from runtime.prompts.template import ChatTemplate
 
     t = ChatTemplate("Today Date: {{ date_string }}", "t")
     assert t.render([{"role": "user", "content": "x"}]) == "Today Date: " + datetime.date.today().strftime("%d %b %Y")

@@ -11,7 +11,7 @@ import pytest
 from conftest import QUESTION, run_bundle_cmd, run_exe
 from test_server import Server
 
-from runtime.template import PRESETS, fallback_preset, load_template
+from runtime.prompts.template import PRESETS, fallback_preset, load_template
 
 
 def _without_template(model: Path, dest: Path) -> Path:

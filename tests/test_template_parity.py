@@ -27,12 +27,12 @@ import pytest
 from starlette.testclient import TestClient
 
 from conftest import ROOT
-from fakes import FakeEngine, FakeWorker
+from fakes import FakeEngine, FakeScheduler
 from test_server import served
 
-from runtime.server import create_app
-from runtime.settings import Settings
-from runtime.template import load_template
+from runtime.serving.routes import create_app
+from runtime.launch.settings import Settings
+from runtime.prompts.template import load_template
 
 sys.path.insert(0, str(ROOT))
 from bench.native import templates_dir, tools_dir  # noqa: E402
@@ -135,7 +135,7 @@ def _bundle_prompt(template_path: Path, props: dict, body: dict) -> str | None:
     engine.bos_text, engine.add_bos = props.get("bos_token", ""), False
     template = load_template("file:" + template_path.name, template_path.read_text(), props.get("bos_token", ""),
                              props.get("eos_token", ""))
-    client = TestClient(create_app(Settings(), FakeWorker(engine=engine), template=template, info={"name": "m"}))
+    client = TestClient(create_app(Settings(), FakeScheduler(engine=engine), template=template, info={"name": "m"}))
     r = client.post("/apply-template", json=body)
     return r.json()["prompt"] if r.status_code == 200 else None
 
@@ -177,7 +177,7 @@ def test_preset_is_llama_cpps_built_in_format(model, preset):
     server = LlamaServer(model, builtin=PRESETS[preset])
     try:
         template = load_template(preset, None, server.props.get("bos_token", ""), server.props.get("eos_token", ""))
-        client = TestClient(create_app(Settings(), FakeWorker(), template=template, info={"name": "m"}))
+        client = TestClient(create_app(Settings(), FakeScheduler(), template=template, info={"name": "m"}))
         for conv in ("system", "turns", "unicode"):
             ours = client.post("/apply-template", json=CONVERSATIONS[conv]).json()["prompt"]
             ref = server.apply(CONVERSATIONS[conv])

@@ -13,7 +13,7 @@ import pytest
 from conftest import run_bundle_cmd
 from test_server import serving
 
-from runtime import tools
+from runtime.prompts import tools
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city.",

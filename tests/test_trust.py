@@ -14,7 +14,7 @@ import pytest
 from attack import copy, cut_copy, flip, read_toc, write_toc
 from conftest import QUESTION, run_bundle_cmd, run_exe
 
-from runtime import payload as P
+from runtime import bundlefile as P
 
 
 def one_error_line(r):
@@ -84,7 +84,7 @@ def test_crafted_toc_is_refused_before_anything_is_used(attack, bundle_copy, can
 def test_the_cache_never_removes_what_it_did_not_make(built_bundle, tmp_path, canary):
     """Defence in depth below the TOC check: unpacking clears only the names the runtime gives
     (its folder, its own work folders), and removes a link as a link, never what it points to."""
-    from runtime import cachedir, native
+    from runtime.host import cachedir, libraries as native
 
     payload = P.read_payload(str(built_bundle))
     entry = payload.entries["native/cpu.tar.zst"]

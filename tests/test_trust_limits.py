@@ -17,7 +17,7 @@ from conftest import QUESTION, run_bundle_cmd, run_exe
 from ggufmaker import ARRAY, STRING, llama_kv, write_gguf
 from test_cli import assert_one_line_error, listing
 
-from runtime import payload as P
+from runtime import bundlefile as P
 
 LOCATOR = P.PYI_COOKIE_SIZE  # the 88-byte cookie copy before the tail's padding
 FUZZ_LOCATOR = os.environ.get("BUNDLE_FUZZ_LOCATOR") == "all"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import QUESTION, ROOT, STUB_DIR, run_bundle_cmd, run_exe
 
-from runtime import vulkan
+from runtime.host.gpu import vulkan
 from test_gpu import info, native_folders
 
 LAVAPIPE_ICD = Path("/usr/share/vulkan/icd.d/lvp_icd.x86_64.json")
@@ -202,7 +202,7 @@ def test_cuda_first_then_vulkan(model, stub, standin, tmp_path, isolated_user_di
         tar.add(compile_so(tmp_path, "libggml-cuda", FAKE_GGML_CUDA), arcname="libggml-cuda.so")
     (folder / "native-cuda.tar.zst").write_bytes(zstandard.ZstdCompressor().compress(raw.getvalue()))
     meta = json.loads((STUB_DIR / "stub.json").read_text())
-    meta["cuda_version_min"] = [13, 0]
+    meta["backends"] = {"cuda": {"version_min": [13, 0]}}
     meta["native"]["cuda"] = {"file": "native-cuda.tar.zst", "unpacked_size": len(raw.getvalue())}
     (folder / "stub.json").write_text(json.dumps(meta))
     out = tmp_path / "both"

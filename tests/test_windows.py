@@ -20,12 +20,14 @@ from pathlib import Path
 
 import pytest
 
+import targets
 from conftest import QUESTION, ROOT, run_bundle_cmd
 from wine import NATIVE, WINE, WINESERVER, Wine
 
 pytestmark = pytest.mark.windows
-STUB_DIR = ROOT / "stubs" / "windows-x86_64"
-STUB = STUB_DIR / "bundle-runtime.exe"
+TARGET = targets.by_name("windows-x86_64")
+STUB_DIR = ROOT / "stubs" / TARGET.name
+STUB = STUB_DIR / TARGET.stub_name
 # A folder and a name with spaces and letters outside ASCII (and outside most code pages).
 FOLDER = "My Models Ünïcode 模型"
 NAME = "SmolLM2 démo"
@@ -33,6 +35,7 @@ NAME = "SmolLM2 démo"
 
 @pytest.fixture(scope="session")
 def wine(tmp_path_factory):
+    assert TARGET.runner == "wine"  # how this target's executables run on a Linux machine
     if not NATIVE and (not WINE or not WINESERVER):
         pytest.fail("wine is missing: run `make buildtools-windows` (Debian's wine64)")
     w = Wine(tmp_path_factory.mktemp("wineprefix") / "prefix").start()
@@ -145,7 +148,7 @@ def test_server_answers_the_openai_client(wine, win_bundle):
                                                 temperature=0, max_tokens=16, stream=True)
         assert "Paris" in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         # Killing the bootloader (the process the user started) ends the runtime it started
-        # too (runtime/process.py waits on its parent's handle): the port closes.
+        # too (runtime/host/process.py waits on its parent's handle): the port closes.
         proc.kill()
         proc.wait(timeout=30)
         deadline = time.time() + 20

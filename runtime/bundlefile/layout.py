@@ -1,0 +1,210 @@
+"""The bundle file's layout: the constants both the writer (bundler) and the reader (runtime)
+use, the kinds of packed entries, and the two records of the table of contents. docs/format.md
+describes the format byte by byte; in short:
+
+A Linux bundle is the stub, unchanged, followed by the payload and a tail::
+
+    0                PyInstaller bootloader (ELF program)
+    archive_start    PyInstaller's CArchive, ending in its cookie ("MEI\\014\\013\\012\\013\\016")
+    ...              ELF section header table: the stub ends here, a complete ELF file
+    payload_start    payload, on the next 64 KiB boundary
+    ...              tail: a copy of the cookie, with pkg_len stretched to reach back to the
+                     archive (TAIL_COOKIE); or, when that distance does not fit the cookie's
+                     32-bit pkg_len (payloads over ~4 GiB), a copy of the whole archive and
+                     cookie (TAIL_ARCHIVE); then TAIL_PAD zero bytes (a copy cut in its last
+                     32 KiB still has a whole cookie, so it starts and says it is cut).
+
+Why this layout (docs/facts.md #1-2): PyInstaller's bootloader finds its archive by scanning
+backwards from the end of the file for the cookie. The tail puts a cookie in the last bytes, so
+launching costs no scan however large the model (appending 200 MB with no cookie after it cost
+2.5 s per launch). A copy cut short (an interrupted USB copy) loses the tail: the bootloader
+then scans back to the stub's own cookie, still runs, and the runtime says "this file is
+incomplete: N of M bytes" instead of the bootloader failing with no explanation. The ELF
+headers are never touched (readelf reads a bundle like the stub).
+
+The payload itself::
+
+    +0               HEADER (64 bytes, magic HEADER_MAGIC)
+    +ENTRY_ALIGN...  entry data; every entry starts on a 64 KiB boundary, so the GGUF's tensor
+                     data lands on a 32-byte aligned file offset and can be memory-mapped
+    +toc_offset      table of contents: UTF-8 JSON {"format", "entries": [...], "manifest": {...},
+                     "regions": [...]}: regions are SHA-256s of the runtime's own parts (the
+                     bootloader, its archive, the ELF end, the tail), so verify covers every byte
+                     that matters. Every field is checked (types, bounds, names, offsets inside
+                     the payload, no overlaps) before any is used.
+    +size-64         TRAILER (64 bytes, same layout as HEADER, magic TRAILER_MAGIC)
+
+The trailer is found from the end of the file (just before the tail); the header from the
+front (right after the stub's ELF), so a damaged file can still tell how big it should be.
+Offsets inside the payload are relative to payload_start and 64-bit.
+
+    struct header {             // little-endian, 64 bytes
+        char     magic[8];      // "BNDLHEAD" or "BNDLTAIL"
+        uint32_t version;       // FORMAT_VERSION; readers refuse a newer one
+        uint32_t flags;         // reserved, 0
+        uint64_t payload_size;  // header start to trailer end
+        uint64_t file_size;     // size of the complete bundle file
+        uint64_t toc_offset;    // relative to payload start
+        uint64_t toc_size;
+        uint8_t  toc_sha256[16];// first 16 bytes of sha256(toc)
+    };
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+from ..host.gpu.registry import GPU_BACKENDS
+from .fields import Invalid, as_object, sha256_field, take
+
+FORMAT_VERSION = 1
+HEADER_MAGIC = b"BNDLHEAD"
+TRAILER_MAGIC = b"BNDLTAIL"
+HEADER_FORMAT = "<8sIIQQQQ16s"
+HEADER_SIZE = struct.calcsize(HEADER_FORMAT)
+assert HEADER_SIZE == 64
+
+ENTRY_ALIGN = 64 * 1024
+CHUNK = 4 * 1024 * 1024
+
+# PyInstaller's CArchive cookie: magic, pkg_len, toc_offset, toc_len, pyver, pylib (docs/facts.md #1).
+PYI_COOKIE_MAGIC = b"MEI\014\013\012\013\016"
+PYI_COOKIE_FORMAT = "!8sIIii64s"
+PYI_COOKIE_SIZE = struct.calcsize(PYI_COOKIE_FORMAT)
+# The cookie (copy) ends a bundle; in a bare stub it sits before the ELF section headers.
+COOKIE_SEARCH = 128 * 1024
+# How far from the front the header of a damaged file is looked for, when the ELF headers do
+# not say where the stub ends.
+HEADER_SEARCH = 1024 * 1024 * 1024
+
+
+# -- what a payload may hold ----------------------------------------------------------------------
+# One row per kind of packed entry: a new kind (LoRA adapters, say) is one row here and its
+# reader. `placement`: "mapped" is read in place from the bundle file, never copied; "unpacked"
+# goes into the per-user cache once per machine (runtime.host.libraries), "unpacked if used" only
+# where its device answers.
+
+
+@dataclass(frozen=True)
+class EntryKind:
+    name: str  # the entry's name in the table of contents
+    what: str  # in messages
+    compressions: tuple[str, ...]  # how it may be stored
+    placement: str  # "mapped", "unpacked", "unpacked if used"
+    reader: str  # the module that reads it
+
+
+MODEL_ENTRY = "model.gguf"
+NATIVE_CPU_ENTRY = "native/cpu.tar.zst"
+ENTRY_KINDS: dict[str, EntryKind] = {k.name: k for k in (
+    EntryKind(MODEL_ENTRY, "the model", ("none",), "mapped", "runtime.inference.engine"),
+    EntryKind(NATIVE_CPU_ENTRY, "the runtime libraries", ("zstd",), "unpacked", "runtime.host.libraries"),
+    *(EntryKind(b.entry, b.what, ("zstd",), "unpacked if used", "runtime.host.gpu.choice") for b in GPU_BACKENDS),
+)}
+KNOWN_ENTRIES = tuple(ENTRY_KINDS)
+COMPRESSIONS = ("none", "zstd")
+# Parts of the file outside the payload whose hashes the TOC records, so that damage to the
+# runtime itself is found too (issue 8.3). Offsets are absolute.
+REGIONS = {
+    "bootloader": "the runtime's program (ELF header and PyInstaller bootloader)",
+    "archive": "the runtime's Python archive",
+    "stub-end": "the end of the runtime (ELF section table and padding)",
+    "tail": "the archive locator at the end of the file",
+}
+# Bytes of zeros after the tail's cookie copy. PyInstaller's bootloader reads the cookie where
+# it finds the magic; a copy cut inside the cookie itself makes it fail before any of our code
+# runs ("Failed to read cookie!"). With the cookie this far from the end, a cut anywhere in the
+# last TAIL_PAD bytes leaves it whole, so the runtime starts and names the cut (issue 8.4).
+TAIL_PAD = 32 * 1024
+MAX_TOC_SIZE = 16 * 1024 * 1024
+MAX_BYTES = 1 << 52  # no offset or size in a bundle is larger (4 PiB)
+
+
+def align_up(value: int, alignment: int = ENTRY_ALIGN) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    offset: int  # relative to payload start
+    size: int  # stored bytes
+    compression: str  # "none" or "zstd"
+    sha256: str  # of the stored bytes
+    unpacked_size: int | None = None
+
+    def to_json(self) -> dict:
+        data = {
+            "name": self.name,
+            "offset": self.offset,
+            "size": self.size,
+            "compression": self.compression,
+            "sha256": self.sha256,
+        }
+        if self.unpacked_size is not None:
+            data["unpacked_size"] = self.unpacked_size
+        return data
+
+    @classmethod
+    def from_json(cls, data, where: str = "entry") -> "Entry":
+        data = as_object(data, where)
+        return cls(
+            name=take(data, "name", str, where, required=True, choices=KNOWN_ENTRIES),
+            offset=take(data, "offset", int, where, required=True, lo=ENTRY_ALIGN, hi=MAX_BYTES),
+            size=take(data, "size", int, where, required=True, lo=0, hi=MAX_BYTES),
+            compression=take(data, "compression", str, where, default="none", choices=COMPRESSIONS),
+            sha256=sha256_field(data, "sha256", where),
+            unpacked_size=take(data, "unpacked_size", int, where, lo=0, hi=MAX_BYTES),
+        )
+
+
+@dataclass(frozen=True)
+class Region:
+    """A hashed span of the file outside the payload (absolute offsets)."""
+
+    name: str
+    offset: int
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "offset": self.offset, "size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, data, where: str = "region") -> "Region":
+        data = as_object(data, where)
+        return cls(
+            name=take(data, "name", str, where, required=True, choices=tuple(REGIONS)),
+            offset=take(data, "offset", int, where, required=True, lo=0, hi=MAX_BYTES),
+            size=take(data, "size", int, where, required=True, lo=0, hi=MAX_BYTES),
+            sha256=sha256_field(data, "sha256", where),
+        )
+
+
+# -- the manifest: one typed definition for the writer and the reader -----------------------------
+
+
+
+def pack_header(magic: bytes, payload_size: int, file_size: int, toc_offset: int, toc: bytes) -> bytes:
+    return struct.pack(
+        HEADER_FORMAT,
+        magic,
+        FORMAT_VERSION,
+        0,
+        payload_size,
+        file_size,
+        toc_offset,
+        len(toc),
+        hashlib.sha256(toc).digest()[:16],
+    )
+
+
+def unpack_header(data: bytes) -> tuple:
+    if len(data) != HEADER_SIZE:
+        raise Invalid("header", "cut short")
+    return struct.unpack(HEADER_FORMAT, data)
+
+

@@ -1,0 +1,152 @@
+"""The executable's command line: its flags, where the bundle file is (self_path, open_once), and
+the prompt given with -p or -f (bounded by what the context can hold)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ..errors import ContextOverflowError, UsageError
+from ..host.gpu.registry import KEYS as GPU_KEYS
+from .. import __version__
+from ..bundlefile import FORMAT_VERSION
+
+
+def self_path() -> str:
+    """The bundle file this process runs from."""
+    if getattr(sys, "frozen", False):
+        return sys.executable
+    path = os.environ.get("BUNDLE_SELF")
+    if not path:
+        raise UsageError("not running from a bundle; set BUNDLE_SELF=path/to/bundle to run the runtime from source")
+    return path
+
+
+def open_once(path: str) -> str:
+    """A path that names the file opened now, whatever later happens to path: /proc/self/fd/N
+    where there is /proc (Linux), else path itself (Windows does not let a running executable be
+    replaced). A file that cannot be opened is left to read_payload to explain."""
+    if sys.platform == "win32":
+        return path
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return path
+    source = f"/proc/self/fd/{fd}"
+    if not os.path.exists(source):
+        os.close(fd)
+        return path
+    return source
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Chat with the model inside this file. With no arguments in a terminal: a chat.",
+    )
+    mode = p.add_argument_group("what to do (no arguments: chat in a terminal, plus the web chat)")
+    mode.add_argument("-p", "--prompt", help="answer PROMPT once, print the answer on stdout, exit")
+    mode.add_argument("-f", "--file", metavar="FILE", help="read the prompt from FILE (- for stdin)")
+    mode.add_argument("--cli", action="store_true", help="chat in the terminal")
+    mode.add_argument("--server", action="store_true", help="serve the web chat and an OpenAI-compatible API")
+    mode.add_argument("--info", action="store_true", help="show the model, settings, back end and hardware")
+    mode.add_argument("--verify", action="store_true", help="check every byte of this file against its hashes")
+    mode.add_argument("--bench", action="store_true",
+                      help="measure prompt (512 tokens) and generation (128 tokens) speed on this machine")
+    mode.add_argument("--json", action="store_true", help="with --info or --bench: print JSON")
+    w = p.add_argument_group("web server")
+    w.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
+    w.add_argument("--port", type=int, help="port to listen on (default 8080; 0: any free port)")
+    w.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API")
+    w.add_argument("-np", "--parallel", type=int, help="conversations decoded together (default: 4, fewer for a "
+                   "small context; 1: one at a time)")
+    w.add_argument("--no-browser", action="store_true", help="do not open the web chat in a browser")
+    w.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                   help="let the web page at ORIGIN (e.g. http://localhost:3000) use the API (repeatable)")
+    g = p.add_argument_group("generation")
+    g.add_argument("-n", "--max-tokens", type=int, dest="max_tokens", help="most tokens to generate (-1: no limit)")
+    g.add_argument("--temp", type=float, help="temperature (0: greedy)")
+    g.add_argument("--top-p", type=float, dest="top_p")
+    g.add_argument("--top-k", type=int, dest="top_k")
+    g.add_argument("--repeat-penalty", type=float, dest="repeat_penalty")
+    g.add_argument("--seed", type=int, help="random seed (-1: random)")
+    g.add_argument("-c", "--ctx", type=int, help="context length in tokens")
+    g.add_argument("-t", "--threads", type=int, help="CPU threads (default: the free physical cores)")
+    g.add_argument("--system", help="system prompt")
+    g.add_argument("-j", "--json-schema", metavar="SCHEMA", dest="json_schema",
+                   help="answer only JSON that SCHEMA allows (a JSON schema; {} for any JSON object)")
+    g.add_argument("-jf", "--json-schema-file", metavar="FILE", dest="json_schema_file",
+                   help="the same, with the schema read from FILE")
+    g.add_argument("--think", choices=["auto", "on", "off"],
+                   help="reasoning models: think before answering (auto: as llama-server does for the template)")
+    g.add_argument("--gpu", choices=["auto", "off", *GPU_KEYS],
+                   help="auto (default): the first GPU back end that works, in this order: "
+                        f"{', '.join(GPU_KEYS)}; else the CPU. off: CPU only; a name: that back end or fail")
+    g.add_argument("-ngl", "--gpu-layers", type=int, dest="gpu_layers", help="layers to put on the GPU (default: all that fit)")
+    g.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's own log on stderr")
+    p.add_argument("--version", action="version", version=f"bundle runtime {__version__} (format {FORMAT_VERSION})")
+    return p
+
+
+# No token of any vocabulary we know spans more bytes than this: a prompt file longer than the
+# context times this cannot fit, and is not read further (-f /dev/zero must not fill memory).
+MAX_BYTES_PER_TOKEN = 32
+
+
+def read_prompt(args, ctx: int) -> str | None:
+    if args.prompt is not None and args.file is not None:
+        raise UsageError("give either -p PROMPT or -f FILE, not both")
+    if args.file is None:
+        return args.prompt
+    limit = ctx * MAX_BYTES_PER_TOKEN
+    name = "standard input" if args.file == "-" else f"the prompt file {args.file}"
+    if args.file == "-":
+        data = sys.stdin.buffer.read(limit + 1) if sys.stdin is not None else b""
+    else:
+        try:
+            with open(args.file, "rb") as f:
+                data = f.read(limit + 1)
+        except OSError as exc:
+            raise UsageError(f"cannot read the prompt file {args.file}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise ContextOverflowError(f"{name} holds more than {limit} bytes, more than a context of {ctx} tokens "
+                                   "can hold; shorten it or raise --ctx")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        if args.file == "-":
+            raise UsageError("the prompt on standard input is not UTF-8 text; convert it first "
+                             "(iconv -t UTF-8)") from None
+        raise UsageError(f"the prompt file {args.file} is not UTF-8 text") from None
+
+
+MAX_SCHEMA_FILE = 1 << 20
+
+
+def read_schema(args) -> dict | None:
+    """The JSON schema of -j or -jf, parsed; None when neither is given."""
+    if args.json_schema is not None and args.json_schema_file is not None:
+        raise UsageError("give either -j SCHEMA or -jf FILE, not both")
+    if args.json_schema_file is not None:
+        try:
+            with open(args.json_schema_file, "rb") as f:
+                text = f.read(MAX_SCHEMA_FILE + 1)
+        except OSError as exc:
+            raise UsageError(f"cannot read the schema file {args.json_schema_file}: {exc.strerror}") from None
+        if len(text) > MAX_SCHEMA_FILE:
+            raise UsageError(f"the schema file {args.json_schema_file} is larger than {MAX_SCHEMA_FILE} bytes")
+        where = f"the schema file {args.json_schema_file}"
+    elif args.json_schema is not None:
+        text, where = args.json_schema, "-j"
+    else:
+        return None
+    try:
+        schema = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise UsageError(f"{where} is not JSON ({str(exc)[:100]}); give a JSON schema, e.g. "
+                         "'{\"type\": \"object\"}'") from None
+    if not isinstance(schema, dict):
+        raise UsageError(f"{where} is not a JSON schema (an object); e.g. '{{\"type\": \"object\"}}'")
+    return schema

@@ -1,0 +1,255 @@
+"""What a launch has found and loaded (Runtime): the bundle file opened once, its payload and
+settings, the first-launch check, the libraries, the back end, the model, the template."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from .. import __version__
+from ..bundlefile import MODEL_ENTRY, NATIVE_CPU_ENTRY, read_payload
+from ..errors import RuntimeFailure, UsageError
+from ..host.console import say
+from ..host.cpu import hardware
+from ..prompts.template import load_template
+from ..text import printable
+from .cli import open_once, read_schema
+from .settings import Settings, env_flag, resolve
+
+class Runtime:
+    """What a launch has found and loaded: payload, settings, libraries, model."""
+
+    def __init__(self, path: str, args):
+        from ..host.cpu import BusyMeter
+
+        self.busy = BusyMeter()  # read when the thread count is chosen, after the launch's own work
+        self.path = path
+        self.args = args
+        # Opened once: checked, unpacked from and mapped through this one descriptor, so a file
+        # renamed over the bundle during the launch is never what runs (issue 22.3).
+        self.source = open_once(path)
+        self.payload = read_payload(path, self.source)
+        self.manifest = self.payload.manifest
+        flags = {k: getattr(args, k, None) for k in Settings.field_names()}
+        self.settings = resolve(self.manifest.settings, flags)
+        self.verbose = bool(args.verbose) or env_flag("BUNDLE_VERBOSE")
+        self.cache = None
+        self.check = None
+        self.n_seq = 1  # conversations the engine holds at once (load_model)
+        self.libdir = None
+        self.C = None
+        self.engine = None
+        self.variant = None
+        self.backend = None
+
+    def threads(self) -> int:
+        if getattr(self, "_threads", None) is None:
+            self._threads = self._choose_threads()
+        return self._threads
+
+    def _choose_threads(self) -> int:
+        from ..host.cpu import physical_cores, usable_cpus
+
+        wanted = self.settings.threads or physical_cores()
+        limit = usable_cpus()
+        if wanted > limit:
+            # More threads than CPUs only slows llama.cpp down (and 10^5 of them crash it).
+            say(f"note: {wanted} threads capped at {limit}, the CPUs this process may use")
+            return limit
+        if not self.settings.threads:
+            # ggml's own thread pool (the portable build has no OpenMP) spins at its barriers:
+            # when a thread competes with other busy programs for a core, decoding collapses
+            # (measured: 2 threads beside 2 busy programs on 2 cores, next to nothing; 1 thread,
+            # 15 tok/s). So the default leaves the cores other programs are using right now.
+            free = max(1, limit - self.busy.busy_cpus())
+            if free < wanted:
+                say(f"note: {free} thread{'s' if free > 1 else ''}: other programs are using {limit - free} of the "
+                    f"{limit} CPUs now (-t sets the count)")
+                return free
+        return wanted
+
+    def check_payload(self) -> None:
+        """First launch on this machine: hash what is about to be used (runtime/bundlefile/checks.py)."""
+        from ..bundlefile import checks
+        from ..host import libraries
+
+        if self.check is None:
+            if self.manifest.model.parts:
+                self.payload.find_model_parts()  # a missing part is named before any hashing
+            self.cache = libraries.usable_cache_root()
+            self.check = checks.check_once(self.payload, self.cache, say=say)
+            pause = os.environ.get("_BUNDLE_TEST_PAUSE_AFTER_CHECK")
+            if pause:  # for the test that swaps the file between the check and the load
+                say("test hook: paused after the check")
+                time.sleep(float(pause))
+
+    def load_libraries(self) -> None:
+        from ..host import libraries
+        from ..host import bindings
+        from ..host.bindings import import_bindings, set_logging
+
+        t0 = time.perf_counter()
+        self.check_payload()
+        self.libdir = libraries.extract_entry(self.payload, NATIVE_CPU_ENTRY, root=self.cache, say=say)
+        # libllama first (it loads libggml.so.0 by soname), then silence, then the back ends.
+        self.C = import_bindings(self.libdir)
+        set_logging(self.C, self.verbose)
+        bindings.load_backends(self.libdir, os.environ.get("BUNDLE_CPU_VARIANT") or None)
+        self.variant = bindings.loaded_cpu_variant()
+        self.choose_backend()
+        self.libs_seconds = time.perf_counter() - t0
+
+    def choose_backend(self) -> None:
+        from ..host.gpu import choice
+        from ..host.bindings import last_error
+
+        import dataclasses
+
+        layout = self.manifest.model.layout
+        # The GPU must hold every slot's KV cache: plan for ctx times the slots.
+        planned = dataclasses.replace(self.settings, ctx=self.settings.ctx * self.n_seq)
+        self.backend = choice.choose(self.payload, planned, self.libdir,
+                                      layout.to_json() if layout else None, say=say, last_log=last_error)
+        if self.backend.name == "CPU" and self.backend.skipped:
+            say(f"running on the CPU: {self.backend.reason}")
+        if self.backend.note:
+            say(f"note: {self.backend.note}")
+
+    KV_BUDGET = 1 << 30  # the KV caches of all slots together, when --parallel is not given
+
+    def parallel(self) -> int:
+        """Slots of the server: --parallel, else 4 (llama-server's default) when their KV caches
+        (one per slot, each of the full context) fit in KV_BUDGET, fewer otherwise: 4 for the
+        demo model at ctx 4096 (90 MiB each), 2 for an 8B GQA model, 1 for a 7B without GQA."""
+        if self.settings.parallel:
+            return self.settings.parallel
+        layout = self.manifest.model.layout
+        if layout is None:
+            return 1
+        from ..host.gpu.nvidia import kv_bytes_per_layer
+
+        per_slot = kv_bytes_per_layer(layout.to_json(), self.settings.ctx) * layout.n_layer
+        return max(1, min(4, self.KV_BUDGET // max(1, per_slot)))
+
+    def load_model(self, n_seq: int = 1):
+        from ..inference.engine import Engine, ModelLoadError
+
+        self.n_seq = n_seq
+        if self.C is None:
+            self.load_libraries()
+        if self.manifest.model.parts:
+            source, offset = self.payload.find_model_parts(), 0
+        elif MODEL_ENTRY not in self.payload.entries:
+            raise RuntimeFailure(f"{self.path} holds no model; rebuild it with bundle build")
+        else:
+            source, offset = self.source, self.payload.absolute_offset(MODEL_ENTRY)
+            with open(self.source, "rb") as f:
+                f.seek(offset)
+                if f.read(4) != b"GGUF":
+                    raise RuntimeFailure(f"{self.path}: the model inside it is damaged; copy the file again")
+        from ..host.gpu import choice
+
+        try:
+            self.engine = choice.load(self.backend, self.settings, lambda gpu_layers, devices: Engine(
+                self.C, source, offset, self.settings.ctx, self.threads(), gpu_layers, n_seq, devices), say=say)
+        except ModelLoadError as exc:
+            # Name the damage if there is any: a hash check costs a read of the model, only on failure.
+            problems = [p for p in self.payload.verify() if p.startswith((MODEL_ENTRY, "model part"))]
+            if problems:
+                raise RuntimeFailure(f"{self.path}: {problems[0]}; copy the file again") from None
+            raise RuntimeFailure(f"{exc}; run with -v to see llama.cpp's log") from None
+        return self.engine
+
+    def template(self):
+        e = self.engine
+        name = self.manifest.template_name or self.settings.template or "auto"
+        source = self.manifest.template or (e.chat_template() if e else None)
+        return load_template(name, source, e.bos_text if e else "", e.eos_text if e else "")
+
+    def sampling(self, stop):
+        from ..inference.sampling import Sampling
+
+        s = self.settings
+        return Sampling(s.temp, s.top_p, s.top_k, s.repeat_penalty, s.seed, s.max_tokens, list(stop),
+                        grammar=self.grammar())
+
+    def grammar(self) -> str | None:
+        """The GBNF of -j/-jf's schema (the same conversion as the API's response_format), checked
+        against the model's vocabulary once; None without a schema."""
+        if not hasattr(self, "_grammar"):
+            from ..prompts import structured
+
+            schema = read_schema(self.args)
+            self._grammar = None
+            if schema is not None:
+                try:
+                    self._grammar = structured.schema_grammar(schema) if schema else structured.any_json_grammar()
+                except structured.SchemaError as exc:
+                    raise UsageError(f"-j: {exc}") from None
+                if self.engine is not None and not self.engine.check_grammar(self._grammar):
+                    raise UsageError("-j: the schema's grammar does not load in llama.cpp; simplify the schema")
+        return self._grammar
+
+    def template_label(self) -> str:
+        """The chat format in words: the GGUF's own, a preset, a file."""
+        name = self.manifest.template_name or self.settings.template or "auto"
+        return "from the GGUF" if name == "auto" else printable(name)
+
+    def banner(self) -> str:
+        m = self.manifest.model
+        e = self.engine
+        parts = [
+            printable(self.manifest.name or m.name or "model"),
+            printable(" ".join(x for x in (m.size_label, m.quantization) if x)),
+            self.backend.describe() if self.backend else f"CPU ({self.variant or 'unknown variant'})",
+            f"{self.threads()} threads",
+            f"ctx {e.n_ctx if e else self.settings.ctx}",
+            f"{e.n_seq} slots" if e and e.n_seq > 1 else "",
+            f"template {self.template_label()}",
+        ]
+        return " · ".join(p for p in parts if p)
+
+    def server_info(self) -> dict:
+        return {
+            "name": self.manifest.name,
+            "model": self.manifest.model.to_json(),
+            "backend": {**self.backend.to_json(), "threads": self.threads()},
+            "created": int(time.time()),
+        }
+
+    def info(self) -> dict:
+        from ..host import libraries
+        from ..host.cpu import physical_cores
+
+        if self.C is None:
+            self.load_libraries()
+        return {
+            "bundle": os.fsdecode(self.path),
+            "name": self.manifest.name,
+            "format_version": self.payload.version,
+            "runtime_version": __version__,
+            "built": self.manifest.built,
+            "model": self.manifest.model.to_json(),
+            "template": self.manifest.template_name,
+            "settings": self.settings.to_manifest(),
+            "backend": {**self.backend.to_json(), "libraries": str(libraries.real_path(self.libdir))},
+            "threads": self.threads(),
+            "context": self.settings.ctx,
+            "parallel": self.parallel(),
+            "hardware": hardware(physical_cores()),
+            "stub": self.manifest.stub.to_json(),
+            "cache_dir": str(self.cache),
+            "unpacked_in": _unpacked_in(),
+            "first_launch_check": self.check,
+            "entries": {n: {"size": e.size, "sha256": e.sha256} for n, e in self.payload.entries.items()},
+        }
+
+
+def _unpacked_in() -> dict | None:
+    """Where the bootloader unpacked the Python runtime, and why there when it is not the
+    usual temp folder (buildsys/bundle_unpack_dir.c)."""
+    meipass = getattr(sys, "_MEIPASS", None)
+    if not meipass:
+        return None
+    return {"folder": os.path.dirname(os.path.abspath(meipass)), "reason": getattr(sys, "_bundle_unpack_reason", None)}
