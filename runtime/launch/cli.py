@@ -105,11 +105,7 @@ def read_prompt(args, ctx: int) -> str | None:
     if args.file == "-":
         data = sys.stdin.buffer.read(limit + 1) if sys.stdin is not None else b""
     else:
-        try:
-            with open(args.file, "rb") as f:
-                data = f.read(limit + 1)
-        except OSError as exc:
-            raise UsageError(f"cannot read the prompt file {args.file}: {exc.strerror}") from None
+        data = _read_at_most(args.file, limit + 1, "the prompt file")
     if len(data) > limit:
         raise ContextOverflowError(f"{name} holds more than {limit} bytes, more than a context of {ctx} tokens "
                                    "can hold; shorten it or raise --ctx")
@@ -125,16 +121,21 @@ def read_prompt(args, ctx: int) -> str | None:
 MAX_SCHEMA_FILE = 1 << 20
 
 
+def _read_at_most(path: str, n: int, what: str) -> bytes:
+    """The first n bytes of a file named on the command line (never more: -f /dev/zero)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
 def read_schema(args) -> dict | None:
     """The JSON schema of -j or -jf, parsed; None when neither is given."""
     if args.json_schema is not None and args.json_schema_file is not None:
         raise UsageError("give either -j SCHEMA or -jf FILE, not both")
     if args.json_schema_file is not None:
-        try:
-            with open(args.json_schema_file, "rb") as f:
-                text = f.read(MAX_SCHEMA_FILE + 1)
-        except OSError as exc:
-            raise UsageError(f"cannot read the schema file {args.json_schema_file}: {exc.strerror}") from None
+        text = _read_at_most(args.json_schema_file, MAX_SCHEMA_FILE + 1, "the schema file")
         if len(text) > MAX_SCHEMA_FILE:
             raise UsageError(f"the schema file {args.json_schema_file} is larger than {MAX_SCHEMA_FILE} bytes")
         where = f"the schema file {args.json_schema_file}"
