@@ -132,12 +132,22 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_chat(built_bundle):
                                                                  "temperature": 0}),
                      {"Content-Type": "application/json"})
         assert "Paris" in json.loads(conn.getresponse().read())["choices"][0]["message"]["content"]
-        os.write(fd, b"Write a very long essay about the history of Europe.\r")
-        read_until(fd, "Europe.\r\n", timeout=10)  # the echo of what was typed
-        assert len(read_until(fd, "\n", timeout=60)) > 0  # the reply is streaming
+        # A reply that cannot end on its own within the test: counting, with no token limit.
+        os.write(fd, b"Count from 1 to 5000, one number per line, and say nothing else.\r")
+        echo = read_until(fd, "else.\r\n", timeout=10)  # the echo of what was typed
+        streamed = echo.split("else.\r\n", 1)[-1] + read_until(fd, "\n", timeout=60)
+        streamed += read_until(fd, "\n", timeout=60)  # two lines of the reply: it is streaming
+        assert ">>> " not in streamed, streamed  # (and has not ended)
         os.write(fd, b"\x03")
         after = read_until(fd, ">>> ", timeout=30)
         assert "(stopped)" in after
+        # The chat goes on, the stopped reply in its history (so the model may go on counting:
+        # what it says depends on how far it got); after /reset it answers afresh.
+        os.write(fd, QUESTION.encode() + b"\r")
+        reply = read_until(fd, ">>> ", timeout=60).split("word.\r\n", 1)[-1].removesuffix(">>> ")
+        assert reply.strip(), reply
+        os.write(fd, b"/reset\r")
+        assert "conversation cleared" in read_until(fd, ">>> ", timeout=30)
         os.write(fd, QUESTION.encode() + b"\r")
         assert "Paris" in read_until(fd, ">>> ", timeout=60)
         os.write(fd, b"\x04")
