@@ -384,3 +384,42 @@ def test_launch_without_terminal_serves(built_bundle):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_double_click_takes_the_next_port_when_the_default_is_busy(built_bundle):
+    """Double-clicked with 8080 held by another program (here: this test, or whatever holds it on
+    this machine), the web chat moves to the next free port and says so; an explicit --port (or
+    BUNDLE_PORT) still fails with the message."""
+    import socket
+
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        holder.bind(("127.0.0.1", 8080))
+        holder.listen(1)
+    except OSError:
+        pass  # something else holds 8080 already: the same situation
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "BUNDLE_PORT")}
+    proc = subprocess.Popen([str(built_bundle)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        said, port = "", None
+        for _ in range(8):
+            line = proc.stderr.readline()
+            said += line
+            m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+            if m:
+                port = int(m.group(1))
+                break
+        assert port and port != 8080, said
+        assert f"port 8080 is in use by another program; serving on port {port} instead" in said
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    r = subprocess.run([str(built_bundle), "--port", "8080"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 1 and "port 8080 on 127.0.0.1 is already in use" in r.stderr.strip().splitlines()[-1]
+    holder.close()

@@ -54,8 +54,10 @@ def run(argv) -> int:
         return modes.chat(rt)
     if sys.stdin.isatty():
         return modes.chat_with_server(rt, open_page=started_in_own_window())
-    # No terminal: started from a file manager (double-click). Serve, and open the page.
-    return modes.serve(rt, open_page=True)
+    # No terminal: started from a file manager (double-click). Serve, and open the page; on the
+    # next free port when the default one is taken and no port was asked for.
+    asked = args.port is not None or os.environ.get("BUNDLE_PORT") is not None
+    return modes.serve(rt, open_page=True, move_if_busy=not asked)
 
 
 def started_in_own_window() -> bool:

@@ -173,6 +173,8 @@ def start_server(rt, scheduler, port: int | None = None, fallback_ports: int = 0
             if candidate == port + fallback_ports:
                 raise
     real_port = sock.getsockname()[1]
+    if port and real_port != port:
+        say(f"note: port {port} is in use by another program; serving on port {real_port} instead")
     origins = list(getattr(rt.args, "allow_origin", None) or [])
     origins += [o for o in os.environ.get("BUNDLE_ALLOW_ORIGINS", "").split(",") if o.strip()]
     app = create_app(rt.settings, scheduler, template=rt.template(), info=rt.server_info(),
@@ -183,12 +185,13 @@ def start_server(rt, scheduler, port: int | None = None, fallback_ports: int = 0
     return ServerThread(app, sock), url
 
 
-def serve(rt, open_page: bool) -> int:
-    """--server (or a launch without a terminal): the web chat and the API, in the foreground."""
-
+def serve(rt, open_page: bool, move_if_busy: bool = False) -> int:
+    """--server (or a launch without a terminal): the web chat and the API, in the foreground.
+    move_if_busy: a double-click with no port asked for takes the next free port when the
+    default one is held (another bundle, llama-server, a dev server); a port asked for fails."""
     engine = rt.load_model(n_seq=rt.parallel())
     say(rt.banner())
-    server, url = start_server(rt, Scheduler(engine))
+    server, url = start_server(rt, Scheduler(engine), fallback_ports=10 if move_if_busy else 0)
     say(f"web chat and OpenAI-compatible API: {url}  (API base {url}v1; Ctrl-C stops)")
     if rt.settings.host not in ("127.0.0.1", "localhost", "::1"):
         say(f"note: listening on {rt.settings.host}, reachable from other machines"
