@@ -10,9 +10,10 @@ from ..errors import OutputError
 from . import process
 
 
-def say(msg: str) -> None:
+def say(msg: str, end: str = "\n") -> None:
+    """A line for the person at the terminal (end="": a piece of one, e.g. streamed thinking)."""
     try:
-        print(msg, file=sys.stderr, flush=True)
+        print(msg, file=sys.stderr, end=end, flush=True)
     except (OSError, ValueError):
         pass  # stderr gone: nothing to tell anyone
 

@@ -35,7 +35,7 @@ def one_shot(rt, prompt: str) -> int:
         # The answer alone on stdout (it is piped); the thinking on stderr, where a person reads it.
         show = _is_terminal(sys.stderr)
         thoughts = ThoughtStream(reasoning.Splitter(reasoning.starts_inside(text)), write_out, show=show,
-                                 dim=True, note=_say_raw if show else (lambda s: None))
+                                 dim=True, note=(lambda s: say(s, end="")) if show else (lambda s: None))
         on_text = thoughts.feed
     result = _wait(scheduler.generate(tokens, rt.sampling(tmpl.stop), on_text=on_text))
     if result.finish_reason == "cancelled":
@@ -61,14 +61,6 @@ def _is_terminal(stream) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError, OSError):
         return False
-
-
-def _say_raw(text: str) -> None:
-    try:
-        sys.stderr.write(text)
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
 
 
 def chat(rt, scheduler=None) -> int:
