@@ -30,12 +30,12 @@ ROOTFS = Path(os.environ.get("BUNDLE_TEST_ROOTFS") or Path.home() / ".cache" / "
 ANSWER = "Paris"
 
 
-def _elf_files_of_stub(into: Path) -> list[Path]:
+def elf_files_of_stub(stub_dir: Path, into: Path) -> list[Path]:
     """Every ELF file a bundle brings: the stub, what PyInstaller put in its archive, and the
     native libraries of the payload."""
     from PyInstaller.archive.readers import CArchiveReader
 
-    out = [STUB_DIR / "bundle-runtime"]
+    out = [stub_dir / "bundle-runtime"]
     reader = CArchiveReader(str(out[0]))
     for name in reader.toc:
         data = reader.extract(name)
@@ -45,7 +45,7 @@ def _elf_files_of_stub(into: Path) -> list[Path]:
             out.append(p)
     import zstandard
 
-    with open(STUB_DIR / "native-cpu.tar.zst", "rb") as f:
+    with open(stub_dir / "native-cpu.tar.zst", "rb") as f:
         raw = zstandard.ZstdDecompressor().stream_reader(f).read()
     with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
         for m in tar.getmembers():
@@ -59,7 +59,7 @@ def _elf_files_of_stub(into: Path) -> list[Path]:
 
 
 def test_every_elf_file_needs_glibc_217_and_nothing_else_from_the_system(tmp_path, stub):
-    files = _elf_files_of_stub(tmp_path)
+    files = elf_files_of_stub(STUB_DIR, tmp_path)
     names = {p.name for p in files} | {p.name[len("archive_"):] for p in files}
     # the archive's and the tar's own names (libggml.so.0 is also reached as libggml.so)
     names |= {"libggml.so", "libggml-base.so", "libllama.so", "libpython3.11.so.1.0"}
@@ -326,3 +326,14 @@ def test_default_threads_leave_the_cores_other_programs_use(built_bundle):
     # an explicit -t is obeyed
     r = run_exe(built_bundle, "-p", QUESTION, "-n", "2", "-t", "2", "--temp", "0")
     assert r.returncode == 0 and "other programs" not in r.stderr, r.stderr
+
+
+def test_as_pid_1_of_its_namespace_answers(built_bundle):
+    """A container's entrypoint without an init (docker run IMAGE ./model): the bootloader is PID
+    1, and its child must not take that for the bootloader having died (it once exited 1 there
+    without a word)."""
+    _need_root()
+    r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", str(built_bundle), "-p", QUESTION, "--temp", "0"],
+                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ANSWER in r.stdout, r.stdout

@@ -89,8 +89,20 @@ def die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent or parent == 1:
+    if os.getppid() != parent or (parent == 1 and not _init_is_our_bootloader()):
         os._exit(1)
+
+
+def _init_is_our_bootloader() -> bool:
+    """With parent 1: either the bootloader died and init took this process over, or the
+    bootloader *is* init (a container's entrypoint, a new PID namespace). Both run the same
+    executable, so they share a name (/proc/PID/comm, also under qemu-user, where /proc/1/exe
+    would name the emulator)."""
+    try:
+        with open("/proc/1/comm", "rb") as one, open("/proc/self/comm", "rb") as me:
+            return one.read() == me.read()
+    except OSError:
+        return False
 
 
 def _die_with_parent_windows() -> None:
