@@ -13,7 +13,7 @@ WIN_STUB := stubs/windows-x86_64/bundle-runtime.exe
 WIN_BUNDLE := dist/SmolLM2-135M-Instruct.exe
 WINE   := $(firstword $(wildcard /usr/lib/wine/wine64 /usr/bin/wine64 /usr/bin/wine))
 
-.PHONY: all venv buildtools buildtools-vulkan buildtools-windows stub stub-windows model chromium demo demo-windows test \
+.PHONY: all venv buildtools buildtools-vulkan buildtools-windows buildtools-aarch64 stub stub-windows stub-aarch64 model chromium demo demo-windows test \
 	test-windows test-cuda reference fuzz bench bench-windows clean distclean
 
 all: demo
@@ -47,6 +47,14 @@ buildtools-windows:
 		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q \
 		g++-mingw-w64-x86-64-posix wine64 osslsigncode; }
 
+# The aarch64 stub is built here too: zig cross-compiles, qemu-user runs its CPython and
+# PyInstaller (and its tests) in an arm64 userland made by debootstrap, registered in the
+# binfmt_misc of a private user namespace (the machine's own is never touched).
+buildtools-aarch64: buildtools
+	@[ -x /usr/bin/qemu-aarch64-static ] && command -v aarch64-linux-gnu-strip >/dev/null 2>&1 || { \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q \
+		qemu-user-static binutils-aarch64-linux-gnu; }
+
 # build.py skips every step whose output is up to date (the llama.cpp compile, CPython, the
 # bootloader and the Vulkan back end are cached per version, flags and toolchain under
 # ~/.cache/bundle/build), so this target is cheap after the first time. The stub carries the
@@ -57,6 +65,10 @@ stub: venv buildtools buildtools-vulkan
 # stubs/windows-x86_64/ (about 8 minutes the first time on 2 cores; cached like the rest)
 stub-windows: venv buildtools-windows
 	$(PY) build.py --target windows-x86_64
+
+# stubs/linux-aarch64/ (about 25 minutes the first time on 2 cores; cached like the rest)
+stub-aarch64: venv buildtools-aarch64
+	$(PY) build.py --target linux-aarch64
 
 $(MODEL):
 	$(PYTHON) scripts/fetch_demo_model.py $@
@@ -91,13 +103,17 @@ reference: venv
 	$(PY) bench/native.py
 
 # The runtime's layers (pyproject.toml's import-linter contracts) are checked first: seconds.
-test: stub stub-windows reference $(MODEL) chromium
+test: stub stub-windows stub-aarch64 reference $(MODEL) chromium
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest tests -m "not cuda"
 
 # The Windows bundle's tests alone (they are part of `make test` too).
 test-windows: stub-windows $(MODEL)
 	$(PY) -m pytest tests -m windows
+
+# The aarch64 bundle's tests alone, under qemu (part of `make test` too).
+test-aarch64: stub-aarch64 $(MODEL)
+	$(PY) -m pytest tests -m aarch64
 
 # The CUDA back end takes longer to compile on 2 cores than CI allows: its tests run here.
 test-cuda: venv buildtools-vulkan $(MODEL)
@@ -111,8 +127,11 @@ fuzz: stub $(MODEL)
 	BUNDLE_FUZZ_CASES=20000 BUNDLE_CUT_EVERY=1 BUNDLE_FUZZ_LOCATOR=all $(PY) -m pytest tests/test_fuzz.py \
 		tests/test_trust.py tests/test_trust_limits.py -k "fuzz or cut or every_bit"
 
-bench: stub reference $(MODEL)
+# The benchmarks (bench/__main__.py), then the aarch64 bundle against llama.cpp's llama-bench
+# for aarch64, both under qemu (bench/aarch64.py).
+bench: stub stub-aarch64 reference $(MODEL)
 	$(PY) -m bench
+	$(PY) -m bench.aarch64
 
 # Decode and prompt speed of the Windows bundle under wine against the Linux bundle (wine is not Windows).
 bench-windows: stub stub-windows $(MODEL)

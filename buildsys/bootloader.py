@@ -66,12 +66,13 @@ PATCHES = [
 ]
 
 
-PLATFORM_DIR = "Linux-64bit-intel"
+# Where PyInstaller looks for the bootloader of each machine (and where waf writes it).
+PLATFORM_DIRS = {"x86_64": "Linux-64bit-intel", "aarch64": "Linux-64bit-arm"}
 
 
-def build(cache: Path, pyinstaller_version: str) -> Path:
-    """The path of the release bootloader (`run`), cached."""
-    digest = hashlib.sha256("|".join([pyinstaller_version, *zig.IDENTITY, repr(PATCHES)]).encode()
+def build(cache: Path, pyinstaller_version: str, triple: str = zig.TRIPLE) -> Path:
+    """The path of the release bootloader (`run`) for triple's machine, cached."""
+    digest = hashlib.sha256("|".join([pyinstaller_version, *zig.identity(triple), repr(PATCHES)]).encode()
                             + b"".join(f.read_bytes() for f in OURS)).hexdigest()
     folder = cache / f"pyinstaller-bootloader-{pyinstaller_version}-{digest[:12]}"
     run = folder / "run"
@@ -89,13 +90,18 @@ def build(cache: Path, pyinstaller_version: str) -> Path:
         for f in OURS:
             shutil.copy(f, src / "src" / f.name)
         apply_patches(src / "src", PATCHES, "buildsys/bootloader.py's PATCHES")
-        env = zig.env(cache / "zig-tools")
+        env = zig.env(zig.tools_folder(cache, triple), triple=triple)
+        machine = triple.split("-")[0]
+        if machine != os.uname().machine:  # waf strips what it links: with binutils for that machine
+            from .python import STRIP
+
+            env["STRIP"] = STRIP[machine]
         with open(logfile, "w") as out:
             rc = subprocess.run([sys.executable, "waf", "--static-zlib", "--no-universal2", "distclean", "all"],
                                 cwd=src, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
         if rc != 0:
             sys.exit("\n".join(logfile.read_text().splitlines()[-20:]) + f"\nbootloader build failed; log: {logfile}")
-        built = src.parent / "PyInstaller" / "bootloader" / PLATFORM_DIR / "run"
+        built = src.parent / "PyInstaller" / "bootloader" / PLATFORM_DIRS[triple.split("-")[0]] / "run"
         tmp = folder / "run.tmp"
         shutil.copy2(built, tmp)
         os.replace(tmp, run)

@@ -44,10 +44,30 @@ FFI_CONFIGURE = ["--disable-shared", "--enable-static", "--with-pic", "--disable
 CFLAGS = "-O2 -fPIC -Wno-date-time"
 
 
-def key() -> str:
-    text = json.dumps([RECIPE, zig.IDENTITY, DEBIAN_SUITE, PACKAGES, PYTHON_CONFIGURE, OPENSSL_CONFIGURE,
-                       FFI_CONFIGURE, CFLAGS])
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+# A CPython for another machine (aarch64) is cross-compiled: configure is told the machine it
+# builds for and what it cannot find out without running a program there, and the Python that
+# runs build.py (the same 3.11) runs CPython's own build scripts.
+CROSS_SITE = "ac_cv_file__dev_ptmx=yes\nac_cv_file__dev_ptc=no\nac_cv_buggy_getaddrinfo=no\n"
+OPENSSL_TARGETS = {"x86_64": "linux-x86_64", "aarch64": "linux-aarch64"}
+# Binutils that can strip an ELF of each machine (PyInstaller's --strip cannot run where the
+# stub of another machine is analysed).
+STRIP = {"aarch64": "aarch64-linux-gnu-strip"}
+
+
+def _machine(triple: str) -> str:
+    return triple.split("-")[0]
+
+
+def _cross(triple: str) -> bool:
+    return _machine(triple) != os.uname().machine
+
+
+def key(triple: str = zig.TRIPLE) -> str:
+    parts = [RECIPE, zig.identity(triple), DEBIAN_SUITE, PACKAGES, PYTHON_CONFIGURE, OPENSSL_CONFIGURE,
+             FFI_CONFIGURE, CFLAGS]
+    if _cross(triple):
+        parts += [CROSS_SITE, OPENSSL_TARGETS[_machine(triple)], STRIP.get(_machine(triple))]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
 
 
 def _run(cmd: list[str], cwd: Path, env: dict, logfile: Path, what: str) -> None:
@@ -100,10 +120,10 @@ def _patch(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new))
 
 
-def _build_deps(cache: Path, jobs: int, env: dict, logfile: Path) -> Path:
+def _build_deps(cache: Path, jobs: int, env: dict, logfile: Path, triple: str) -> Path:
     """zlib, libffi and OpenSSL as static libraries with headers, in a prefix of their own
     (cached apart from CPython, so a failed CPython step does not rebuild them)."""
-    deps = cache / f"portable-deps-{key()}"
+    deps = cache / f"portable-deps-{key(triple)}"
     if (deps / ".complete").exists():
         return deps
     # Installed straight into its final place (the .pc files and libtool archives record the
@@ -120,10 +140,13 @@ def _build_deps(cache: Path, jobs: int, env: dict, logfile: Path) -> Path:
         _run(["./configure", "--static", f"--prefix={out}"], src["zlib"], env, logfile, "zlib configure")
         _run([*make, "install"], src["zlib"], env, logfile, "zlib")
         log("portable CPython: libffi (static)")
-        _run(["./configure", f"--prefix={out}", *FFI_CONFIGURE], src["libffi"], env, logfile, "libffi configure")
+        host = [f"--host={_machine(triple)}-linux-gnu", "--build=x86_64-pc-linux-gnu"] if _cross(triple) else []
+        _run(["./configure", f"--prefix={out}", *FFI_CONFIGURE, *host], src["libffi"], env, logfile,
+             "libffi configure")
         _run([*make, "install"], src["libffi"], env, logfile, "libffi")
         log("portable CPython: OpenSSL (static; a few minutes)")
-        _run(["perl", "./Configure", *OPENSSL_CONFIGURE, f"--prefix={out}", "--libdir=lib",
+        # the first word names the machine
+        _run(["perl", "./Configure", OPENSSL_TARGETS[_machine(triple)], *OPENSSL_CONFIGURE[1:], f"--prefix={out}", "--libdir=lib",
               "--openssldir=/usr/lib/ssl"], src["openssl"], env, logfile, "OpenSSL Configure")
         _run([*make, "build_libs"], src["openssl"], env, logfile, "OpenSSL")
         _run(["make", "install_dev"], src["openssl"], env, logfile, "OpenSSL install")
@@ -133,19 +156,20 @@ def _build_deps(cache: Path, jobs: int, env: dict, logfile: Path) -> Path:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def build(cache: Path, jobs: int) -> Path:
-    """The prefix holding bin/python3.11 (cached); built in about 15 minutes on 2 cores."""
-    prefix = cache / f"portable-python-3.11-{key()}"
+def build(cache: Path, jobs: int, triple: str = zig.TRIPLE, runner: list[str] | None = None) -> Path:
+    """The prefix holding bin/python3.11 for triple's machine (cached); built in about 15 minutes
+    on 2 cores. runner: the command that runs a program of that machine here (qemu), when it
+    is not this one's."""
+    prefix = cache / f"portable-python-3.11-{key(triple)}"
     if (prefix / ".complete").exists():
-        log(f"portable CPython: cached ({prefix})")
+        log(f"portable CPython ({_machine(triple)}): cached ({prefix})")
         return prefix
     cache.mkdir(parents=True, exist_ok=True)
-    logfile = cache / f"portable-python-{key()}.log"
+    logfile = cache / f"portable-python-{key(triple)}.log"
     logfile.write_text("")
-    tools = cache / "zig-tools"
-    env = zig.env(tools)
+    env = zig.env(zig.tools_folder(cache, triple), triple=triple)
     env.update(CFLAGS=CFLAGS, CXXFLAGS=CFLAGS, LC_ALL="C", PKG_CONFIG_PATH="")
-    deps = _build_deps(cache, jobs, env, logfile)
+    deps = _build_deps(cache, jobs, env, logfile, triple)
     env["PKG_CONFIG_LIBDIR"] = str(deps / "lib" / "pkgconfig")
     work = Path(tempfile.mkdtemp(prefix=".work-python-", dir=cache))
     try:
@@ -164,13 +188,29 @@ def build(cache: Path, jobs: int) -> Path:
             expat.write_text("#ifndef Py_BUILD_CORE_BUILTIN\n#  define Py_BUILD_CORE_MODULE 1\n#endif\n"
                              + expat.read_text())
         cenv = dict(env, CPPFLAGS=f"-I{deps}/include", LDFLAGS=f"-L{deps}/lib")
-        _run(["./configure", f"--prefix={py}", f"--with-openssl={deps}", *PYTHON_CONFIGURE], cpy, cenv, logfile,
-             "CPython configure")
+        cross = []
+        if _cross(triple):
+            # Debian names the sysconfig data by the multiarch triple alone (its sysconfig.py
+            # looks for that name); configure's cross-build line still writes upstream's name.
+            _patch(cpy / "configure", "_PYTHON_SYSCONFIGDATA_NAME=_sysconfigdata_$(ABIFLAGS)_$(MACHDEP)_$(MULTIARCH)",
+                   "_PYTHON_SYSCONFIGDATA_NAME=_sysconfigdata_$(ABIFLAGS)_$(MULTIARCH)")
+            # setup.py would add the include folders the compiler names for its own (for zig
+            # reading stdin: this machine's /usr/include, whose glibc headers are not the target's)
+            _patch(cpy / "setup.py", "            self.add_cross_compiling_paths()\n",
+                   "            pass  # zig finds its own libc headers\n")
+            (work / "config.site").write_text(CROSS_SITE)
+            cenv["CONFIG_SITE"] = str(work / "config.site")
+            cross = [f"--host={_machine(triple)}-linux-gnu", "--build=x86_64-pc-linux-gnu",
+                     f"--with-build-python={build_python()}"]
+        _run(["./configure", f"--prefix={py}", f"--with-openssl={deps}", *PYTHON_CONFIGURE, *cross], cpy, cenv,
+             logfile, "CPython configure")
         # No libpython3.so (the stable-ABI forwarder): nothing here links against it, and zig
         # cannot link a library made of nothing but another library.
         _run(["make", f"-j{jobs}", "PY3LIBRARY="], cpy, cenv, logfile, "CPython")
         _run(["make", "install", "PY3LIBRARY="], cpy, cenv, logfile, "CPython install")
-        missing = check_modules(py)
+        if _cross(triple):
+            strip(py, _machine(triple))
+        missing = check_modules(py, runner)
         if missing:
             sys.exit(f"the portable CPython lacks {', '.join(missing)}; see {logfile}")
         (py / ".complete").write_text("")
@@ -199,11 +239,34 @@ def python_env(prefix: Path, base: dict | None = None) -> dict:
     return env
 
 
-def check_modules(prefix: Path) -> list[str]:
+def build_python() -> str:
+    """The Python 3.11 that runs a cross build's scripts (this one, when it is 3.11)."""
+    if sys.version_info[:2] == (3, 11):  # the interpreter itself, not a virtualenv's (its include folder)
+        return getattr(sys, "_base_executable", sys.executable)
+    found = shutil.which("python3.11")
+    if not found:
+        sys.exit("cross-compiling CPython 3.11 needs a Python 3.11 here (python3.11)")
+    return found
+
+
+def strip(prefix: Path, machine: str) -> None:
+    """Strip the interpreter and every shared library of a prefix for another machine (the
+    symbols are most of libpython, and PyInstaller's --strip only knows this machine's)."""
+    tool = shutil.which(STRIP[machine])
+    if not tool:
+        sys.exit(f"{STRIP[machine]} is needed to strip the {machine} CPython; install binutils-{machine}-linux-gnu "
+                 "(make buildtools-aarch64)")
+    files = [p for p in prefix.rglob("*") if p.is_file() and not p.is_symlink()
+             and (p.suffix == ".so" or ".so." in p.name or p.parent.name == "bin")]
+    elfs = [str(p) for p in files if p.read_bytes()[:4] == b"\x7fELF"]
+    subprocess.run([tool, "--strip-unneeded", *elfs], check=True)
+
+
+def check_modules(prefix: Path, runner: list[str] | None = None) -> list[str]:
     python = prefix / "bin" / "python3.11"
     code = ("import importlib,sys\nbad=[]\nfor m in sys.argv[1:]:\n try: importlib.import_module(m)\n"
             " except Exception as e: bad.append(f'{m} ({e})')\nprint('\\n'.join(bad))")
-    out = subprocess.run([str(python), "-c", code, *NEEDED_MODULES], capture_output=True, text=True,
+    out = subprocess.run([*(runner or []), str(python), "-c", code, *NEEDED_MODULES], capture_output=True, text=True,
                          env=python_env(prefix))
     if out.returncode != 0:
         return [f"a working interpreter ({out.stderr.strip()[-300:]})"]

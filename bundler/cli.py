@@ -124,7 +124,7 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
     if name is not None and len(name) > gguf.MAX_NAME:
         raise BundleError(f"--name is {len(name)} characters long; give one of at most {gguf.MAX_NAME}")
     stem = Path(model_path.name).stem if not hub.is_hub_ref(model) else Path(model.rsplit("/", 1)[-1]).stem
-    out = Path(output) if output else Path("dist") / stem
+    out = Path(output) if output else Path("dist") / stub_info.spec.default_name(stem)
     named = stub_info.spec.executable_name(out.name)
     if named != out.name:
         if output:
@@ -228,7 +228,10 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
         click.echo(f"note: {out} is {_human(result['size'])}; FAT32 USB sticks hold no file over 4 GiB: "
                    "build with --split to write the model as parts beside it", err=True)
     shown = out if out.is_absolute() or str(out).startswith(".") or spec.system == "windows" else f"./{out}"
-    click.echo(f"run it: {shown} -p \"Hello\"   or   {shown} --cli", err=True)
+    import targets
+
+    where = "" if spec.name == targets.host_name() else f" on {spec.system.capitalize()} {spec.machine}"
+    click.echo(f"run it{where}: {shown} -p \"Hello\"   or   {shown} --cli", err=True)
 
 
 def _needs(stub: dict) -> str:

@@ -53,15 +53,23 @@ class Target:
         return (f"build it with build.py on a {' or '.join(self.built_on)} machine (PyInstaller does not "
                 f"cross-compile) or download it from the project's CI artifacts, and put it in {folder}/")
 
+    def default_name(self, stem: str) -> str:
+        """What `bundle build` calls the executable when -o is not given: the model's name, with
+        the machine added where it would otherwise take the name of this machine's own build
+        (dist/model-aarch64, built on x86-64 Linux)."""
+        if self.exe_suffix or self.name == host_name():
+            return self.executable_name(stem)
+        return f"{stem}-{self.machine}"
+
     def executable_name(self, stem: str) -> str:
         """What a bundle built for this target is called (a Windows program must end in .exe)."""
         return stem if not self.exe_suffix or stem.lower().endswith(self.exe_suffix) else stem + self.exe_suffix
 
 
 def _load() -> dict[str, Target]:
-    from . import linux_x86_64, windows_x86_64
+    from . import linux_aarch64, linux_x86_64, windows_x86_64
 
-    return {t.name: t for t in (linux_x86_64.TARGET, windows_x86_64.TARGET)}
+    return {t.name: t for t in (linux_x86_64.TARGET, windows_x86_64.TARGET, linux_aarch64.TARGET)}
 
 
 TARGETS: dict[str, Target] = _load()

@@ -197,6 +197,8 @@ def test_missing_stub_names_the_folder(model, out_dir, tmp_path):
     assert_one_line_error(r, str(tmp_path / "nostubs" / "linux-x86_64"), "build.py")
     r = run_bundle_cmd("build", model, "-o", out_dir / "x", "--target", "windows-x86_64", env=env)
     assert_one_line_error(r, "windows-x86_64", "python build.py --target windows-x86_64")
+    r = run_bundle_cmd("build", model, "-o", out_dir / "x", "--target", "linux-aarch64", env=env)
+    assert_one_line_error(r, "linux-aarch64", "python build.py --target linux-aarch64")
     r = run_bundle_cmd("build", model, "-o", out_dir / "x", "--target", "macos-arm64")
     assert_one_line_error(r, "unknown target 'macos-arm64'", "linux-x86_64, windows-x86_64")
     assert listing(out_dir) == []

@@ -1,6 +1,7 @@
 """What this machine's processor offers the runtime: the CPUs this process may use, its physical
-cores, how busy they are now (the default thread count leaves busy cores alone), and the facts
---info shows (model name, memory)."""
+cores (the fast ones, where fast and slow cores are mixed), how busy they are now (the default
+thread count leaves busy cores alone), and the facts --info shows (model name, the features
+ggml's CPU variants use, memory)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,16 @@ import platform
 import sys
 import time
 
-WINDOWS = sys.platform == "win32"
 import ctypes
+
+WINDOWS = sys.platform == "win32"
+SYSFS_CPU = "/sys/devices/system/cpu"
+# A core counts as a fast one when it rates at this share of the fastest or more: the big and
+# prime cores of a big.LITTLE design, not its LITTLE ones, whose pace the others would wait for
+# at every barrier of ggml's thread pool. Linux's cpu_capacity folds in how much a core does
+# per clock (a Cortex-A55 is about 40% of an A76); a highest clock alone does not (1.8 against
+# 2.4 GHz for the same pair), so it must come closer to count.
+FAST_SHARE = {"cpu_capacity": 0.6, "cpufreq/cpuinfo_max_freq": 0.8}
 
 def usable_cpus() -> int:
     """Logical CPUs this process may run on: its affinity mask, and a cgroup CPU quota if set
@@ -94,14 +103,36 @@ class BusyMeter:
         return max(0, round(others / wall)) if wall > 0 else 0
 
 
+def fast_cpus(cpus, sysfs: str = SYSFS_CPU) -> set[int] | None:
+    """Of these CPUs, the fast cores' where the processor mixes fast and slow ones (ARM's
+    big.LITTLE, DynamIQ): rated by Linux's cpu_capacity, else by their highest clock. None
+    where they are all alike or sysfs does not say."""
+    for fact, share in FAST_SHARE.items():
+        rating = {}
+        for cpu in cpus:
+            try:
+                with open(f"{sysfs}/cpu{cpu}/{fact}") as f:
+                    rating[cpu] = int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                rating = {}
+                break
+        if rating:
+            top = max(rating.values())
+            fast = {cpu for cpu, r in rating.items() if r >= share * top}
+            return fast if top > 0 and len(fast) < len(rating) else None
+    return None
+
+
 def physical_cores() -> int:
-    """Physical cores this process may use (threads beyond them slow llama.cpp down)."""
+    """Physical cores this process may use (threads beyond them slow llama.cpp down); only the
+    fast ones where fast and slow cores are mixed."""
     try:
         allowed = os.sched_getaffinity(0)
     except (AttributeError, OSError):
         allowed = set(range(os.cpu_count() or 1))
     if WINDOWS:
         return max(1, min(_windows_physical_cores() or len(allowed), usable_cpus()))
+    allowed = fast_cpus(allowed) or allowed
     cores = set()
     try:
         with open("/proc/cpuinfo", errors="replace") as f:
@@ -170,6 +201,46 @@ def _windows_hardware() -> tuple[str | None, int | None]:
     return model, mem
 
 
+# Linux's arm64 AT_HWCAP (word 1) and AT_HWCAP2 (word 2) bits of the features ggml's ARM CPU
+# variants are chosen by, read as ggml reads them (fp16: both FPHP and ASIMDHP).
+ARM_HWCAPS = {"asimd": (1, 1 << 1), "dotprod": (1, 1 << 20), "fp16": (1, (1 << 9) | (1 << 10)), "sve": (1, 1 << 22),
+              "i8mm": (2, 1 << 13), "bf16": (2, 1 << 14), "sve2": (2, 1 << 1), "sme": (2, 1 << 23),
+              "sme2": (2, 1 << 37)}
+AT_HWCAP, AT_HWCAP2 = 16, 26
+# The x86 flags (as /proc/cpuinfo spells them) ggml's x86 CPU variants are chosen by.
+X86_FLAGS = ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx_vnni", "avx512f", "avx512_vbmi", "avx512_vnni",
+             "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def arm_features(hwcap: int, hwcap2: int) -> list[str]:
+    words = {1: hwcap, 2: hwcap2}
+    return [name for name, (word, bits) in ARM_HWCAPS.items() if words[word] & bits == bits]
+
+
+def cpu_features() -> list[str]:
+    """The features of this processor that decide ggml's CPU variant: on ARM Linux from the
+    kernel's hardware capabilities (what ggml reads too; /proc/cpuinfo may be absent or, under
+    an emulator, the host's), on x86 Linux from /proc/cpuinfo's flags; [] elsewhere."""
+    if WINDOWS:
+        return []
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        try:
+            getauxval = ctypes.CDLL(None).getauxval
+            getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+            return arm_features(getauxval(AT_HWCAP), getauxval(AT_HWCAP2))
+        except (OSError, AttributeError):
+            return []
+    try:
+        with open("/proc/cpuinfo", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in X86_FLAGS if flag in have]
+    except OSError:
+        pass
+    return []
+
+
 def hardware(cores: int) -> dict:
     model = mem = None
     if sys.platform == "win32":
@@ -182,6 +253,12 @@ def hardware(cores: int) -> dict:
                     break
     except OSError:
         pass
+    if model is None:  # ARM boards name themselves in the device tree ("Raspberry Pi 5 Model B Rev 1.0")
+        try:
+            with open("/sys/firmware/devicetree/base/model", "rb") as f:
+                model = f.read(200).rstrip(b"\0").decode("utf-8", "replace").strip() or None
+        except OSError:
+            pass
     try:
         mem = mem or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -190,6 +267,7 @@ def hardware(cores: int) -> dict:
         "cpu": model or platform.processor() or platform.machine(),
         "logical_cpus": os.cpu_count(),
         "physical_cores": cores,
+        "cpu_features": cpu_features(),
         "memory_bytes": mem,
         "os": f"{platform.system()} {platform.release()}",
         "machine": platform.machine(),

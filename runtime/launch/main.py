@@ -117,7 +117,10 @@ def _format_info(d: dict) -> str:
         f"threads:     {d['threads']}",
         f"context:     {d['context']}",
         "settings:    " + ", ".join(f"{k}={v}" for k, v in s.items()),
-        f"hardware:    {d['hardware']['cpu']}, {d['hardware']['physical_cores']} cores, {d['hardware']['os']}",
+        f"hardware:    {d['hardware']['cpu']}, {d['hardware']['physical_cores']} cores, {d['hardware']['os']} "
+        f"{d['hardware']['machine']}",
+        "cpu features: " + (" ".join(d['hardware'].get('cpu_features') or []) or "(not known)"),
+        f"target:      {(d.get('stub') or {}).get('target') or '(not recorded)'}",
         f"format:      {d['format_version']} (runtime {d['runtime_version']})",
         f"cache:       {d['cache_dir']}",
     ]
