@@ -50,6 +50,10 @@ def ensure_userland(folder: Path, include: tuple[str, ...] = ()) -> Path:
                        capture_output=True, text=True, timeout=1800)
     if r.returncode != 0:
         sys.exit((r.stdout + r.stderr)[-3000:] + f"\ndebootstrap of an arm64 {SUITE} userland failed")
+    for name in ("proc", "sys"):  # the first stage leaves /proc a link to the machine's: a loop once chrooted
+        if (work / name).is_symlink():
+            (work / name).unlink()
+        (work / name).mkdir(exist_ok=True)
     if include:  # the first stage only downloads what it does not need itself: unpack the rest
         for deb in sorted((work / "var" / "cache" / "apt" / "archives").glob("*.deb")):
             subprocess.run(["dpkg-deb", "-x", str(deb), str(work)], check=True)
