@@ -22,11 +22,21 @@ def fetch_sdist(requirement: str, dest: Path, pattern: str) -> Path:
 
 
 def publish(tree: Path, folder: Path) -> Path:
-    """Mark tree complete and move it to folder (an incomplete older one is replaced)."""
+    """Mark tree complete and move it to folder (an incomplete older one is replaced). When
+    another build (`make -j`) published the same piece first, its folder is kept and tree
+    dropped: the folders are keyed by what they are made of."""
     (tree / COMPLETE).write_text("")
+    if (folder / COMPLETE).exists():
+        shutil.rmtree(tree)
+        return folder
     if folder.exists():
         shutil.rmtree(folder)
-    os.replace(tree, folder)
+    try:
+        os.replace(tree, folder)
+    except OSError:
+        if not (folder / COMPLETE).exists():
+            raise
+        shutil.rmtree(tree)  # published by another build between the check and here
     return folder
 
 

@@ -118,14 +118,23 @@ def add_cuda(out_dir: Path, meta: dict, args) -> None:
 
 
 def add_vulkan(out_dir: Path, meta: dict, args) -> None:
-    """libggml-vulkan.so (buildsys/vulkan.py). The Vulkan loader it links is the system's."""
-    lib = vulkan.ensure_backend(cache_dir(), LLAMA_CPP_PYTHON, log, run_with_progress)
+    """libggml-vulkan.so (buildsys/vulkan.py) for the target's machine. The Vulkan loader it
+    links is the system's (for another machine: the one in its userland, buildsys/qemu.py)."""
+    import targets
+
+    target = targets.by_name(args.target)
+    loader = vulkan.SYSTEM_LOADER
+    if target.machine != os.uname().machine:
+        from . import qemu
+
+        loader = qemu.build_userland(cache_dir()) / qemu.LIBDIR / vulkan.LOADER
+    lib = vulkan.ensure_backend(cache_dir(), LLAMA_CPP_PYTHON, log, run_with_progress, target.triple, loader)
     digest = hashlib.sha256(lib.read_bytes()).hexdigest()
     record = meta.get("native", {}).get("vulkan")
     if record and record.get("library_sha256") == digest and (out_dir / VULKAN.stub_file).exists():
         log(f"Vulkan back end up to date: {out_dir / VULKAN.stub_file}")
         return
-    check_portable([lib], system={vulkan.LOADER, "libggml-base.so.0"})
+    check_portable([lib], system={vulkan.LOADER, "libggml-base.so.0"}, machine=target.machine)
     t0 = time.time()
     record = pack_tar({VULKAN.library: lib}, out_dir / VULKAN.stub_file, ZSTD_LEVEL)
     meta["native"]["vulkan"] = {**record, "library_sha256": digest, "loader": vulkan.LOADER}

@@ -49,10 +49,6 @@ CPU_FLAGS = [
     "-DGGML_OPENMP=OFF",
 ]
 WHEEL_PLATFORMS = {"x86_64": "manylinux2014_x86_64", "aarch64": "manylinux2014_aarch64"}
-# The arm64 userland the aarch64 CPython and PyInstaller run in (under qemu), in the build cache;
-# PyInstaller reads what each library needs with binutils' objdump.
-USERLAND_PACKAGES = ("binutils",)
-USERLAND = f"userland-arm64-{qemu.SUITE}-{'-'.join(USERLAND_PACKAGES)}"
 
 
 def ensure_wheel(version: str, flags: list[str], triple: str = zig.TRIPLE) -> Path:
@@ -234,7 +230,7 @@ def build(args) -> int:
     if cross:
         qemu.check_tools()
         log(f"{target.name}: an arm64 userland for qemu (debootstrap, once)")
-        userland = qemu.ensure_userland(cache_dir() / USERLAND, USERLAND_PACKAGES)
+        userland = qemu.build_userland(cache_dir())
         runner = [qemu.QEMU, "-L", str(userland)]
 
     # The two long compiles run side by side: their configure steps are serial, so together they

@@ -27,6 +27,17 @@ _MASK = r"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\x
 REGISTER = f":qemu-aarch64:M::{_MAGIC}:{_MASK}:{QEMU}:F"
 
 
+# The userland a build runs aarch64 programs in: PyInstaller reads what each library needs with
+# binutils' objdump; the Vulkan back end links against the loader (libvulkan.so.1, never shipped).
+BUILD_PACKAGES = ("binutils", "libvulkan1")
+LIBDIR = "usr/lib/aarch64-linux-gnu"
+
+
+def build_userland(cache: Path) -> Path:
+    """The arm64 userland of the build, in the build cache (made once)."""
+    return ensure_userland(cache / f"userland-arm64-{SUITE}-{'-'.join(BUILD_PACKAGES)}", BUILD_PACKAGES)
+
+
 def check_tools() -> None:
     missing = [t for t in ("debootstrap", "unshare", "chroot") if not shutil.which(t)]
     if not os.path.exists(QEMU):

@@ -87,20 +87,23 @@ def include_dir(folder: Path) -> Path:
     return inc
 
 
-def cache_key(llama_version: str) -> str:
-    ident = [llama_version, *sorted(FLAGS), *zig.IDENTITY, f"vk-headers={header_version()}",
+def cache_key(llama_version: str, triple: str = zig.TRIPLE) -> str:
+    ident = [llama_version, *sorted(FLAGS), *zig.identity(triple), f"vk-headers={header_version()}",
              subprocess.run(["glslc", "--version"], capture_output=True, text=True).stdout.splitlines()[0]]
     return hashlib.sha256(" ".join(ident).encode()).hexdigest()[:12]
 
 
-def ensure_backend(cache: Path, llama_version: str, log, run_with_progress) -> Path:
-    """libggml-vulkan.so, compiled once per llama.cpp version, flags, toolchain, headers and
-    glslc (cached under cache/ggml-vulkan-VERSION-KEY/)."""
+def ensure_backend(cache: Path, llama_version: str, log, run_with_progress, triple: str = zig.TRIPLE,
+                   loader: Path = SYSTEM_LOADER) -> Path:
+    """libggml-vulkan.so for triple's machine, compiled once per llama.cpp version, flags,
+    toolchain, headers and glslc (cached under cache/ggml-vulkan-VERSION-KEY/). loader: the
+    Vulkan loader of that machine to link against (another machine's comes from its userland;
+    ggml's CMake then builds its shader generator with this machine's gcc)."""
     missing = missing_tools()
     if missing:
         raise SystemExit(f"--vulkan needs Debian's {' '.join(missing)}: run `make buildtools-vulkan` "
                          f"(apt-get install {' '.join(DEBIAN_PACKAGES)})")
-    folder = cache / f"ggml-vulkan-{llama_version}-{cache_key(llama_version)}"
+    folder = cache / f"ggml-vulkan-{llama_version}-{cache_key(llama_version, triple)}"
     lib = folder / LIBRARY
     if lib.exists():
         log(f"Vulkan back end: cached ({lib})")
@@ -119,8 +122,8 @@ def ensure_backend(cache: Path, llama_version: str, log, run_with_progress) -> P
         inc = include_dir(work)
         log("Vulkan back end: configuring")
         subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja" if shutil.which("ninja") else "Unix Makefiles",
-                        *FLAGS, *zig.cmake_args(cache / "zig-tools"), f"-DVulkan_INCLUDE_DIR={inc}",
-                        f"-DVulkan_LIBRARY={SYSTEM_LOADER}", f"-DVulkan_GLSLC_EXECUTABLE={shutil.which('glslc')}"],
+                        *FLAGS, *zig.cmake_args(zig.tools_folder(cache, triple), triple), f"-DVulkan_INCLUDE_DIR={inc}",
+                        f"-DVulkan_LIBRARY={loader}", f"-DVulkan_GLSLC_EXECUTABLE={shutil.which('glslc')}"],
                        check=True, stdout=subprocess.DEVNULL)
         log("Vulkan back end: generating and compiling the shaders, then the back end (a few minutes)")
         run_with_progress(["cmake", "--build", str(build), "--target", "ggml-vulkan", "-j", str(os.cpu_count() or 2)],

@@ -74,6 +74,7 @@ def arm_bundle(tmp_path_factory, model, arm_stub) -> Path:
     assert re.search(r"wrote dist/SmolLM2-135M-Instruct-aarch64 \(.*, linux-aarch64, needs glibc ≥ 2\.17\)", r.stderr), \
         r.stderr
     assert "run it on Linux aarch64: ./dist/SmolLM2-135M-Instruct-aarch64" in r.stderr, r.stderr
+    assert "Vulkan back end: carried" in r.stderr, r.stderr  # ARM GPUs through Mesa's drivers
     return out
 
 
@@ -210,9 +211,12 @@ def test_userland_without_zlib_libstdcxx_libgcc_answers(arm_root, arm_bundle):
 
 
 def test_every_elf_file_is_aarch64_and_needs_glibc_217_and_nothing_else(tmp_path, arm_stub):
+    """... the Vulkan loader aside: it comes with every GPU driver, and is looked for before the
+    back end is loaded."""
     from test_portable import elf_files_of_stub
 
-    files = elf_files_of_stub(arm_stub, tmp_path)
+    files = elf_files_of_stub(arm_stub, tmp_path, ("native-cpu.tar.zst", "native-vulkan.tar.zst"))
+    assert any(p.name == "libggml-vulkan.so" for p in files)
     names = {p.name for p in files} | {p.name[len("archive_"):] for p in files}
     names |= {"libggml.so", "libggml-base.so", "libllama.so", "libpython3.11.so.1.0"}
     assert len(files) > 15, [p.name for p in files]
@@ -228,9 +232,36 @@ def test_every_elf_file_is_aarch64_and_needs_glibc_217_and_nothing_else(tmp_path
             if (int(major), int(minor)) > GLIBC_FLOOR:
                 problems.append(f"{p.name}: GLIBC_{major}.{minor}")
         for lib in re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out):
-            if lib not in GLIBC_OWN and lib not in names:
+            if lib not in GLIBC_OWN and lib not in names and not (p.name == "libggml-vulkan.so" and lib == "libvulkan.so.1"):
                 problems.append(f"{p.name}: needs {lib}")
     assert not problems, problems
+
+
+@pytest.mark.parametrize("case", ["no loader", "a loader and no driver"])
+def test_vulkan_falls_back_to_the_cpu_with_the_reason(arm_root, arm_bundle, case):
+    """The aarch64 bundle carries ggml's Vulkan back end; with no Vulkan loader (a minimal
+    system) or a loader and no GPU driver, the same probe as on x86-64 says why and the CPU
+    answers. (A real ARM GPU cannot be reached here: see the README.)"""
+    libdir = arm_root / qemu.LIBDIR
+    added = []
+    try:
+        if case == "a loader and no driver":  # Debian's libvulkan1 for arm64, from the build's userland
+            from buildsys.stub import cache_dir
+
+            for lib in (qemu.build_userland(cache_dir()) / qemu.LIBDIR).glob("libvulkan.so.1*"):
+                shutil.copy2(lib, libdir / lib.name, follow_symlinks=False)
+                added.append(libdir / lib.name)
+            assert added
+        r = run_arm(arm_root, arm_bundle, "--info", "--json", cpu="cortex-a76")
+        assert r.returncode == 0, r.stderr[-2000:]
+        b = json.loads(r.stdout)["backend"]
+        reason = "no Vulkan driver on this machine" if case == "no loader" else "finds no GPU driver"
+        assert b["name"] == "CPU" and reason in b["cpu_reason"] and reason in b["skipped"]["vulkan"], b
+        r = run_arm(arm_root, arm_bundle, "-p", QUESTION, "--temp", "0", cpu="cortex-a76")
+        assert r.returncode == 0 and ANSWER in r.stdout, r.stderr[-2000:]
+    finally:
+        for p in added:
+            p.unlink()
 
 
 def test_inspect_says_the_target(arm_bundle):

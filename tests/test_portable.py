@@ -30,9 +30,9 @@ ROOTFS = Path(os.environ.get("BUNDLE_TEST_ROOTFS") or Path.home() / ".cache" / "
 ANSWER = "Paris"
 
 
-def elf_files_of_stub(stub_dir: Path, into: Path) -> list[Path]:
+def elf_files_of_stub(stub_dir: Path, into: Path, tars=("native-cpu.tar.zst",)) -> list[Path]:
     """Every ELF file a bundle brings: the stub, what PyInstaller put in its archive, and the
-    native libraries of the payload."""
+    native libraries of the payload (in those tars)."""
     from PyInstaller.archive.readers import CArchiveReader
 
     out = [stub_dir / "bundle-runtime"]
@@ -45,16 +45,17 @@ def elf_files_of_stub(stub_dir: Path, into: Path) -> list[Path]:
             out.append(p)
     import zstandard
 
-    with open(stub_dir / "native-cpu.tar.zst", "rb") as f:
-        raw = zstandard.ZstdDecompressor().stream_reader(f).read()
-    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
-        for m in tar.getmembers():
-            if m.isfile():
-                data = tar.extractfile(m).read()
-                if data[:4] == b"\x7fELF":
-                    p = into / m.name
-                    p.write_bytes(data)
-                    out.append(p)
+    for name in tars:
+        with open(stub_dir / name, "rb") as f:
+            raw = zstandard.ZstdDecompressor().stream_reader(f).read()
+        with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+            for m in tar.getmembers():
+                if m.isfile():
+                    data = tar.extractfile(m).read()
+                    if data[:4] == b"\x7fELF":
+                        p = into / m.name
+                        p.write_bytes(data)
+                        out.append(p)
     return out
 
 
