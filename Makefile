@@ -11,10 +11,11 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 WIN_STUB := stubs/windows-x86_64/bundle-runtime.exe
 WIN_BUNDLE := dist/SmolLM2-135M-Instruct.exe
+USB_BUNDLE := dist/usb/SmolLM2-135M-Instruct.exe
 WINE   := $(firstword $(wildcard /usr/lib/wine/wine64 /usr/bin/wine64 /usr/bin/wine))
 
-.PHONY: all venv buildtools buildtools-vulkan buildtools-windows buildtools-aarch64 stub stub-windows stub-aarch64 model chromium demo demo-windows test \
-	test-windows test-cuda reference fuzz bench bench-windows clean distclean
+.PHONY: all venv buildtools buildtools-vulkan buildtools-windows buildtools-aarch64 buildtools-universal stub stub-windows stub-aarch64 model chromium demo demo-windows usb test \
+	test-windows test-universal test-cuda reference fuzz bench bench-windows clean distclean
 
 all: demo
 
@@ -55,6 +56,11 @@ buildtools-aarch64: buildtools
 		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q \
 		qemu-user-static binutils-aarch64-linux-gnu; }
 
+# The shells the universal file is tested from (bash and dash are Debian's own).
+buildtools-universal:
+	@command -v zsh >/dev/null 2>&1 && command -v busybox >/dev/null 2>&1 || { \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q zsh busybox; }
+
 # build.py skips every step whose output is up to date (the llama.cpp compile, CPython, the
 # bootloader and the Vulkan back end are cached per version, flags and toolchain under
 # ~/.cache/bundle/build), so this target is cheap after the first time. The stub carries the
@@ -84,6 +90,12 @@ demo: $(BUNDLE)
 	@./$(BUNDLE) -p "$(QUESTION)" --temp 0
 
 # The same question to the Windows bundle, under wine (pipes for its streams: see tests/wine.py).
+# One file for a USB stick: Windows x86-64, Linux x86-64 and Linux aarch64 (every stub is built).
+usb: stub stub-windows stub-aarch64 $(MODEL)
+	$(VENV)/bin/bundle build $(MODEL) --target universal -o $(USB_BUNDLE)
+	@echo "\$$ sh $(USB_BUNDLE) -p \"$(QUESTION)\" --temp 0"
+	@sh $(USB_BUNDLE) -p "$(QUESTION)" --temp 0
+
 demo-windows: stub-windows $(MODEL)
 	$(VENV)/bin/bundle build $(MODEL) --target windows-x86_64 -o $(WIN_BUNDLE)
 	@echo "\$$ wine $(WIN_BUNDLE) -p \"$(QUESTION)\" --temp 0"
@@ -104,7 +116,7 @@ reference: venv
 	$(PY) bench/native.py
 
 # The runtime's layers (pyproject.toml's import-linter contracts) are checked first: seconds.
-test: stub stub-windows stub-aarch64 reference $(MODEL) chromium
+test: stub stub-windows stub-aarch64 reference buildtools-universal $(MODEL) chromium
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest tests -m "not cuda"
 
@@ -115,6 +127,10 @@ test-windows: stub-windows $(MODEL)
 # The aarch64 bundle's tests alone, under qemu (part of `make test` too).
 test-aarch64: stub-aarch64 $(MODEL)
 	$(PY) -m pytest tests -m aarch64
+
+# The universal file's tests alone (part of `make test` too).
+test-universal: stub stub-windows stub-aarch64 buildtools-universal $(MODEL)
+	$(PY) -m pytest tests -m universal
 
 # The CUDA back end takes longer to compile on 2 cores than CI allows: its tests run here.
 test-cuda: venv buildtools-vulkan $(MODEL)
@@ -130,9 +146,10 @@ fuzz: stub $(MODEL)
 
 # The benchmarks (bench/__main__.py), then the aarch64 bundle against llama.cpp's llama-bench
 # for aarch64, both under qemu (bench/aarch64.py).
-bench: stub stub-aarch64 reference $(MODEL)
+bench: stub stub-windows stub-aarch64 reference $(MODEL)
 	$(PY) -m bench
 	$(PY) -m bench.aarch64
+	$(PY) -m bench.universal
 
 # Decode and prompt speed of the Windows bundle under wine against the Linux bundle (wine is not Windows).
 bench-windows: stub stub-windows $(MODEL)

@@ -102,7 +102,8 @@ def cli():
 @click.option("--top-k", type=int, help="default top-k")
 @click.option("--repeat-penalty", type=float, help="default repeat penalty")
 @click.option("--max-tokens", type=int, help="default most tokens per answer (-1: no limit)")
-@click.option("--target", help="platform of the executable (default: this one)")
+@click.option("--target", help="platform of the executable (default: this one; universal: one file for "
+              "Windows x86-64 and every Linux whose stub is built)")
 @click.option("--stub", type=click.Path(), help="use this runtime stub instead of stubs/<target>/")
 @click.option("--gpu", type=click.Choice(["auto", *GPU_KEYS, "none"]), default="auto", show_default=True,
               help="the GPU back ends to carry (auto: every one the stub has; none: CPU only)")
@@ -119,8 +120,17 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
     model_path = hub.fetch(model) if hub.is_hub_ref(model) else Path(model)
     info = gguf.read_gguf(str(model_path))
     template_name, template_source = resolve_template(template, info.chat_template, info)
-    stub_info = stubs.find_stub(target, stub)
-    gguf.check_architecture(info, stub_info.meta.get("architectures"), stub_info.meta.get("llama_cpp_python", "?"))
+    stored = []
+    if target == "universal":
+        from . import universal
+
+        if stub:
+            raise UsageError("--stub names one runtime; a universal file takes every built stub from stubs/")
+        stub_info, stored = stubs.find_universal_stubs()
+    else:
+        stub_info = stubs.find_stub(target, stub)
+    for s in (stub_info, *stored):
+        gguf.check_architecture(info, s.meta.get("architectures"), s.meta.get("llama_cpp_python", "?"))
     if name is not None and len(name) > gguf.MAX_NAME:
         raise BundleError(f"--name is {len(name)} characters long; give one of at most {gguf.MAX_NAME}")
     stem = Path(model_path.name).stem if not hub.is_hub_ref(model) else Path(model.rsplit("/", 1)[-1]).stem
@@ -131,18 +141,19 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
             click.echo(f"note: {stub_info.spec.system.capitalize()} runs programs only by the name "
                        f"{stub_info.spec.exe_suffix}: writing {named}", err=True)
         out = out.with_name(named)
-    if gpu in GPU_KEYS and gpu not in stub_info.gpu:
+    if gpu in GPU_KEYS and not any(gpu in s.gpu for s in (stub_info, *stored)):
         b = by_key(gpu)
         raise BundleError(f"--gpu {gpu}: the stub in {stub_info.folder}/ has no {b.label} back end; build one with "
                           f"`python build.py {b.build_flag}` or pass --gpu none")
-    carried = tuple(b.key for b in stub_info.gpu_backends() if gpu in ("auto", b.key))
+    carried = tuple(dict.fromkeys(b.key for s in (stub_info, *stored) for b in s.gpu_backends()
+                                  if gpu in ("auto", b.key)))
     writer.check_output(out, model_path, force)
-    writer.check_space(out, model_path, stub_info, carried)
+    writer.check_space(out, model_path, stub_info, carried, stored)
     from . import split as splitter
 
     limit = splitter.parse_size(max_file_size) if max_file_size else (splitter.FAT32_MAX if split else None)
-    exe_size = stub_info.exe.stat().st_size + stub_info.native_cpu.stat().st_size + sum(
-        stub_info.gpu[key].stat().st_size for key in carried)
+    exe_size = sum(s.exe.stat().st_size + s.native_cpu.stat().st_size + sum(
+        s.gpu[key].stat().st_size for key in carried if key in s.gpu) for s in (stub_info, *stored))
     if limit is not None and exe_size + (1 << 20) > limit:
         raise UsageError(f"--max-file-size {_human(limit)} is smaller than the executable without its model "
                          f"({_human(exe_size)}); give a larger size")
@@ -178,6 +189,7 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
         template=template_source,
         settings=settings.to_manifest(),
         stub=StubInfo.from_json(stub_info.manifest_info()),
+        runtimes={s.target: StubInfo.from_json(s.manifest_info()) for s in stored},
     )
     err = click.get_text_stream("stderr")
     click.echo(
@@ -185,10 +197,13 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
         f"trained context {info.context_length}, template {template_name}, {_human(info.file_size)}",
         err=True,
     )
-    for b in stub_info.gpu_backends():
-        size = _human(stub_info.gpu[b.key].stat().st_size)
-        how = "--gpu none leaves it out" if b.key in carried else f"--gpu {b.key} or auto carries it"
-        click.echo(f"{b.label} back end: {'carried' if b.key in carried else 'left out'} ({size}; {how})", err=True)
+    for s in (stub_info, *stored):
+        for b in s.gpu_backends():
+            size = _human(s.gpu[b.key].stat().st_size)
+            how = "--gpu none leaves it out" if b.key in carried else f"--gpu {b.key} or auto carries it"
+            whose = f" for {s.target}" if stored else ""
+            click.echo(f"{b.label} back end{whose}: {'carried' if b.key in carried else 'left out'} ({size}; {how})",
+                       err=True)
     show_bar = err.isatty()
     parts = None
     try:
@@ -206,14 +221,20 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
                     raise BundleError(f"cannot write the model's parts in {out.parent}: {exc.strerror}; "
                                       "check the folder and free space") from None
             result = writer.write_bundle(model_path, stub_info, out, manifest, progress=bar.update,
-                                         gpu=carried, parts=parts)
+                                         gpu=carried, parts=parts, stored=stored)
     finally:
         for tmp, *_ in parts or ():
             tmp.unlink(missing_ok=True)  # renamed into place on success; leftovers of a failure
     seconds = time.perf_counter() - t0
-    needs = spec.needs_text(stub_info.meta)
-    click.echo(f"wrote {out} ({_human(result['size'])}, {stub_info.target}, needs {needs}) in {seconds:.2f} s",
-               err=True)
+    if stored:
+        runs_on = universal.machines(manifest.targets())
+        needs = "; ".join(f"{universal.SAYS[s.target]}: {s.spec.needs_text(s.meta)}" for s in (stub_info, *stored))
+        click.echo(f"wrote {out} ({_human(result['size'])}, universal: runs on {runs_on}; needs {needs}) "
+                   f"in {seconds:.2f} s", err=True)
+    else:
+        needs = spec.needs_text(stub_info.meta)
+        click.echo(f"wrote {out} ({_human(result['size'])}, {stub_info.target}, needs {needs}) in {seconds:.2f} s",
+                   err=True)
     if parts:
         from .split import is_part_file
 
@@ -230,6 +251,13 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
     shown = out if out.is_absolute() or str(out).startswith(".") or spec.system == "windows" else f"./{out}"
     import targets
 
+    if stored:
+        import shlex
+
+        linux = shlex.quote(str(out) if out.is_absolute() or str(out).startswith(".") else f"./{out}")
+        click.echo(f"run it on Windows: {out.name} -p \"Hello\" (or double-click it); on Linux, from a shell: "
+                   f"{linux} -p \"Hello\"   or   sh {linux} --cli", err=True)
+        return
     where = "" if spec.name == targets.host_name() else f" on {spec.system.capitalize()} {spec.machine}"
     click.echo(f"run it{where}: {shown} -p \"Hello\"   or   {shown} --cli", err=True)
 
@@ -297,6 +325,8 @@ def describe(path: str) -> dict:
         "template": m.template,
         "settings": m.settings,
         "stub": m.stub.to_json(),
+        "runtimes": {t: stub.to_json() for t, stub in m.runtimes.items()},
+        "runs_on": m.targets(),
         "regions": [r.to_json() for r in payload.regions.values()],
         "entries": [
             {"name": e.name, "offset": payload.payload_start + e.offset, "size": e.size,
@@ -330,10 +360,17 @@ def format_description(d: dict) -> str:
             f"stub:        {st.get('target')} · runtime {st.get('runtime_version')} · llama-cpp-python "
             f"{st.get('llama_cpp_python')} · needs {_needs(st)}"
         )
+        for target, other in (d.get("runtimes") or {}).items():
+            lines.append(f"stub:        {target} · runtime {other.get('runtime_version')} · llama-cpp-python "
+                         f"{other.get('llama_cpp_python')} · needs {_needs(other)}")
+        if len(d.get("runs_on") or ()) > 1:
+            from .universal import machines
+
+            lines.append(f"runs on:     {machines(d['runs_on'])} (one file: on Linux, run it from a shell)")
         lines.append("entries:")
         for e in d["entries"]:
             lines.append(
-                f"  {e['name']:<22} {_human(e['size']):>10}  at {e['offset']:<10} {e['compression']:<5} sha256 {e['sha256']}"
+                f"  {e['name']:<34} {_human(e['size']):>10}  at {e['offset']:<10} {e['compression']:<5} sha256 {e['sha256']}"
             )
         parts = (d.get("model") or {}).get("parts") or []
         if parts:
@@ -343,7 +380,7 @@ def format_description(d: dict) -> str:
         if d.get("regions"):
             lines.append("runtime (hashed too):")
             for r in d["regions"]:
-                lines.append(f"  {r['name']:<22} {_human(r['size']):>10}  at {r['offset']:<10}       sha256 {r['sha256']}")
+                lines.append(f"  {r['name']:<34} {_human(r['size']):>10}  at {r['offset']:<10}       sha256 {r['sha256']}")
     else:
         lines.append(f"template:    {'embedded Jinja template' if d['template'] else 'none (ChatML will be used)'}")
     return "\n".join(lines)

@@ -78,3 +78,24 @@ def find_stub(target: str | None = None, stub_path: str | None = None) -> Stub:
         if record and path.is_file():
             gpu[b.key] = path
     return Stub(target, spec, folder, exe, native, meta, gpu)
+
+
+def find_universal_stubs() -> tuple[Stub, list[Stub]]:
+    """The stubs a universal file is made of: Windows x86-64's (its front: the PE image) and
+    every stored target's whose stub is built (runtime.bundlefile.layout.STORED_TARGETS)."""
+    from runtime.bundlefile.layout import STORED_TARGETS
+
+    front = targets.by_name("windows-x86_64")
+    if not (stubs_root() / front.name / front.stub_name).is_file():
+        raise BundleError(f"a universal file starts as the Windows program: no stub for {front.name} in "
+                          f"{stubs_root() / front.name}/; {front.missing_stub_hint(stubs_root() / front.name)}")
+    stored = []
+    for name in STORED_TARGETS:
+        spec = targets.by_name(name)
+        if (stubs_root() / name / spec.stub_name).is_file():
+            stored.append(find_stub(name))
+    if not stored:
+        hints = "; ".join(f"{t}: {targets.by_name(t).build_hint}" for t in STORED_TARGETS)
+        raise BundleError(f"a universal file carries Linux runtimes, and no Linux stub is built in {stubs_root()}/ "
+                          f"({hints})")
+    return find_stub(front.name), stored

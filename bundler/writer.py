@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Callable
 
 from runtime.host.gpu.registry import GPU_BACKENDS
-from runtime.bundlefile import Manifest, ModelPart, Region, MODEL_ENTRY, NATIVE_CPU_ENTRY, NotABundleError, PayloadError, PayloadWriter, align_up, PYI_COOKIE_SIZE, find_cookie, masked, pe_hash_mask, TAIL_PAD, make_tail, read_payload
+from runtime.bundlefile import Manifest, ModelPart, Region, StubInfo, MODEL_ENTRY, NATIVE_CPU_ENTRY, NotABundleError, PayloadError, PayloadWriter, align_up, PYI_COOKIE_SIZE, find_cookie, masked, pe_hash_mask, TAIL_PAD, make_tail, read_payload
 
+from runtime.bundlefile.layout import RUNTIME_ENTRY, stored_name
+
+from . import universal
 from .errors import BundleError
 from .stubs import Stub
 
@@ -67,11 +70,12 @@ def check_output(output: Path, model: Path, force: bool) -> None:
         raise BundleError(f"cannot write to {folder} (permission denied); choose a writable folder with -o")
 
 
-def check_space(output: Path, model: Path, stub: Stub, gpu: tuple[str, ...] = ()) -> None:
+def check_space(output: Path, model: Path, stub: Stub, gpu: tuple[str, ...] = (), stored=()) -> None:
     folder = _nearest_existing(output.parent)
     # (split: the parts take the model's size plus a header each, well inside SLACK)
-    needed = stub.exe.stat().st_size * 2 + stub.native_cpu.stat().st_size + model.stat().st_size + SLACK
-    needed += sum(stub.gpu[key].stat().st_size for key in gpu)
+    needed = stub.exe.stat().st_size + model.stat().st_size + SLACK + sum(
+        s.exe.stat().st_size + s.native_cpu.stat().st_size + sum(s.gpu[k].stat().st_size for k in gpu if k in s.gpu)
+        for s in (stub, *stored))
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise BundleError(
@@ -89,20 +93,26 @@ def write_bundle(
     tail_mode: str = "auto",
     gpu: tuple[str, ...] = (),
     parts: list | None = None,
+    stored: list[Stub] = (),
 ) -> dict:
     """Write the bundle at output (via a temporary file in the same folder). Returns figures.
 
     gpu: the keys of the GPU back ends to carry (runtime/host/gpu/registry.py), each from the stub folder.
 
+    stored: a universal file's other runtimes (bundler/universal.py): stub is then the Windows
+    one, whose DOS header becomes the shell launcher of these.
+
     parts: the model already written as split parts (bundler/split.py: temporary path, final
     name, size, sha256 each): the executable then carries no model, and the parts are renamed
     into place beside it just before it is."""
     stub_bytes = stub.exe.read_bytes()
+    if stored:
+        stub_bytes = universal.make_room(stub_bytes)
     cookie_pos, archive_start = find_stub_archive(stub_bytes)
     stub_archive = stub_bytes[archive_start : cookie_pos + PYI_COOKIE_SIZE]
     payload_start = align_up(len(stub_bytes))
     folder = output.parent
-    check_space(output, model, stub, gpu)
+    check_space(output, model, stub, gpu, stored)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -119,12 +129,29 @@ def write_bundle(
             native_meta = stub.meta.get("native", {}).get("cpu", {})
             writer.add_file(NATIVE_CPU_ENTRY, stub.native_cpu, "zstd", native_meta.get("unpacked_size"))
             for backend in GPU_BACKENDS:
-                if backend.key in gpu:
+                if backend.key in gpu and backend.key in stub.gpu:
                     record = stub.meta["native"][backend.key]
                     writer.add_file(backend.entry, stub.gpu[backend.key], record.get("compression", "zstd"),
                                     record.get("unpacked_size"))
+            launched = {}  # a universal file: each runtime with its libraries
+            for other in stored:
+                exe = other.exe.read_bytes()
+                data, magic_at = universal.stored_runtime(exe)
+                entry = writer.add_bytes(stored_name(other.target, RUNTIME_ENTRY), data)
+                launched[other.target] = (payload_start + entry.offset, entry.size,
+                                          hashlib.sha256(exe).hexdigest(), magic_at)
+                writer.add_file(stored_name(other.target, NATIVE_CPU_ENTRY), other.native_cpu, "zstd",
+                                other.meta.get("native", {}).get("cpu", {}).get("unpacked_size"))
+                for backend in other.gpu_backends():
+                    if backend.key in gpu:
+                        record = other.meta["native"][backend.key]
+                        writer.add_file(stored_name(other.target, backend.entry), other.gpu[backend.key],
+                                        record.get("compression", "zstd"), record.get("unpacked_size"))
             if not isinstance(manifest, Manifest):
                 manifest = Manifest.from_json(manifest)
+            if stored:
+                manifest = dataclasses.replace(manifest, runtimes={
+                    other.target: StubInfo.from_json(other.manifest_info()) for other in stored})
             if parts:
                 model_entry = None
                 manifest = dataclasses.replace(manifest, model=dataclasses.replace(
@@ -133,12 +160,16 @@ def write_bundle(
                 model_entry = writer.add_file(MODEL_ENTRY, model, progress=progress)
                 manifest = dataclasses.replace(manifest, model=dataclasses.replace(manifest.model,
                                                                                    sha256=model_entry.sha256))
-            stub_regions = runtime_regions(stub_bytes, archive_start, cookie_pos, payload_start)
             # The tail's cookie reaches back from the payload's end, which depends on the TOC's
             # length, which holds the tail's hash: settle it in a few rounds (it moves by 64 KiB
-            # steps, so it is stable at once unless the TOC crosses a boundary).
+            # steps, so it is stable at once unless the TOC crosses a boundary). A universal
+            # file's launcher names the file's size, and is hashed in the bootloader region.
             tail, payload_end = b"", -1
-            for _ in range(4):
+            for _ in range(5):
+                if stored:
+                    stub_bytes = universal.front_with_launcher(stub_bytes, launched, payload_end + len(tail),
+                                                               manifest.targets())
+                stub_regions = runtime_regions(stub_bytes, archive_start, cookie_pos, payload_start)
                 toc = writer.toc_bytes(manifest, [*stub_regions, _region("tail", payload_end, tail)])
                 end = payload_start + writer.size_with(toc)
                 if end == payload_end:
@@ -150,6 +181,9 @@ def write_bundle(
             else:
                 raise BundleError("the bundle's table of contents did not settle; report it")
             file_size = payload_end + len(tail)
+            if stored:
+                f.seek(0)
+                f.write(stub_bytes[:archive_start])  # the launcher, now that the numbers are known
             writer.finish(toc, file_size)
             f.seek(payload_end)
             f.write(tail)

@@ -40,6 +40,34 @@ def isolated_user_dirs(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def wine(tmp_path_factory):
+    """wine in a fresh prefix of its own, for the session (Windows' executables: tests/wine.py)."""
+    import targets
+    from wine import NATIVE, WINE, WINESERVER, Wine
+
+    assert targets.by_name("windows-x86_64").runner == "wine"  # how its executables run on a Linux machine
+    if not NATIVE and (not WINE or not WINESERVER):
+        pytest.fail("wine is missing: run `make buildtools-windows` (Debian's wine64)")
+    w = Wine(tmp_path_factory.mktemp("wineprefix") / "prefix").start()
+    yield w
+    w.stop()
+
+
+# The arm64 Debian 11 userland the aarch64 executables run in under qemu-user (buildsys/qemu.py).
+ARM_ROOTFS = Path(os.environ.get("BUNDLE_TEST_ROOTFS_ARM64") or Path.home() / ".cache" / "bundle" / "test-rootfs" /
+                  "bullseye-arm64-minbase")
+
+
+@pytest.fixture(scope="session")
+def arm_root() -> Path:
+    from buildsys import qemu
+
+    if os.geteuid() != 0:
+        pytest.skip("debootstrap and chroot need root (CI runs as root)")
+    return qemu.ensure_userland(ARM_ROOTFS)
+
+
+@pytest.fixture(scope="session")
 def model() -> Path:
     if not MODEL.exists():
         pytest.fail(f"the demo model is missing: run `make model` (expected {MODEL})")

@@ -26,8 +26,6 @@ from conftest import QUESTION, ROOT, run_bundle_cmd, run_exe
 pytestmark = pytest.mark.aarch64
 
 ARM_STUB = ROOT / "stubs" / "linux-aarch64"
-ROOTFS = Path(os.environ.get("BUNDLE_TEST_ROOTFS_ARM64") or Path.home() / ".cache" / "bundle" / "test-rootfs" /
-              "bullseye-arm64-minbase")
 ANSWER = "Paris"
 GLIBC_FLOOR = (2, 17)
 GLIBC_OWN = {"libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0", "librt.so.1", "ld-linux-aarch64.so.1",
@@ -52,13 +50,6 @@ def arm_stub() -> Path:
     if not (ARM_STUB / "bundle-runtime").exists():
         pytest.fail("the aarch64 stub is missing: run `make stub-aarch64` (python build.py --target linux-aarch64)")
     return ARM_STUB
-
-
-@pytest.fixture(scope="session")
-def arm_root() -> Path:
-    if os.geteuid() != 0:
-        pytest.skip("debootstrap and chroot need root (CI runs as root)")
-    return qemu.ensure_userland(ROOTFS)
 
 
 @pytest.fixture(scope="session")

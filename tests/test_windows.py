@@ -22,7 +22,7 @@ import pytest
 
 import targets
 from conftest import QUESTION, ROOT, run_bundle_cmd
-from wine import NATIVE, WINE, WINESERVER, Wine
+from wine import NATIVE
 
 pytestmark = pytest.mark.windows
 TARGET = targets.by_name("windows-x86_64")
@@ -31,16 +31,6 @@ STUB = STUB_DIR / TARGET.stub_name
 # A folder and a name with spaces and letters outside ASCII (and outside most code pages).
 FOLDER = "My Models Ünïcode 模型"
 NAME = "SmolLM2 démo"
-
-
-@pytest.fixture(scope="session")
-def wine(tmp_path_factory):
-    assert TARGET.runner == "wine"  # how this target's executables run on a Linux machine
-    if not NATIVE and (not WINE or not WINESERVER):
-        pytest.fail("wine is missing: run `make buildtools-windows` (Debian's wine64)")
-    w = Wine(tmp_path_factory.mktemp("wineprefix") / "prefix").start()
-    yield w
-    w.stop()
 
 
 @pytest.fixture(scope="session")

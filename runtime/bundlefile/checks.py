@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..host import cachedir
 from ..errors import DamagedError
-from .layout import MODEL_ENTRY, NATIVE_CPU_ENTRY
+from .layout import MODEL_ENTRY, NATIVE_CPU_ENTRY, RUNTIME_ENTRY
 from .reader import Payload
 
 PROGRESS_AFTER = 1.0  # seconds: quick checks say nothing
@@ -44,9 +44,10 @@ def verdict_key(payload: Payload) -> str:
 
 
 def parts_to_check(payload: Payload) -> list[str]:
-    """The model, the CPU libraries and the runtime's own regions. (The CUDA libraries are
-    hashed when they are unpacked, which happens only on machines with an NVIDIA driver.)"""
-    return [n for n in (MODEL_ENTRY, NATIVE_CPU_ENTRY) if n in payload.entries] + list(payload.regions)
+    """The model, the CPU libraries, the runtime's own regions and, in a universal file, the
+    runtime program the launcher ran. (The GPU back ends' libraries are hashed when they are
+    unpacked, which happens only on machines with a driver.)"""
+    return [n for n in (MODEL_ENTRY, NATIVE_CPU_ENTRY, RUNTIME_ENTRY) if n in payload.entries] + list(payload.regions)
 
 
 class _Progress:

@@ -98,12 +98,36 @@ class EntryKind:
 
 MODEL_ENTRY = "model.gguf"
 NATIVE_CPU_ENTRY = "native/cpu.tar.zst"
+RUNTIME_ENTRY = "runtime"
 ENTRY_KINDS: dict[str, EntryKind] = {k.name: k for k in (
     EntryKind(MODEL_ENTRY, "the model", ("none",), "mapped", "runtime.inference.engine"),
     EntryKind(NATIVE_CPU_ENTRY, "the runtime libraries", ("zstd",), "unpacked", "runtime.host.libraries"),
     *(EntryKind(b.entry, b.what, ("zstd",), "unpacked if used", "runtime.host.gpu.choice") for b in GPU_BACKENDS),
+    # A universal file's other runtimes (below): the program itself, unpacked by the file's shell
+    # launcher (bundler/universal.py writes it) into the cache and run on the file.
+    EntryKind(RUNTIME_ENTRY, "the runtime program", ("none",), "unpacked by the launcher", "bundler.universal"),
 )}
-KNOWN_ENTRIES = tuple(ENTRY_KINDS)
+
+# -- a universal file (bundle build --target universal) -------------------------------------------
+# Its front runtime is the Windows one (the file is a PE image whose DOS header starts a shell
+# script); the runtimes of these targets ride in its payload, each with its own libraries, under
+# names prefixed with the target ("linux-aarch64/runtime", "linux-aarch64/native/cpu.tar.zst").
+# The model is stored once and mapped by whichever runtime runs. A runtime reads such a file
+# through Payload.for_runtime(), which shows it its own entries under the plain names.
+STORED_TARGETS = ("linux-x86_64", "linux-aarch64")
+KNOWN_ENTRIES = tuple(k for k in ENTRY_KINDS if k != RUNTIME_ENTRY) + tuple(
+    f"{t}/{k}" for t in STORED_TARGETS for k in ENTRY_KINDS if ENTRY_KINDS[k].placement != "mapped")
+
+
+def entry_kind(name: str) -> EntryKind:
+    """The kind of an entry named as in a table of contents (a stored runtime's prefix aside)."""
+    target, _, rest = name.partition("/")
+    return ENTRY_KINDS[rest] if target in STORED_TARGETS else ENTRY_KINDS[name]
+
+
+def stored_name(target: str, kind: str) -> str:
+    """The name a universal file stores target's entry of this kind under."""
+    return f"{target}/{kind}"
 COMPRESSIONS = ("none", "zstd")
 # Parts of the file outside the payload whose hashes the TOC records, so that damage to the
 # runtime itself is found too (issue 8.3). Offsets are absolute.

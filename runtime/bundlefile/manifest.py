@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .fields import Invalid, as_object, sha256_field, take
-from .layout import MAX_BYTES
+from .layout import MAX_BYTES, STORED_TARGETS
 
 MAX_LAYERS = 4096
 
@@ -231,11 +231,21 @@ class Manifest:
     template: str | None = None
     settings: dict = field(default_factory=dict)
     stub: StubInfo = field(default_factory=StubInfo)
+    # A universal file's other runtimes (layout.STORED_TARGETS), by target: the stub each was
+    # built from. `stub` is the front (Windows) one.
+    runtimes: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "built": self.built, "bundler_version": self.bundler_version,
+        data = {"name": self.name, "built": self.built, "bundler_version": self.bundler_version,
                 "model": self.model.to_json(), "template_name": self.template_name, "template": self.template,
                 "settings": dict(self.settings), "stub": self.stub.to_json()}
+        if self.runtimes:
+            data["runtimes"] = {t: stub.to_json() for t, stub in self.runtimes.items()}
+        return data
+
+    def targets(self) -> list[str]:
+        """Every platform the file runs on: its front runtime's and the stored ones'."""
+        return [t for t in (self.stub.target, *self.runtimes) if t]
 
     @classmethod
     def from_json(cls, data, where: str = "manifest") -> "Manifest":
@@ -257,4 +267,18 @@ class Manifest:
             template=take(data, "template", str, where, max_len=MAX_TEMPLATE),
             settings=dict(settings),
             stub=StubInfo.from_json(data.get("stub") or {}, f"{where}.stub"),
+            runtimes=_runtimes(data.get("runtimes") or {}, f"{where}.runtimes"),
         )
+
+
+def _runtimes(value, where: str) -> dict:
+    value = as_object(value, where)
+    out = {}
+    for target, raw in value.items():
+        if target not in STORED_TARGETS:
+            raise Invalid(where, f"{str(target)[:40]!r} is not a target a universal file carries")
+        stub = StubInfo.from_json(raw, f"{where}.{target}")
+        if stub.target != target:
+            raise Invalid(f"{where}.{target}.target", "differs from its key")
+        out[target] = stub
+    return out

@@ -4,6 +4,7 @@ hashed on request. The layout it reads is in layout.py and docs/format.md."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ from typing import BinaryIO, Iterator
 from ..errors import DamagedError, IncompleteError, NewerFormatError, NotABundleError, PayloadError
 from .exe import find_cookie, masked, pe_hash_mask, pe_signature, read_at, stub_end
 from .fields import Invalid, as_object, take
-from .layout import (CHUNK, ENTRY_ALIGN, ENTRY_KINDS, FORMAT_VERSION, HEADER_MAGIC, HEADER_SEARCH, HEADER_SIZE,
+from .layout import (CHUNK, ENTRY_ALIGN, STORED_TARGETS, entry_kind, FORMAT_VERSION, HEADER_MAGIC, HEADER_SEARCH, HEADER_SIZE,
                      KNOWN_ENTRIES, MAX_TOC_SIZE, PYI_COOKIE_SIZE, REGIONS, TRAILER_MAGIC, Entry, Region, align_up,
                      unpack_header)
 from .manifest import Manifest
@@ -46,6 +47,25 @@ class Payload:
     def __post_init__(self):
         self.source = self.source or self.path
 
+    def for_runtime(self, target: str) -> "Payload":
+        """This payload as the runtime of target sees it. In a universal file that is not the
+        front runtime's, its own entries ("linux-aarch64/native/cpu.tar.zst") go by the plain
+        names, the other runtimes' entries are left out, and manifest.stub is its own stub; the
+        model and the regions are shared. Anything else is returned as it is."""
+        stub = self.manifest.runtimes.get(target)
+        if stub is None or target == self.manifest.stub.target:
+            return self
+        prefix = target + "/"
+        entries = {}
+        for name, e in self.entries.items():
+            if name.startswith(prefix):
+                plain = name[len(prefix):]
+                entries[plain] = dataclasses.replace(e, name=plain)
+            elif name.partition("/")[0] not in STORED_TARGETS and entry_kind(name).placement == "mapped":
+                entries[name] = e
+        return dataclasses.replace(self, entries=entries,
+                                   manifest=dataclasses.replace(self.manifest, stub=stub, runtimes={}))
+
     def absolute_offset(self, name: str) -> int:
         return self.payload_start + self.entries[name].offset
 
@@ -71,7 +91,7 @@ class Payload:
     def check_parts(self, names=None, progress=None) -> list[str]:
         """Hash the named entries and regions (all when None); a list of what does not match."""
         problems = []
-        parts = [(e.name, self.payload_start + e.offset, e.size, e.sha256, f"{e.name} ({ENTRY_KINDS[e.name].what})")
+        parts = [(e.name, self.payload_start + e.offset, e.size, e.sha256, f"{e.name} ({entry_kind(e.name).what})")
                  for e in self.entries.values()]
         parts += [(r.name, r.offset, r.size, r.sha256, REGIONS[r.name]) for r in self.regions.values()]
         mask = []

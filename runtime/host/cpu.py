@@ -272,3 +272,31 @@ def hardware(cores: int) -> dict:
         "os": f"{platform.system()} {platform.release()}",
         "machine": platform.machine(),
     }
+
+
+def runtime_target() -> str:
+    """The platform this runtime was built for, named as the build targets ("linux-aarch64"):
+    what it looks for in a universal file. (Under qemu-user the emulated machine; under wine,
+    windows-x86_64.)"""
+    system = "windows" if sys.platform == "win32" else sys.platform.rstrip("0123456789")
+    machine = platform.machine().lower()
+    machine = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    return f"{system}-{machine}"
+
+
+def wine_host() -> str | None:
+    """The kernel under wine ("Linux"), when this Windows program runs under wine; else None.
+    (wine's ntdll exports wine_get_host_version; Windows' does not.)"""
+    if sys.platform != "win32":
+        return None
+    try:
+        get = ctypes.windll.ntdll.wine_get_host_version
+    except (OSError, AttributeError):
+        return None
+    get.restype = None
+    sysname, release = ctypes.c_char_p(), ctypes.c_char_p()
+    try:
+        get(ctypes.byref(sysname), ctypes.byref(release))
+    except OSError:
+        return None
+    return (sysname.value or b"?").decode("ascii", "replace")

@@ -14,10 +14,17 @@ from .. import __version__
 from ..bundlefile import FORMAT_VERSION
 
 
+# Set by a universal file's shell launcher (bundler/universal.py) for the runtime it unpacked
+# into the cache and runs: the file the launcher was started as, which holds the model.
+LAUNCHED_FROM = "BUNDLE_UNIVERSAL_FILE"
+
+
 def self_path() -> str:
-    """The bundle file this process runs from."""
+    """The bundle file this process runs from: its own executable, or the universal file it was
+    started from (taken out of the environment, so that nothing this runtime starts inherits it)."""
     if getattr(sys, "frozen", False):
-        return sys.executable
+        launched = os.environ.pop(LAUNCHED_FROM, None)
+        return os.path.abspath(launched) if launched else sys.executable
     path = os.environ.get("BUNDLE_SELF")
     if not path:
         raise UsageError("not running from a bundle; set BUNDLE_SELF=path/to/bundle to run the runtime from source")

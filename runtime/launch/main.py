@@ -16,14 +16,15 @@ from ..errors import RuntimeFailure, UsageError
 from ..host import process
 from ..host.console import say, write_out
 from ..text import printable, printable_tree
-from .cli import build_parser, read_prompt, read_schema, self_path
+from .cli import LAUNCHED_FROM, build_parser, read_prompt, read_schema, self_path
 from .runtime import Runtime
 from .settings import env_flag
 
 def run(argv) -> int:
     from . import modes
 
-    prog = os.path.basename(sys.argv[0]) if getattr(sys, "frozen", False) else "runtime"
+    prog = os.path.basename(os.environ.get(LAUNCHED_FROM) or sys.argv[0]) if getattr(sys, "frozen", False) \
+        else "runtime"
     args = build_parser(prog).parse_args(argv)
     if getattr(sys, "frozen", False):
         from ..host.leftovers import claim_and_sweep
@@ -33,6 +34,7 @@ def run(argv) -> int:
     if args.verify:
         return modes.verify(path)
     rt = Runtime(path, args)
+    _say_if_wine_could_be_native(rt)
     if args.info:
         data = rt.info()
         write_out((json.dumps(data, indent=2) if args.json else _format_info(printable_tree(data))) + "\n")
@@ -58,6 +60,19 @@ def run(argv) -> int:
     # next free port when the default one is taken and no port was asked for.
     asked = args.port is not None or os.environ.get("BUNDLE_PORT") is not None
     return modes.serve(rt, open_page=True, move_if_busy=not asked)
+
+
+def _say_if_wine_could_be_native(rt) -> None:
+    """A universal file run under wine on Linux (a double-click where wine's binfmt_misc entry
+    claims every "MZ" file, or `wine model.exe`): the same file has the native runtime, which is
+    faster and can use the GPU."""
+    from ..host.cpu import wine_host
+
+    host = wine_host()
+    native = [t for t in rt.targets if t.startswith(f"{(host or '').lower()}-")]
+    if host and native:
+        say(f"note: this is the Windows runtime, running under wine on {host}; this file runs natively there "
+            f"(faster, and on the GPU): sh ./{os.path.basename(rt.path)}")
 
 
 def started_in_own_window() -> bool:
@@ -120,7 +135,8 @@ def _format_info(d: dict) -> str:
         f"hardware:    {d['hardware']['cpu']}, {d['hardware']['physical_cores']} cores, {d['hardware']['os']} "
         f"{d['hardware']['machine']}",
         "cpu features: " + (" ".join(d['hardware'].get('cpu_features') or []) or "(not known)"),
-        f"target:      {(d.get('stub') or {}).get('target') or '(not recorded)'}",
+        f"target:      {(d.get('stub') or {}).get('target') or '(not recorded)'}"
+        + (f" (this file runs on {', '.join(d['runs_on'])})" if len(d.get('runs_on') or ()) > 1 else ""),
         f"format:      {d['format_version']} (runtime {d['runtime_version']})",
         f"cache:       {d['cache_dir']}",
     ]

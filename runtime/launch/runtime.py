@@ -11,7 +11,7 @@ from .. import __version__
 from ..bundlefile import MODEL_ENTRY, NATIVE_CPU_ENTRY, read_payload
 from ..errors import RuntimeFailure, UsageError
 from ..host.console import say
-from ..host.cpu import hardware
+from ..host.cpu import hardware, runtime_target
 from ..prompts.template import load_template
 from ..text import printable
 from .cli import open_once, read_schema
@@ -30,6 +30,12 @@ class Runtime:
         # renamed over the bundle during the launch is never what runs (issue 22.3).
         self.source = open_once(path)
         self.payload = read_payload(path, self.source)
+        self.targets = self.payload.manifest.targets()  # what the file runs on (several: universal)
+        target = runtime_target()
+        if self.payload.manifest.runtimes and target not in self.targets:
+            raise RuntimeFailure(f"{printable(path)} carries no runtime for {target}; it runs on "
+                                 + ", ".join(self.targets))
+        self.payload = self.payload.for_runtime(target)  # a universal file: this runtime's own parts
         self.manifest = self.payload.manifest
         flags = {k: getattr(args, k, None) for k in Settings.field_names()}
         self.settings = resolve(self.manifest.settings, flags)
@@ -239,6 +245,7 @@ class Runtime:
             "parallel": self.parallel(),
             "hardware": hardware(physical_cores()),
             "stub": self.manifest.stub.to_json(),
+            "runs_on": self.targets,
             "cache_dir": str(self.cache),
             "unpacked_in": _unpacked_in(),
             "first_launch_check": self.check,
