@@ -189,7 +189,6 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
         template=template_source,
         settings=settings.to_manifest(),
         stub=StubInfo.from_json(stub_info.manifest_info()),
-        runtimes={s.target: StubInfo.from_json(s.manifest_info()) for s in stored},
     )
     err = click.get_text_stream("stderr")
     click.echo(
@@ -227,7 +226,7 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
             tmp.unlink(missing_ok=True)  # renamed into place on success; leftovers of a failure
     seconds = time.perf_counter() - t0
     if stored:
-        runs_on = universal.machines(manifest.targets())
+        runs_on = universal.machines([s.target for s in (stub_info, *stored)])
         needs = "; ".join(f"{universal.SAYS[s.target]}: {s.spec.needs_text(s.meta)}" for s in (stub_info, *stored))
         click.echo(f"wrote {out} ({_human(result['size'])}, universal: runs on {runs_on}; needs {needs}) "
                    f"in {seconds:.2f} s", err=True)

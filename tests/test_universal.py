@@ -442,3 +442,30 @@ def test_a_model_over_4gib_goes_beside_the_file_and_linux_finds_it(model, tmp_pa
     finally:  # 4 GiB of real bytes: pytest keeps the last runs' folders
         for p in [exe, *parts]:
             p.unlink(missing_ok=True)
+
+
+# -- the table of contents' new fields, checked like the rest ---------------------------------------
+
+
+def test_each_runtime_sees_its_own_entries_under_the_plain_names(uni):
+    payload = _payload(uni)
+    for target in ("linux-x86_64", "linux-aarch64"):
+        view = payload.for_runtime(target)
+        assert sorted(view.entries) == ["model.gguf", "native/cpu.tar.zst", "native/vulkan.tar.zst", "runtime"]
+        assert view.entries["native/cpu.tar.zst"].sha256 == payload.entries[f"{target}/native/cpu.tar.zst"].sha256
+        assert view.manifest.stub.target == target and view.regions == payload.regions
+    assert payload.for_runtime("windows-x86_64") is payload  # the front runtime reads the file as it is
+
+
+@pytest.mark.parametrize("runtimes, why", [
+    ({"linux-riscv64": {"target": "linux-riscv64"}}, "is not a target a universal file carries"),
+    ({"linux-aarch64": {"target": "linux-x86_64"}}, "differs from its key"),
+    ({"linux-aarch64": []}, "expected"),
+])
+def test_a_forged_runtimes_record_is_refused(runtimes, why):
+    from runtime.bundlefile import Manifest
+    from runtime.bundlefile.fields import Invalid
+
+    with pytest.raises(Invalid) as exc:
+        Manifest.from_json({"runtimes": runtimes})
+    assert why in str(exc.value)

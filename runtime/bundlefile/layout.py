@@ -128,6 +128,8 @@ def entry_kind(name: str) -> EntryKind:
 def stored_name(target: str, kind: str) -> str:
     """The name a universal file stores target's entry of this kind under."""
     return f"{target}/{kind}"
+
+
 COMPRESSIONS = ("none", "zstd")
 # Parts of the file outside the payload whose hashes the TOC records, so that damage to the
 # runtime itself is found too (issue 8.3). Offsets are absolute.

@@ -16,9 +16,9 @@ from typing import BinaryIO, Iterator
 from ..errors import DamagedError, IncompleteError, NewerFormatError, NotABundleError, PayloadError
 from .exe import find_cookie, masked, pe_hash_mask, pe_signature, read_at, stub_end
 from .fields import Invalid, as_object, take
-from .layout import (CHUNK, ENTRY_ALIGN, STORED_TARGETS, entry_kind, FORMAT_VERSION, HEADER_MAGIC, HEADER_SEARCH, HEADER_SIZE,
-                     KNOWN_ENTRIES, MAX_TOC_SIZE, PYI_COOKIE_SIZE, REGIONS, TRAILER_MAGIC, Entry, Region, align_up,
-                     unpack_header)
+from .layout import (CHUNK, ENTRY_ALIGN, FORMAT_VERSION, HEADER_MAGIC, HEADER_SEARCH, HEADER_SIZE, KNOWN_ENTRIES,
+                     MAX_TOC_SIZE, PYI_COOKIE_SIZE, REGIONS, STORED_TARGETS, TRAILER_MAGIC, Entry, Region, align_up,
+                     entry_kind, unpack_header)
 from .manifest import Manifest
 
 __all__ = ["DamagedError", "IncompleteError", "NewerFormatError", "NotABundleError", "PayloadError", "Payload",
