@@ -110,15 +110,23 @@ def cli():
 @click.option("--split", is_flag=True,
               help="write the model as parts beside the executable, each under 4 GiB (FAT32 USB sticks)")
 @click.option("--max-file-size", help="split so that no file is larger than this (e.g. 4G, 2000M); implies --split")
+@click.option("--lora", "loras", multiple=True, metavar="[NAME=]ADAPTER.gguf[:SCALE]",
+              help="pack a LoRA adapter, applied at SCALE (default 1) unless the user says otherwise (repeatable)")
 @click.option("--force", is_flag=True, help="replace an existing file at the output path even if it is not a bundle")
 def build(model, output, name, template, system, think, ctx, temp, top_p, top_k, repeat_penalty, max_tokens, target, stub,
-          gpu, split, max_file_size, force):
+          gpu, split, max_file_size, loras, force):
     """Build one executable from MODEL (a .gguf path or hf://owner/repo/file.gguf)."""
     from . import gguf, hub, stubs, writer
 
     t0 = time.perf_counter()
     model_path = hub.fetch(model) if hub.is_hub_ref(model) else Path(model)
     info = gguf.read_gguf(str(model_path))
+    if info.get("general.type") == "adapter":
+        raise BundleError(f"{model} is a LoRA adapter, not a model; pass the base model and the adapter with "
+                          f"--lora: bundle build BASE.gguf --lora {model}")
+    adapters = [read_adapter(spec, info) for spec in loras]
+    if len({a[0].name for a in adapters}) != len(adapters):
+        raise UsageError("two --lora adapters have the same name; name them: --lora NAME=ADAPTER.gguf")
     template_name, template_source = resolve_template(template, info.chat_template, info)
     stored = []
     if target == "universal":
@@ -189,6 +197,7 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
         template=template_source,
         settings=settings.to_manifest(),
         stub=StubInfo.from_json(stub_info.manifest_info()),
+        adapters=tuple(a for a, _ in adapters),
     )
     err = click.get_text_stream("stderr")
     click.echo(
@@ -196,6 +205,9 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
         f"trained context {info.context_length}, template {template_name}, {_human(info.file_size)}",
         err=True,
     )
+    for a, path in adapters:
+        click.echo(f"LoRA adapter {a.name}: {path.name}, rank {a.rank}, {a.tensors} tensors, scale {a.scale:g} "
+                   f"({_human(a.size)})", err=True)
     for s in (stub_info, *stored):
         for b in s.gpu_backends():
             size = _human(s.gpu[b.key].stat().st_size)
@@ -220,7 +232,8 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
                     raise BundleError(f"cannot write the model's parts in {out.parent}: {exc.strerror}; "
                                       "check the folder and free space") from None
             result = writer.write_bundle(model_path, stub_info, out, manifest, progress=bar.update,
-                                         gpu=carried, parts=parts, stored=stored)
+                                         gpu=carried, parts=parts, stored=stored,
+                                         adapters=[(a.name, path) for a, path in adapters])
     finally:
         for tmp, *_ in parts or ():
             tmp.unlink(missing_ok=True)  # renamed into place on success; leftovers of a failure
@@ -259,6 +272,38 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
         return
     where = "" if spec.name == targets.host_name() else f" on {spec.system.capitalize()} {spec.machine}"
     click.echo(f"run it{where}: {shown} -p \"Hello\"   or   {shown} --cli", err=True)
+
+
+def read_adapter(spec: str, base) -> tuple:
+    """--lora [NAME=]PATH[:SCALE] -> (Adapter, Path), checked against the base model."""
+    import math
+    import re
+
+    from runtime.bundlefile.layout import LORA_NAME
+    from runtime.bundlefile.manifest import MAX_SCALE, Adapter
+
+    from . import gguf
+
+    name, eq, rest = spec.partition("=")
+    if not eq or os.sep in name or not LORA_NAME.fullmatch(name):
+        name, rest = None, spec
+    scale = 1.0
+    m = re.fullmatch(r"(.+):([-+0-9.eE]+)", rest)
+    if m and not Path(rest).exists():
+        rest = m.group(1)
+        try:
+            scale = float(m.group(2))
+        except ValueError:
+            raise UsageError(f"--lora {spec}: {m.group(2)!r} is not a scale; give a number, e.g. :0.5") from None
+        if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
+            raise UsageError(f"--lora {spec}: the scale must be a finite number of at most {MAX_SCALE:g}")
+    path = Path(rest)
+    if name is None:
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)[:64].lstrip("._-") or "adapter"
+    info = gguf.read_gguf(str(path))
+    facts = gguf.check_adapter(info, base)
+    return Adapter(name=name, scale=scale, alpha=facts["alpha"], rank=facts["rank"], tensors=facts["tensors"],
+                   size=info.file_size), path
 
 
 def _needs(stub: dict) -> str:
@@ -326,6 +371,7 @@ def describe(path: str) -> dict:
         "stub": m.stub.to_json(),
         "runtimes": {t: stub.to_json() for t, stub in m.runtimes.items()},
         "runs_on": m.targets(),
+        "adapters": [a.to_json() for a in m.adapters],
         "regions": [r.to_json() for r in payload.regions.values()],
         "entries": [
             {"name": e.name, "offset": payload.payload_start + e.offset, "size": e.size,
@@ -366,6 +412,9 @@ def format_description(d: dict) -> str:
             from .universal import machines
 
             lines.append(f"runs on:     {machines(d['runs_on'])} (one file: on Linux, run it from a shell)")
+        if d.get("adapters"):
+            lines.append("adapters:    " + ", ".join(f"{a['name']} (scale {a['scale']:g}, rank {a.get('rank')})"
+                                                    for a in d["adapters"]))
         lines.append("entries:")
         for e in d["entries"]:
             lines.append(

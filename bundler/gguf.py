@@ -7,6 +7,7 @@ then padding to `general.alignment` (default 32), then the tensor data.
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import struct
@@ -374,8 +375,55 @@ def read_gguf(path: str) -> GGUFInfo:
             f"{path} is truncated: it holds {file_size} of the {needed} bytes its tensors need; "
             "download or copy the model again"
         )
-    check_hyperparameters(info)
+    if info.get("general.type") != "adapter":  # an adapter's are its base's, checked against it
+        check_hyperparameters(info)
     return info
+
+
+def check_adapter(adapter: GGUFInfo, base: GGUFInfo) -> dict:
+    """What llama.cpp's adapter loader checks, at build time, with one line each: a LoRA adapter
+    (general.type adapter, adapter.type lora) for the base's architecture, whose every tensor is
+    the A or B half of a pair for a tensor the base has, shaped to fit it ([n_in, r] and
+    [r, n_out] as ggml counts), with a finite alpha. Returns alpha, rank and the pairs' count."""
+    path = adapter.path
+    kind, lora = adapter.get("general.type"), adapter.get("adapter.type")
+    if kind != "adapter" or lora != "lora":
+        raise GGUFError(f"{path} is not a LoRA adapter (general.type {printable(kind)}, adapter.type "
+                        f"{printable(lora)}); pass a LoRA GGUF (llama.cpp's convert_lora_to_gguf.py writes one)")
+    if adapter.architecture != base.architecture:
+        raise GGUFError(f"{path} is an adapter for {printable(adapter.architecture)} models, and the base is "
+                        f"{printable(base.architecture)}; pass an adapter made for this base")
+    alpha = adapter.get("adapter.lora.alpha")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not math.isfinite(alpha)):
+        raise GGUFError(f"{path}: adapter.lora.alpha is {printable(alpha)}, not a finite number; re-convert the adapter")
+    base_shapes = {t.name: t.shape for t in base.tensors}
+    halves: dict[str, dict[str, tuple]] = {}
+    for t in adapter.tensors:
+        stem, dot, half = t.name.rpartition(".")
+        if not dot or half not in ("lora_a", "lora_b"):
+            raise GGUFError(f"{path}: tensor {printable(t.name)} is neither a lora_a nor a lora_b; "
+                            "re-convert the adapter")
+        halves.setdefault(stem, {})[half] = t.shape
+    ranks = set()
+    for stem, pair in halves.items():
+        if len(pair) != 2:
+            raise GGUFError(f"{path}: tensor {printable(stem)} has a {'lora_a' if 'lora_a' in pair else 'lora_b'} "
+                            "and no other half; re-convert the adapter")
+        shape = base_shapes.get(stem)
+        if shape is None:
+            raise GGUFError(f"{path} adapts {printable(stem)}, which the base model does not have; pass an adapter "
+                            "made for this base")
+        a, b = pair["lora_a"], pair["lora_b"]
+        if len(shape) != 2 or len(a) != 2 or len(b) != 2 or a[0] != shape[0] or b[1] != shape[1] or a[1] != b[0]:
+            raise GGUFError(f"{path}: the adapter of {printable(stem)} has shapes {list(a)} and {list(b)}, which do "
+                            f"not fit its base tensor {list(shape)} ([n_in, r] and [r, n_out]); pass an adapter "
+                            "made for this base")
+        ranks.add(a[1])
+    if not halves:
+        raise GGUFError(f"{path} adapts no tensor; it is not a usable adapter")
+    return {"alpha": float(alpha) if alpha is not None else None,
+            "rank": ranks.pop() if len(ranks) == 1 else None, "tensors": len(halves)}
 
 
 GGML_MAX_NAME = 64

@@ -18,7 +18,7 @@ from typing import Callable
 from runtime.host.gpu.registry import GPU_BACKENDS
 from runtime.bundlefile import Manifest, ModelPart, Region, StubInfo, MODEL_ENTRY, NATIVE_CPU_ENTRY, NotABundleError, PayloadError, PayloadWriter, align_up, PYI_COOKIE_SIZE, find_cookie, masked, pe_hash_mask, TAIL_PAD, make_tail, read_payload
 
-from runtime.bundlefile.layout import RUNTIME_ENTRY, stored_name
+from runtime.bundlefile.layout import RUNTIME_ENTRY, lora_entry, stored_name
 
 from . import universal
 from .errors import BundleError
@@ -94,6 +94,7 @@ def write_bundle(
     gpu: tuple[str, ...] = (),
     parts: list | None = None,
     stored: list[Stub] = (),
+    adapters: list = (),
 ) -> dict:
     """Write the bundle at output (via a temporary file in the same folder). Returns figures.
 
@@ -101,6 +102,8 @@ def write_bundle(
 
     stored: a universal file's other runtimes (bundler/universal.py): stub is then the Windows
     one, whose DOS header becomes the shell launcher of these.
+
+    adapters: (name, path) of the LoRA adapters to pack (manifest.adapters describes them).
 
     parts: the model already written as split parts (bundler/split.py: temporary path, final
     name, size, sha256 each): the executable then carries no model, and the parts are renamed
@@ -147,6 +150,8 @@ def write_bundle(
                         record = other.meta["native"][backend.key]
                         writer.add_file(stored_name(other.target, backend.entry), other.gpu[backend.key],
                                         record.get("compression", "zstd"), record.get("unpacked_size"))
+            for name, path in adapters:
+                writer.add_file(lora_entry(name), path)
             if not isinstance(manifest, Manifest):
                 manifest = Manifest.from_json(manifest)
             if stored:

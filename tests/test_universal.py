@@ -469,3 +469,20 @@ def test_a_forged_runtimes_record_is_refused(runtimes, why):
     with pytest.raises(Invalid) as exc:
         Manifest.from_json({"runtimes": runtimes})
     assert why in str(exc.value)
+
+
+def test_packed_adapters_apply_on_linux_from_the_universal_file(model, uni, tmp_path):
+    """Adapters ride in the universal file like the model (mapped entries every runtime sees)."""
+    from test_lora import POEM, make_lora
+
+    out = tmp_path / "dist" / "poet"
+    r = run_bundle_cmd("build", model, "--target", "universal", "--lora", make_lora(model, tmp_path / "poet.gguf"),
+                       "-o", out)
+    assert r.returncode == 0, r.stderr
+    exe = out.with_name("poet.exe")
+    env = _cache(tmp_path)
+    poet = _sh(["sh"], "sh ./file", exe, *POEM, env=env)
+    base = _sh(["sh"], "sh ./file", exe, *POEM, "--no-lora", env=env)
+    plain = _sh(["sh"], "sh ./file", uni, *POEM, env=env)
+    assert poet.returncode == base.returncode == plain.returncode == 0, poet.stderr + base.stderr
+    assert poet.stdout != base.stdout and base.stdout == plain.stdout

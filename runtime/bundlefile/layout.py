@@ -53,6 +53,7 @@ Offsets inside the payload are relative to payload_start and 64-bit.
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from dataclasses import dataclass
 
@@ -99,6 +100,11 @@ class EntryKind:
 MODEL_ENTRY = "model.gguf"
 NATIVE_CPU_ENTRY = "native/cpu.tar.zst"
 RUNTIME_ENTRY = "runtime"
+# LoRA adapters (bundle build --lora): one entry each, "lora/<name>.gguf", read in place through
+# a FILE* (llama_adapter_lora_init_from_file_ptr); manifest.adapters names them in order.
+LORA_KIND = "lora/<name>.gguf"
+LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_ADAPTERS = 64
 ENTRY_KINDS: dict[str, EntryKind] = {k.name: k for k in (
     EntryKind(MODEL_ENTRY, "the model", ("none",), "mapped", "runtime.inference.engine"),
     EntryKind(NATIVE_CPU_ENTRY, "the runtime libraries", ("zstd",), "unpacked", "runtime.host.libraries"),
@@ -106,6 +112,7 @@ ENTRY_KINDS: dict[str, EntryKind] = {k.name: k for k in (
     # A universal file's other runtimes (below): the program itself, unpacked by the file's shell
     # launcher (bundler/universal.py writes it) into the cache and run on the file.
     EntryKind(RUNTIME_ENTRY, "the runtime program", ("none",), "unpacked by the launcher", "bundler.universal"),
+    EntryKind(LORA_KIND, "a LoRA adapter", ("none",), "mapped", "runtime.inference.engine"),
 )}
 
 # -- a universal file (bundle build --target universal) -------------------------------------------
@@ -115,12 +122,27 @@ ENTRY_KINDS: dict[str, EntryKind] = {k.name: k for k in (
 # The model is stored once and mapped by whichever runtime runs. A runtime reads such a file
 # through Payload.for_runtime(), which shows it its own entries under the plain names.
 STORED_TARGETS = ("linux-x86_64", "linux-aarch64")
-KNOWN_ENTRIES = tuple(k for k in ENTRY_KINDS if k != RUNTIME_ENTRY) + tuple(
+KNOWN_ENTRIES = tuple(k for k in ENTRY_KINDS if k not in (RUNTIME_ENTRY, LORA_KIND)) + tuple(
     f"{t}/{k}" for t in STORED_TARGETS for k in ENTRY_KINDS if ENTRY_KINDS[k].placement != "mapped")
+
+
+def lora_entry(name: str) -> str:
+    """The entry an adapter named so is stored under."""
+    return f"lora/{name}.gguf"
+
+
+def is_lora_entry(name: str) -> bool:
+    return name.startswith("lora/") and name.endswith(".gguf") and bool(LORA_NAME.fullmatch(name[5:-5]))
+
+
+def is_known_entry(name: str) -> bool:
+    return name in KNOWN_ENTRIES or is_lora_entry(name)
 
 
 def entry_kind(name: str) -> EntryKind:
     """The kind of an entry named as in a table of contents (a stored runtime's prefix aside)."""
+    if is_lora_entry(name):
+        return ENTRY_KINDS[LORA_KIND]
     target, _, rest = name.partition("/")
     return ENTRY_KINDS[rest] if target in STORED_TARGETS else ENTRY_KINDS[name]
 
@@ -178,13 +200,19 @@ class Entry:
     def from_json(cls, data, where: str = "entry") -> "Entry":
         data = as_object(data, where)
         return cls(
-            name=take(data, "name", str, where, required=True, choices=KNOWN_ENTRIES),
+            name=_entry_name(take(data, "name", str, where, required=True, max_len=128), where),
             offset=take(data, "offset", int, where, required=True, lo=ENTRY_ALIGN, hi=MAX_BYTES),
             size=take(data, "size", int, where, required=True, lo=0, hi=MAX_BYTES),
             compression=take(data, "compression", str, where, default="none", choices=COMPRESSIONS),
             sha256=sha256_field(data, "sha256", where),
             unpacked_size=take(data, "unpacked_size", int, where, lo=0, hi=MAX_BYTES),
         )
+
+
+def _entry_name(name: str, where: str) -> str:
+    if not is_known_entry(name):
+        raise Invalid(f"{where}.name", f"{name[:40]!r} is not an entry this reader knows")
+    return name
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .fields import Invalid, as_object, sha256_field, take
-from .layout import MAX_BYTES, STORED_TARGETS
+from .layout import LORA_NAME, MAX_ADAPTERS, MAX_BYTES, STORED_TARGETS
 
 MAX_LAYERS = 4096
 
@@ -213,6 +214,58 @@ class StubInfo:
                    backends=_backend_facts(raw, f"{where}.backends"))
 
 
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter packed by `bundle build --lora`: its name (the entry is lora/<name>.gguf),
+    the scale it applies at by default, and what the build read of it."""
+
+    name: str
+    scale: float = 1.0
+    alpha: float | None = None
+    rank: int | None = None
+    tensors: int | None = None  # adapted base tensors
+    size: int | None = None
+
+    def to_json(self) -> dict:
+        data = {"name": self.name, "scale": self.scale}
+        for k in ("alpha", "rank", "tensors", "size"):
+            if getattr(self, k) is not None:
+                data[k] = getattr(self, k)
+        return data
+
+    @classmethod
+    def from_json(cls, data, where: str) -> "Adapter":
+        data = as_object(data, where)
+        name = take(data, "name", str, where, required=True, max_len=64)
+        if not LORA_NAME.fullmatch(name):
+            raise Invalid(f"{where}.name", "not an adapter name ([A-Za-z0-9_.-], 64 at most)")
+        return cls(name=name, scale=_finite(data, "scale", where, 1.0), alpha=_finite(data, "alpha", where, None),
+                   rank=take(data, "rank", int, where, lo=1, hi=1 << 20),
+                   tensors=take(data, "tensors", int, where, lo=0, hi=1 << 20),
+                   size=take(data, "size", int, where, lo=0, hi=MAX_BYTES))
+
+
+MAX_SCALE = 1000.0
+
+
+def _finite(data, key, where, default):
+    value = take(data, key, (int, float), where)
+    if value is None:
+        return default
+    if not math.isfinite(value) or abs(value) > MAX_SCALE:
+        raise Invalid(f"{where}.{key}", f"not a finite number of at most {MAX_SCALE:g}")
+    return float(value)
+
+
+def _adapters(value, where: str) -> tuple[Adapter, ...]:
+    if not isinstance(value, list) or len(value) > MAX_ADAPTERS:
+        raise Invalid(where, f"expected a list of at most {MAX_ADAPTERS}")
+    out = tuple(Adapter.from_json(a, f"{where}[{i}]") for i, a in enumerate(value))
+    if len({a.name for a in out}) != len(out):
+        raise Invalid(where, "an adapter name appears twice")
+    return out
+
+
 MAX_TEMPLATE = 1024 * 1024
 SETTING_TYPES = (str, int, float, bool)
 
@@ -234,6 +287,7 @@ class Manifest:
     # A universal file's other runtimes (layout.STORED_TARGETS), by target: the stub each was
     # built from. `stub` is the front (Windows) one.
     runtimes: dict = field(default_factory=dict)
+    adapters: tuple = ()  # LoRA adapters (Adapter), in the order their ids count
 
     def to_json(self) -> dict:
         data = {"name": self.name, "built": self.built, "bundler_version": self.bundler_version,
@@ -241,6 +295,8 @@ class Manifest:
                 "settings": dict(self.settings), "stub": self.stub.to_json()}
         if self.runtimes:
             data["runtimes"] = {t: stub.to_json() for t, stub in self.runtimes.items()}
+        if self.adapters:
+            data["adapters"] = [a.to_json() for a in self.adapters]
         return data
 
     def targets(self) -> list[str]:
@@ -268,6 +324,7 @@ class Manifest:
             settings=dict(settings),
             stub=StubInfo.from_json(data.get("stub") or {}, f"{where}.stub"),
             runtimes=_runtimes(data.get("runtimes") or {}, f"{where}.runtimes"),
+            adapters=_adapters(data.get("adapters") or [], f"{where}.adapters"),
         )
 
 

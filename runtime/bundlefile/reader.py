@@ -17,8 +17,8 @@ from ..errors import DamagedError, IncompleteError, NewerFormatError, NotABundle
 from .exe import find_cookie, masked, pe_hash_mask, pe_signature, read_at, stub_end
 from .fields import Invalid, as_object, take
 from .layout import (CHUNK, ENTRY_ALIGN, FORMAT_VERSION, HEADER_MAGIC, HEADER_SEARCH, HEADER_SIZE, KNOWN_ENTRIES,
-                     MAX_TOC_SIZE, PYI_COOKIE_SIZE, REGIONS, STORED_TARGETS, TRAILER_MAGIC, Entry, Region, align_up,
-                     entry_kind, unpack_header)
+                     MAX_ADAPTERS, MAX_TOC_SIZE, PYI_COOKIE_SIZE, REGIONS, STORED_TARGETS, TRAILER_MAGIC, Entry, Region, align_up,
+                     entry_kind, lora_entry, unpack_header)
 from .manifest import Manifest
 
 __all__ = ["DamagedError", "IncompleteError", "NewerFormatError", "NotABundleError", "PayloadError", "Payload",
@@ -339,7 +339,7 @@ def _read_payload(path: str, f: BinaryIO, file_size: int, damaged: str, signed: 
     if take(data, "format", int, "toc", required=True, lo=0, hi=1 << 16) != version:
         raise Invalid("toc.format", "differs from the trailer's version")
     raw_entries = data.get("entries")
-    if not isinstance(raw_entries, list) or len(raw_entries) > len(KNOWN_ENTRIES):
+    if not isinstance(raw_entries, list) or len(raw_entries) > len(KNOWN_ENTRIES) + MAX_ADAPTERS:
         raise Invalid("toc.entries", "expected a short list")
     entries: dict[str, Entry] = {}
     for i, raw in enumerate(raw_entries):
@@ -367,6 +367,9 @@ def _read_payload(path: str, f: BinaryIO, file_size: int, damaged: str, signed: 
             raise Invalid(f"toc.regions[{i}]", "outside the file, inside the payload, or twice")
         regions[region.name] = region
     manifest = Manifest.from_json(data.get("manifest") or {}, "manifest")
+    for adapter in manifest.adapters:
+        if lora_entry(adapter.name) not in entries:
+            raise Invalid("manifest.adapters", f"adapter {adapter.name} has no entry")
     return Payload(
         path=path,
         payload_start=payload_start,

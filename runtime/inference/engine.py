@@ -70,7 +70,7 @@ class Engine:
     generates nothing itself: runtime.inference.scheduler owns it and runs every answer."""
 
     def __init__(self, C, model_path: str, offset: int, ctx: int, threads: int, gpu_layers: int = 0,
-                 n_seq: int = 1, devices: list[int] | None = None):
+                 n_seq: int = 1, devices: list[int] | None = None, adapters=()):
         """devices: the ggml devices to offload to (runtime/host/gpu/choice.py); [] keeps everything on
         the CPU even where a GPU back end is loaded (llama.cpp would otherwise still use it for
         large batches); None lets llama.cpp use every GPU device ggml has."""
@@ -134,6 +134,8 @@ class Engine:
             lib.llama_attach_threadpool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
             lib.llama_attach_threadpool.restype = None
             lib.llama_attach_threadpool(self.ctx, self._threadpool, self._threadpool)
+        self.adapters = []
+        self._load_adapters(adapters)
         self.n_seq = max(1, n_seq)
         self.n_ctx = C.llama_n_ctx(self.ctx) // self.n_seq  # what one conversation may hold
         self.n_batch = cparams.n_batch
@@ -143,6 +145,28 @@ class Engine:
         self.bos_text = self.token_text(C.llama_vocab_bos(self.vocab))
         self.add_bos = bool(C.llama_vocab_get_add_bos(self.vocab))  # the GGUF's add_bos_token
         self.eos_text = self.token_text(C.llama_vocab_eos(self.vocab))
+
+    def _load_adapters(self, adapters) -> None:
+        """LoRA adapters (path, offset, scale, name), each read through a FILE* at its offset
+        in the bundle (no copy of it is written anywhere), then applied to the context at their
+        scales for every sequence."""
+        C = self.C
+        for path, offset, scale, name in adapters:
+            fp = _fopen(path, offset)
+            try:
+                adapter = C.llama_adapter_lora_init_from_file_ptr(self.model, fp)
+            finally:
+                _libc.fclose(fp)
+            if not adapter:
+                raise ModelLoadError(f"llama.cpp could not load the LoRA adapter {name}"
+                                     + (f" ({bindings.last_error()})" if bindings.last_error() else ""))
+            self.adapters.append((adapter, scale))
+        if self.adapters:
+            n = len(self.adapters)
+            handles = (C.llama_adapter_lora_p_ctypes * n)(*(a for a, _ in self.adapters))
+            scales = (ctypes.c_float * n)(*(s for _, s in self.adapters))
+            if C.llama_set_adapters_lora(self.ctx, handles, n, scales) != 0:
+                raise ModelLoadError("llama.cpp could not apply the LoRA adapters")
 
     # -- metadata ---------------------------------------------------------------------------
     def token_text(self, token: int) -> str:

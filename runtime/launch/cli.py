@@ -92,9 +92,36 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="auto (default): the first GPU back end that works, in this order: "
                         f"{', '.join(GPU_KEYS)}; else the CPU. off: CPU only; a name: that back end or fail")
     g.add_argument("-ngl", "--gpu-layers", type=int, dest="gpu_layers", help="layers to put on the GPU (default: all that fit)")
+    g.add_argument("--lora", action="append", metavar="NAME=SCALE",
+                   help="apply the packed LoRA adapter NAME at SCALE (0: not at all; repeatable; --info lists them)")
+    g.add_argument("--no-lora", action="store_true", dest="no_lora",
+                   help="apply none of the packed LoRA adapters (the base model alone)")
     g.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's own log on stderr")
     p.add_argument("--version", action="version", version=f"bundle runtime {__version__} (format {FORMAT_VERSION})")
     return p
+
+
+def adapter_scales(adapters, asked: list[str] | None, none: bool) -> dict[str, float]:
+    """The scale of each packed adapter: its default, 0 with --no-lora, or what --lora NAME=SCALE
+    says. A name the bundle does not carry, or a scale that is not a number, is a UsageError."""
+    import math
+
+    scales = {a.name: 0.0 if none else a.scale for a in adapters}
+    for item in asked or ():
+        name, eq, value = item.rpartition("=")
+        if not eq or not name:
+            raise UsageError(f"--lora {item}: give NAME=SCALE, e.g. --lora {next(iter(scales), 'style')}=0.5")
+        if name not in scales:
+            have = ", ".join(scales) or "none"
+            raise UsageError(f"--lora {item}: this bundle carries no adapter named {name!r} (it carries: {have})")
+        try:
+            scale = float(value)
+        except ValueError:
+            raise UsageError(f"--lora {item}: {value!r} is not a number") from None
+        if not math.isfinite(scale) or abs(scale) > 1000:
+            raise UsageError(f"--lora {item}: the scale must be a finite number of at most 1000")
+        scales[name] = scale
+    return scales
 
 
 # No token of any vocabulary we know spans more bytes than this: a prompt file longer than the

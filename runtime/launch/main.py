@@ -138,6 +138,9 @@ def _format_info(d: dict) -> str:
         f"target:      {(d.get('stub') or {}).get('target') or '(not recorded)'}"
         + (f" (this file runs on {', '.join(d['runs_on'])})" if len(d.get('runs_on') or ()) > 1 else ""),
         f"format:      {d['format_version']} (runtime {d['runtime_version']})",
+        *([("adapters:    " + ", ".join(
+            f"{a['name']} at {a['scale']:g}" + (f" (packed at {a['default_scale']:g})" if a['scale'] != a['default_scale']
+                                                else "") for a in d["adapters"]))] if d.get("adapters") else []),
         f"cache:       {d['cache_dir']}",
     ]
     unpacked = d.get("unpacked_in")

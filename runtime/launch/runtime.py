@@ -9,12 +9,13 @@ import time
 
 from .. import __version__
 from ..bundlefile import MODEL_ENTRY, NATIVE_CPU_ENTRY, read_payload
+from ..bundlefile.layout import lora_entry
 from ..errors import RuntimeFailure, UsageError
 from ..host.console import say
 from ..host.cpu import hardware, runtime_target
 from ..prompts.template import load_template
 from ..text import printable
-from .cli import open_once, read_schema
+from .cli import adapter_scales, open_once, read_schema
 from .settings import Settings, env_flag, resolve
 
 class Runtime:
@@ -39,6 +40,9 @@ class Runtime:
         self.manifest = self.payload.manifest
         flags = {k: getattr(args, k, None) for k in Settings.field_names()}
         self.settings = resolve(self.manifest.settings, flags)
+        # LoRA adapters packed in the bundle, by name: the scale each applies at
+        self.adapter_scales = adapter_scales(self.manifest.adapters, getattr(args, "lora", None),
+                                             bool(getattr(args, "no_lora", False)))
         self.verbose = bool(args.verbose) or env_flag("BUNDLE_VERBOSE")
         self.cache = None
         self.check = None
@@ -156,9 +160,13 @@ class Runtime:
                     raise RuntimeFailure(f"{self.path}: the model inside it is damaged; copy the file again")
         from ..host.gpu import choice
 
+        # the adapters that apply (scale 0 leaves the base's computation exactly as it is)
+        adapters = [(self.source, self.payload.absolute_offset(lora_entry(name)), scale, name)
+                    for name, scale in self.adapter_scales.items() if scale != 0]
         try:
             self.engine = choice.load(self.backend, self.settings, lambda gpu_layers, devices: Engine(
-                self.C, source, offset, self.settings.ctx, self.threads(), gpu_layers, n_seq, devices), say=say)
+                self.C, source, offset, self.settings.ctx, self.threads(), gpu_layers, n_seq, devices,
+                adapters=adapters), say=say)
         except ModelLoadError as exc:
             # Name the damage if there is any: a hash check costs a read of the model, only on failure.
             problems = [p for p in self.payload.verify() if p.startswith((MODEL_ENTRY, "model part"))]
@@ -246,6 +254,8 @@ class Runtime:
             "hardware": hardware(physical_cores()),
             "stub": self.manifest.stub.to_json(),
             "runs_on": self.targets,
+            "adapters": [{**a.to_json(), "default_scale": a.scale, "scale": self.adapter_scales[a.name]}
+                         for a in self.manifest.adapters],
             "cache_dir": str(self.cache),
             "unpacked_in": _unpacked_in(),
             "first_launch_check": self.check,

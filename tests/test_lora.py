@@ -1,0 +1,141 @@
+"""LoRA adapters packed into a bundle (`bundle build --lora`), applied at launch (`--lora
+NAME=SCALE`, `--no-lora`), listed by `--info` and `bundle inspect`; hostile adapters refused at
+build time with one line each.
+
+The adapters are made here for the demo model with the `gguf` package (random A and B on every
+attn_q and attn_v, as llama.cpp's convert_lora_to_gguf.py lays them out), and run by the real
+bundle: llama.cpp reads each adapter through a FILE* straight out of the bundle file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_bundle_cmd, run_exe
+
+POEM = ["-p", "Write a short poem about the sea.", "--temp", "0", "-n", "40"]
+
+
+def make_lora(base: Path, out: Path, *, std: float = 0.06, rank: int = 8, alpha: float = 8.0, seed: int = 1,
+              b_zero: bool = False, arch: str | None = None, transpose: bool = False, duplicate: bool = False,
+              targets=("attn_q", "attn_v")) -> Path:
+    """A LoRA GGUF for base: A ([n_in, r] as ggml counts) and B ([r, n_out]) for each targeted
+    weight; b_zero makes it a no-op whatever its scale."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(base))
+    arch = arch or bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", alpha)
+    rng = np.random.default_rng(seed)
+    for t in reader.tensors:
+        if not t.name.endswith(".weight") or t.name.split(".")[-2] not in targets:
+            continue
+        n_in, n_out = int(t.shape[0]), int(t.shape[1])
+        a = rng.normal(0, std, (rank, n_in)).astype(np.float32)  # numpy's order is ggml's reversed
+        b = np.zeros((n_out, rank), np.float32) if b_zero else rng.normal(0, std, (n_out, rank)).astype(np.float32)
+        stem = t.name[: -len(".weight")] + ".weight"
+        w.add_tensor(stem + ".lora_a", a.T.copy() if transpose else a)
+        w.add_tensor(stem + ".lora_b", b)
+        if duplicate:  # named lora_c here (the writer refuses twins), renamed lora_b below
+            w.add_tensor(stem + ".lora_c", b)
+            duplicate = False
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if b".lora_c" in out.read_bytes():
+        out.write_bytes(out.read_bytes().replace(b".lora_c", b".lora_b", 1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapters(tmp_path_factory, model) -> dict[str, Path]:
+    where = tmp_path_factory.mktemp("lora")
+    return {"poet": make_lora(model, where / "poet.gguf"),
+            "zero": make_lora(model, where / "zero.gguf", b_zero=True)}
+
+
+@pytest.fixture(scope="session")
+def lora_bundle(tmp_path_factory, model, stub, adapters) -> Path:
+    out = tmp_path_factory.mktemp("lorabundle") / "poet-bundle"
+    r = run_bundle_cmd("build", model, "--lora", adapters["poet"], "--lora", f"nothing={adapters['zero']}:1",
+                       "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "LoRA adapter poet: poet.gguf, rank 8, 60 tensors, scale 1" in r.stderr, r.stderr
+    return out
+
+
+def _answer(bundle: Path, *args) -> str:
+    r = run_exe(bundle, *POEM, *args, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_the_adapter_changes_the_answer_and_scale_0_gives_the_base_exactly(built_bundle, lora_bundle):
+    base = _answer(built_bundle)
+    with_poet = _answer(lora_bundle)
+    assert with_poet != base, "the adapter at scale 1 changed nothing"
+    assert _answer(lora_bundle, "--no-lora") == base
+    assert _answer(lora_bundle, "--lora", "poet=0") == base
+    # an adapter whose B is zero changes nothing at any scale
+    assert _answer(lora_bundle, "--lora", "poet=0", "--lora", "nothing=3") == base
+    assert _answer(lora_bundle, "--no-lora", "--lora", "poet=1") == with_poet
+
+
+def test_info_and_inspect_list_the_adapters(lora_bundle):
+    r = run_exe(lora_bundle, "--info", "--json", "--lora", "poet=0.5")
+    assert r.returncode == 0, r.stderr
+    adapters = json.loads(r.stdout)["adapters"]
+    assert [(a["name"], a["default_scale"], a["scale"], a["rank"]) for a in adapters] == [
+        ("poet", 1.0, 0.5, 8), ("nothing", 1.0, 1.0, 8)]
+    text = run_exe(lora_bundle, "--info", "--lora", "poet=0.5").stdout
+    assert "adapters:    poet at 0.5 (packed at 1), nothing at 1" in text, text
+    d = json.loads(run_bundle_cmd("inspect", "--json", lora_bundle).stdout)
+    assert {"lora/poet.gguf", "lora/nothing.gguf"} <= {e["name"] for e in d["entries"]}
+    assert [a["name"] for a in d["adapters"]] == ["poet", "nothing"]
+    assert run_bundle_cmd("verify", lora_bundle).returncode == 0
+
+
+@pytest.mark.parametrize("flag, says", [
+    ("--lora=nope=1", "this bundle carries no adapter named 'nope' (it carries: poet, nothing)"),
+    ("--lora=poet=loud", "--lora poet=loud: 'loud' is not a number"),
+    ("--lora=poet=nan", "the scale must be a finite number"),
+])
+def test_a_wrong_lora_flag_is_one_line(lora_bundle, flag, says):
+    r = run_exe(lora_bundle, "-p", "hi", flag)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], r.stderr
+
+
+def _refused(model, tmp_path, adapter, says):
+    r = run_bundle_cmd("build", model, "--lora", adapter, "-o", tmp_path / "out")
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and says in lines[-1], r.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_hostile_adapters_are_refused_at_build_time(model, tmp_path):
+    _refused(model, tmp_path, make_lora(model, tmp_path / "arch.gguf", arch="qwen2"),
+             "is an adapter for qwen2 models, and the base is llama")
+    _refused(model, tmp_path, make_lora(model, tmp_path / "shape.gguf", transpose=True), "do not fit its base tensor")
+    _refused(model, tmp_path, make_lora(model, tmp_path / "nan.gguf", alpha=float("nan")),
+             "adapter.lora.alpha is nan, not a finite number")
+    _refused(model, tmp_path, make_lora(model, tmp_path / "dup.gguf", duplicate=True), "appears twice")
+    whole = make_lora(model, tmp_path / "whole.gguf")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    _refused(model, tmp_path, cut, "is truncated")
+    _refused(model, tmp_path, model, "is not a LoRA adapter")
+    r = run_bundle_cmd("build", whole, "-o", tmp_path / "out")
+    assert r.returncode == 1 and "is a LoRA adapter, not a model" in r.stderr, r.stderr
+    r = run_bundle_cmd("build", model, "--lora", f"{whole}:loud", "-o", tmp_path / "out")
+    assert r.returncode != 0 and "does not exist" in r.stderr, r.stderr
