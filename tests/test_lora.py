@@ -139,3 +139,89 @@ def test_hostile_adapters_are_refused_at_build_time(model, tmp_path):
     assert r.returncode == 1 and "is a LoRA adapter, not a model" in r.stderr, r.stderr
     r = run_bundle_cmd("build", model, "--lora", f"{whole}:loud", "-o", tmp_path / "out")
     assert r.returncode != 0 and "does not exist" in r.stderr, r.stderr
+
+
+# -- the server: llama-server's /lora-adapters and per-request "lora" --------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_server(lora_bundle):
+    import socket
+    import subprocess
+
+    from wine import wait_for_http
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(lora_bundle), "--server", "--port", str(port), "--no-browser", "-np", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def _post(url: str, body, expect: int = 200):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            assert r.status == expect
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        assert exc.code == expect, exc.read()
+        return json.loads(exc.read())
+
+
+def _get(url: str):
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def _chat(base: str, lora=None) -> str:
+    body = {"messages": [{"role": "user", "content": POEM[1]}], "temperature": 0, "max_tokens": 40}
+    if lora is not None:
+        body["lora"] = lora
+    return _post(f"{base}/v1/chat/completions", body)["choices"][0]["message"]["content"]
+
+
+def test_per_request_scales_give_the_text_of_the_matching_launch(lora_server, lora_bundle):
+    assert _get(f"{lora_server}/lora-adapters") == [
+        {"id": 0, "name": "poet", "path": "lora/poet.gguf", "scale": 1.0},
+        {"id": 1, "name": "nothing", "path": "lora/nothing.gguf", "scale": 1.0}]
+    for scale in (1, 0.5, 0):
+        launched = _answer(lora_bundle, "--lora", f"poet={scale}").strip()
+        assert _chat(lora_server, [{"id": 0, "scale": scale}]).strip() == launched, scale
+    assert _chat(lora_server, []).strip() == _answer(lora_bundle, "--no-lora").strip()  # unlisted: 0
+    r = _post(f"{lora_server}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                     "lora": [{"id": 7, "scale": 1}]}, expect=400)
+    assert "invalid adapter id 7" in r["error"]["message"]
+
+
+def test_post_lora_adapters_changes_later_requests_only(lora_server, lora_bundle):
+    poet = _chat(lora_server)
+    try:
+        assert _post(f"{lora_server}/lora-adapters", [{"id": 0, "scale": 0}]) == {"success": True}
+        assert [a["scale"] for a in _get(f"{lora_server}/lora-adapters")] == [0.0, 0.0]
+        assert _chat(lora_server).strip() == _answer(lora_bundle, "--no-lora").strip()
+        assert _chat(lora_server, [{"id": 0, "scale": 1}]) == poet  # a request's own list still wins
+    finally:
+        _post(f"{lora_server}/lora-adapters", [{"id": 0, "scale": 1}, {"id": 1, "scale": 1}])
+    assert _chat(lora_server) == poet
+
+
+def test_two_clients_with_different_scales_at_once_each_get_their_solo_text(lora_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    solo = {s: _chat(lora_server, [{"id": 0, "scale": s}]) for s in (1, 0)}
+    assert solo[1] != solo[0]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda s: (s, _chat(lora_server, [{"id": 0, "scale": s}])), [1, 0, 1, 0]))
+    assert all(text == solo[s] for s, text in got), got

@@ -134,7 +134,8 @@ class Engine:
             lib.llama_attach_threadpool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
             lib.llama_attach_threadpool.restype = None
             lib.llama_attach_threadpool(self.ctx, self._threadpool, self._threadpool)
-        self.adapters = []
+        self.adapters: list = []  # LoRA adapters loaded (llama_adapter_lora pointers), in the bundle's order
+        self.adapter_names: list[str] = []
         self._load_adapters(adapters)
         self.n_seq = max(1, n_seq)
         self.n_ctx = C.llama_n_ctx(self.ctx) // self.n_seq  # what one conversation may hold
@@ -147,11 +148,10 @@ class Engine:
         self.eos_text = self.token_text(C.llama_vocab_eos(self.vocab))
 
     def _load_adapters(self, adapters) -> None:
-        """LoRA adapters (path, offset, scale, name), each read through a FILE* at its offset
-        in the bundle (no copy of it is written anywhere), then applied to the context at their
-        scales for every sequence."""
+        """LoRA adapters (path, offset, name), each read through a FILE* at its offset in the
+        bundle (no copy of it is written anywhere). None applies until set_lora() says so."""
         C = self.C
-        for path, offset, scale, name in adapters:
+        for path, offset, name in adapters:
             fp = _fopen(path, offset)
             try:
                 adapter = C.llama_adapter_lora_init_from_file_ptr(self.model, fp)
@@ -160,13 +160,26 @@ class Engine:
             if not adapter:
                 raise ModelLoadError(f"llama.cpp could not load the LoRA adapter {name}"
                                      + (f" ({bindings.last_error()})" if bindings.last_error() else ""))
-            self.adapters.append((adapter, scale))
-        if self.adapters:
-            n = len(self.adapters)
-            handles = (C.llama_adapter_lora_p_ctypes * n)(*(a for a, _ in self.adapters))
-            scales = (ctypes.c_float * n)(*(s for _, s in self.adapters))
-            if C.llama_set_adapters_lora(self.ctx, handles, n, scales) != 0:
-                raise ModelLoadError("llama.cpp could not apply the LoRA adapters")
+            self.adapters.append(adapter)
+            self.adapter_names.append(name)
+        self.lora = tuple(0.0 for _ in self.adapters)
+
+    def set_lora(self, scales) -> None:
+        """Apply the adapters at these scales (one per adapter, in order) to whatever is decoded
+        next, every sequence alike; an adapter at 0 is left out, so the base's computation is
+        exactly the base's. (The scheduler never puts two scale sets in one decode.)"""
+        scales = tuple(float(x) for x in scales)
+        if scales == self.lora:
+            return
+        if len(scales) != len(self.adapters):
+            raise ValueError(f"{len(scales)} scales for {len(self.adapters)} adapters")
+        C = self.C
+        active = [(a, x) for a, x in zip(self.adapters, scales) if x != 0]
+        handles = (C.llama_adapter_lora_p_ctypes * max(1, len(active)))(*(a for a, _ in active))
+        values = (ctypes.c_float * max(1, len(active)))(*(x for _, x in active))
+        if C.llama_set_adapters_lora(self.ctx, handles, len(active), values) != 0:
+            raise RuntimeFailure("llama.cpp could not apply the LoRA adapters")
+        self.lora = scales
 
     # -- metadata ---------------------------------------------------------------------------
     def token_text(self, token: int) -> str:

@@ -32,6 +32,7 @@ class Sampling:
     grammar: str | None = None  # GBNF (structured output): only text it accepts is sampled
     logit_bias: dict = field(default_factory=dict)  # token id -> bias added to its logit
     logprobs: int | None = None  # record each token's log-probability and this many alternatives
+    lora: tuple | None = None  # the LoRA adapters' scales for this answer (None: the server's current ones)
 
 
 @dataclass

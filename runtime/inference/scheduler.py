@@ -78,15 +78,16 @@ def runs(seqs) -> int:
     return sum(1 for i, s in enumerate(ordered) if i == 0 or s != ordered[i - 1] + 1)
 
 
-def choose_slot(free: list, busy: list[int], tokens: list[int], fills: bool = False):
+def choose_slot(free: list, busy: list[int], tokens: list[int], fills: bool = False, lora: tuple = ()):
     """(slot, cached tokens it keeps) for a prompt: a free slot holding a long prefix of it (the
     next turn of a conversation) first; else the one keeping the busy slots in fewest runs; then
     the longest cached prefix, then the lowest id. fills: the requests waiting (this one
     included) will take every free slot, so every slot ends up busy whichever each takes: the
-    longest cached prefix first."""
+    longest cached prefix first. A cache computed with other LoRA scales than lora keeps nothing
+    (an adapter changes the keys and values themselves)."""
     best, best_score, keep = None, None, 0
     for s in free:
-        k, limit = 0, min(len(s.cached), len(tokens) - 1)
+        k, limit = 0, min(len(s.cached), len(tokens) - 1) if getattr(s, "lora", ()) == lora else 0
         while k < limit and s.cached[k] == tokens[k]:
             k += 1
         score = (fills or k >= LONG_PREFIX, k if fills else 0, -runs(busy + [s.seq]), k, -s.seq)
@@ -104,12 +105,14 @@ class GenRequest:
     on_logprobs: Callable[[list], None] | None = None  # TokenLogprobs of the text just passed on
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.perf_counter)
+    lora: tuple = ()  # the adapters' scales it is decoded with (fixed when it arrives)
 
 
 class _Slot:
     def __init__(self, seq: int):
         self.seq = seq
         self.cached: list[int] = []  # what the KV cache holds for this sequence
+        self.lora: tuple = ()  # the adapter scales that cache was computed with
         self.req: GenRequest | None = None
         self.todo: list[int] = []  # prompt tokens not yet decoded
         self.sampler = None
@@ -151,6 +154,7 @@ class Scheduler:
         self.jobs: collections.deque = collections.deque()
         self.stats = Counters()
         self.lock = threading.Condition()
+        self.lora = tuple(getattr(engine, "lora", ()))  # the adapters' scales of requests that name none
         self.engine.clear()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
@@ -167,10 +171,17 @@ class Scheduler:
         self.engine.check_fits(len(tokens))
         req = GenRequest(list(tokens), sampling, on_text, cancel or CancelFlag(), on_logprobs=on_logprobs)
         with self.lock:
+            req.lora = tuple(sampling.lora) if sampling.lora is not None else self.lora
             self.stats.requests += 1
             self.waiting.append(req)
             self.lock.notify()
         return req.future
+
+    def set_lora(self, scales) -> None:
+        """The adapters' scales of the requests that name none, from now on (POST /lora-adapters):
+        requests already queued or running keep theirs."""
+        with self.lock:
+            self.lora = tuple(float(x) for x in scales)
 
     def submit(self, run, cancel: CancelFlag | None = None) -> Job:
         """run(engine, cancelled) on the engine's thread, between two decoding steps."""
@@ -246,8 +257,10 @@ class Scheduler:
                     return
                 fills = len(self.waiting) >= len(free)
                 self.waiting.popleft()
-            best, keep = choose_slot(free, [s.seq for s in self.slots if s.req is not None], req.tokens, fills)
+            best, keep = choose_slot(free, [s.seq for s in self.slots if s.req is not None], req.tokens, fills,
+                                     req.lora)
             self._forget(best, keep)
+            best.lora = req.lora
             self._start(best, req)
 
     def _forget(self, slot: _Slot, keep: int) -> None:
@@ -272,9 +285,7 @@ class Scheduler:
         self.stats.prompt_tokens += len(slot.todo)
 
     def _step(self) -> None:
-        C, eng, b = self.C, self.engine, self.batch
-        n = 0
-        sample_at: list[tuple[_Slot, int]] = []
+        eng = self.engine
         # cancellations first: they free their slot before this step's work
         for slot in self.slots:
             if slot.req is not None and slot.req.cancel.is_set():
@@ -297,11 +308,23 @@ class Scheduler:
             del slot.todo[: len(chunk)]
             work[slot.seq] = [slot, chunk, not slot.todo]
             n += len(chunk)
-        n = 0
+        # Answers with different LoRA scales never share a decode: llama.cpp applies one set of
+        # adapters to a whole batch. One decode per set (usually there is one).
+        groups: dict[tuple, list[int]] = {}
         for seq in sorted(work):
-            slot, tokens, wants_logits = work[seq]
+            groups.setdefault(work[seq][0].req.lora, []).append(seq)
+        for lora, seqs in groups.items():
+            eng.set_lora(lora)
+            self._decode([work[seq] for seq in seqs])
+
+    def _decode(self, items: list) -> None:
+        """One llama_decode of items ([slot, tokens, wants_logits], in seq order), then sampling."""
+        C, eng, b = self.C, self.engine, self.batch
+        sample_at: list[tuple[_Slot, int]] = []
+        n = 0
+        for slot, tokens, wants_logits in items:
             for i, tok in enumerate(tokens):
-                self._put(b, n, tok, len(slot.cached) + i, seq, wants_logits and i == len(tokens) - 1)
+                self._put(b, n, tok, len(slot.cached) + i, slot.seq, wants_logits and i == len(tokens) - 1)
                 n += 1
             slot.cached.extend(tokens)
             if wants_logits:

@@ -160,9 +160,8 @@ class Runtime:
                     raise RuntimeFailure(f"{self.path}: the model inside it is damaged; copy the file again")
         from ..host.gpu import choice
 
-        # the adapters that apply (scale 0 leaves the base's computation exactly as it is)
-        adapters = [(self.source, self.payload.absolute_offset(lora_entry(name)), scale, name)
-                    for name, scale in self.adapter_scales.items() if scale != 0]
+        # every packed adapter, loaded; each applies at its scale (0: the base's computation exactly)
+        adapters = [(self.source, self.payload.absolute_offset(lora_entry(name)), name) for name in self.adapter_scales]
         try:
             self.engine = choice.load(self.backend, self.settings, lambda gpu_layers, devices: Engine(
                 self.C, source, offset, self.settings.ctx, self.threads(), gpu_layers, n_seq, devices,
@@ -173,6 +172,7 @@ class Runtime:
             if problems:
                 raise RuntimeFailure(f"{self.path}: {problems[0]}; copy the file again") from None
             raise RuntimeFailure(f"{exc}; run with -v to see llama.cpp's log") from None
+        self.engine.set_lora(self.adapter_scales.values())
         return self.engine
 
     def template(self):
@@ -227,6 +227,8 @@ class Runtime:
     def server_info(self) -> dict:
         return {
             "name": self.manifest.name,
+            "adapters": [{"id": i, "name": a.name, "default_scale": a.scale}
+                         for i, a in enumerate(self.manifest.adapters)],
             "model": self.manifest.model.to_json(),
             "backend": {**self.backend.to_json(), "threads": self.threads()},
             "created": int(time.time()),

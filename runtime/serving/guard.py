@@ -104,7 +104,7 @@ class Guard:
         if scope["method"] == "OPTIONS":
             return await self._preflight(scope, receive, send, origin)
         path = scope["path"]
-        if scope["method"] == "POST" and path.startswith("/v1/"):
+        if scope["method"] == "POST" and (path.startswith("/v1/") or path == "/lora-adapters"):
             if not JSON_TYPE.match(headers.get("content-type", "")):
                 return await self._refuse(
                     scope, receive, send, 415,

@@ -41,6 +41,7 @@ class GenParams:
     think: bool | None = None  # reasoning template: whether the answer starts inside <think>
     top_k: int | None = None  # llama.cpp's sampling fields (llama-server takes them too)
     repeat_penalty: float | None = None
+    lora: list | None = None  # llama-server's per-request adapters: [(id, scale)], the others at 0
 
 
 MAX_TOP_LOGPROBS = 20  # chat (OpenAI's limit); legacy completions allow 5
@@ -114,7 +115,34 @@ def parse_common(body: dict) -> GenParams:
         n=n,
         top_k=_num(body, "top_k", 0, 10**6, integer=True),
         repeat_penalty=_num(body, "repeat_penalty", 0, 10),
+        lora=parse_lora(body["lora"], "lora") if body.get("lora") is not None else None,
     )
+
+
+MAX_LORA_SCALE = 1000.0
+
+
+def parse_lora(value, param: str) -> list[tuple[int, float]]:
+    """llama-server's adapter list: [{"id": 0, "scale": 0.5}, ...] (ids are checked against the
+    bundle's adapters by the caller)."""
+    import math
+
+    if not isinstance(value, list) or len(value) > 1024:
+        raise ApiError(400, f"'{param}' must be a list of objects with 'id' and 'scale' fields", param, "invalid_type")
+    out = []
+    for i, item in enumerate(value):
+        where = f"{param}[{i}]"
+        if not isinstance(item, dict) or set(item) - {"id", "scale"}:
+            raise ApiError(400, f"{where} must be an object with 'id' and 'scale' fields", where, "invalid_type")
+        ident, scale = item.get("id"), item.get("scale", 0.0)
+        if not isinstance(ident, int) or isinstance(ident, bool):
+            raise ApiError(400, f"{where}.id must be an adapter id (an integer)", where, "invalid_type")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+                or abs(scale) > MAX_LORA_SCALE:
+            raise ApiError(400, f"{where}.scale must be a finite number of at most {MAX_LORA_SCALE:g}", where,
+                           "invalid_value")
+        out.append((ident, float(scale)))
+    return out
 
 
 MAX_N = 16
@@ -292,7 +320,7 @@ IGNORED = ("model", "metadata", "store", "user", "service_tier", "safety_identif
            "cache_prompt")
 _SAMPLING = {"temperature", "top_p", "top_k", "repeat_penalty", "frequency_penalty", "presence_penalty", "seed",
              "stop", "max_tokens", "logit_bias", "n", "stream", "stream_options", "response_format", "grammar",
-             "logprobs"}
+             "logprobs", "lora"}
 CHAT_FIELDS = {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
                "reasoning_effort", "chat_template_kwargs", "modalities", *_SAMPLING, *IGNORED, *_UNSUPPORTED}
 COMPLETION_FIELDS = {"prompt", *_SAMPLING, *IGNORED, *_UNSUPPORTED}
@@ -329,7 +357,7 @@ _RESPONSES_UNSUPPORTED = {
     "top_logprobs": lambda v: v not in (None, 0),
 }
 _RESPONSES_KNOWN = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream",
-                    "text", *RESPONSES_IGNORED, *_RESPONSES_UNSUPPORTED}
+                    "text", "lora", *RESPONSES_IGNORED, *_RESPONSES_UNSUPPORTED}
 _INPUT_PART_TYPES = ("input_text", "output_text", "text")
 
 
@@ -375,7 +403,7 @@ def responses_to_chat(body: dict) -> dict:
     chat = {"messages": messages, "stream": body.get("stream", False)}
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = _num(body, "max_output_tokens", 1, 10**7, integer=True)
-    for name in ("temperature", "top_p"):
+    for name in ("temperature", "top_p", "lora"):
         if body.get(name) is not None:
             chat[name] = body[name]
     text = body.get("text")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 import asyncio
+import json
 import base64
 import struct
 
@@ -24,7 +25,8 @@ from .guard import error_response
 from .streaming import answer
 from .state import prepared
 from .metrics import prometheus_text
-from .state import state_of
+from .state import read_body, state_of
+from ..bundlefile.layout import lora_entry
 from .errors import api_error
 
 WEB = Path(__file__).resolve().parent / "web"
@@ -100,6 +102,24 @@ async def info_route(request: Request):
                          "defaults": {"temperature": st.settings.temp, "system": st.settings.system or ""}})
 
 
+async def lora_adapters(request: Request):
+    """GET /lora-adapters: the packed adapters and the scales requests that name none get; POST
+    (llama-server's shape, [{"id", "scale"}], the others at 0) sets those scales for the requests
+    that arrive from then on."""
+    st = state_of(request)
+    if request.method == "POST":
+        body = await read_body(request)
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise ApiError(400, "the request body is not valid JSON", None, "invalid_json") from None
+        st.scheduler.set_lora(st.lora_scales(parsing.parse_lora(data, "body"), "body"))
+        return JSONResponse({"success": True})
+    scales = st.scheduler.lora
+    return JSONResponse([{"id": i, "name": name, "path": lora_entry(name), "scale": scales[i]}
+                         for i, name in enumerate(st.engine.adapter_names)])
+
+
 async def health(request: Request):
     scheduler = state_of(request).scheduler
     s = scheduler.stats
@@ -145,6 +165,7 @@ ROUTES = [
     Route("/v1/responses", responses, methods=["POST"]),
     Route("/v1/embeddings", embeddings, methods=["POST"]),
     Route("/apply-template", apply_template, methods=["POST"]),
+    Route("/lora-adapters", lora_adapters, methods=["GET", "POST"]),
     Route("/static/{name:path}", static),
 ]
 

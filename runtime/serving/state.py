@@ -132,7 +132,21 @@ class ServerState:
             grammar=p.grammar,
             logit_bias=p.logit_bias or {},
             logprobs=p.logprobs,
+            lora=None if p.lora is None else self.lora_scales(p.lora, "lora"),
         )
+
+    def lora_scales(self, pairs: list[tuple[int, float]], param: str) -> tuple:
+        """llama-server's reading of an adapter list: the adapters it names at their scales, every
+        other one at 0; an id the bundle has no adapter for is a 400."""
+        n = len(getattr(self.engine, "adapters", ()))
+        scales = [0.0] * n
+        for ident, scale in pairs:
+            if not 0 <= ident < n:
+                have = f"ids 0 to {n - 1}" if n else "none"
+                raise ApiError(400, f"'{param}': invalid adapter id {ident} (this bundle's adapters: {have}; "
+                               "GET /lora-adapters lists them)", param, "invalid_value")
+            scales[ident] = scale
+        return tuple(scales)
 
     def check_sampling(self, params: parsing.GenParams) -> None:
         """What only the model can tell: token ids in range, a grammar llama.cpp parses."""
