@@ -88,7 +88,7 @@ def cli():
 
 
 @cli.command()
-@click.argument("model")
+@click.argument("model", required=False)
 @click.option("-o", "--output", type=click.Path(), help="where to write the bundle (default: dist/<model stem>)")
 @click.option("--name", help="the bundle's display name (default: the output file name)")
 @click.option("--template", default="auto", show_default=True,
@@ -112,15 +112,29 @@ def cli():
 @click.option("--max-file-size", help="split so that no file is larger than this (e.g. 4G, 2000M); implies --split")
 @click.option("--lora", "loras", multiple=True, metavar="[NAME=]ADAPTER.gguf[:SCALE]",
               help="pack a LoRA adapter, applied at SCALE (default 1) unless the user says otherwise (repeatable)")
+@click.option("--base", metavar="BASE", help="with --lora and no MODEL: an adapter-only bundle for BASE (a bundle or "
+              "a .gguf), which finds BASE beside it at launch")
 @click.option("--force", is_flag=True, help="replace an existing file at the output path even if it is not a bundle")
 def build(model, output, name, template, system, think, ctx, temp, top_p, top_k, repeat_penalty, max_tokens, target, stub,
-          gpu, split, max_file_size, loras, force):
-    """Build one executable from MODEL (a .gguf path or hf://owner/repo/file.gguf)."""
+          gpu, split, max_file_size, loras, base, force):
+    """Build one executable from MODEL (a .gguf path or hf://owner/repo/file.gguf), or an
+    adapter-only one: --lora ADAPTER.gguf --base BASE."""
     from . import gguf, hub, stubs, writer
 
     t0 = time.perf_counter()
-    model_path = hub.fetch(model) if hub.is_hub_ref(model) else Path(model)
-    info = gguf.read_gguf(str(model_path))
+    base_ref = None
+    if model is None:
+        if not base or not loras:
+            raise UsageError("give a MODEL to bundle, or --lora ADAPTER.gguf --base BASE for an adapter-only bundle")
+        if split or max_file_size:
+            raise UsageError("an adapter-only bundle holds no model to split")
+        base_ref, info = read_base(Path(base))
+        model_path = None
+    elif base:
+        raise UsageError("--base makes an adapter-only bundle: give --lora and --base without a MODEL")
+    else:
+        model_path = hub.fetch(model) if hub.is_hub_ref(model) else Path(model)
+        info = gguf.read_gguf(str(model_path))
     if info.get("general.type") == "adapter":
         raise BundleError(f"{model} is a LoRA adapter, not a model; pass the base model and the adapter with "
                           f"--lora: bundle build BASE.gguf --lora {model}")
@@ -141,7 +155,10 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
         gguf.check_architecture(info, s.meta.get("architectures"), s.meta.get("llama_cpp_python", "?"))
     if name is not None and len(name) > gguf.MAX_NAME:
         raise BundleError(f"--name is {len(name)} characters long; give one of at most {gguf.MAX_NAME}")
-    stem = Path(model_path.name).stem if not hub.is_hub_ref(model) else Path(model.rsplit("/", 1)[-1]).stem
+    if model_path is None:
+        stem = adapters[0][0].name
+    else:
+        stem = Path(model_path.name).stem if not hub.is_hub_ref(model) else Path(model.rsplit("/", 1)[-1]).stem
     out = Path(output) if output else Path("dist") / stub_info.spec.default_name(stem)
     named = stub_info.spec.executable_name(out.name)
     if named != out.name:
@@ -155,8 +172,8 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
                           f"`python build.py {b.build_flag}` or pass --gpu none")
     carried = tuple(dict.fromkeys(b.key for s in (stub_info, *stored) for b in s.gpu_backends()
                                   if gpu in ("auto", b.key)))
-    writer.check_output(out, model_path, force)
-    writer.check_space(out, model_path, stub_info, carried, stored)
+    writer.check_output(out, model_path or Path(base), force)
+    writer.check_space(out, model_path or adapters[0][1], stub_info, carried, stored)
     from . import split as splitter
 
     limit = splitter.parse_size(max_file_size) if max_file_size else (splitter.FAT32_MAX if split else None)
@@ -165,11 +182,14 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
     if limit is not None and exe_size + (1 << 20) > limit:
         raise UsageError(f"--max-file-size {_human(limit)} is smaller than the executable without its model "
                          f"({_human(exe_size)}); give a larger size")
+    if model_path is None:
+        exe_size += sum(path.stat().st_size for _, path in adapters)
     if limit is not None and exe_size + info.file_size <= limit:
         limit = None  # it fits in one file: nothing to split
         click.echo("note: the bundle fits in one file under the limit; not splitting", err=True)
     spec = stub_info.spec
-    if spec.max_executable and limit is None and exe_size + info.file_size > spec.max_executable:
+    if spec.max_executable and limit is None and model_path is not None \
+            and exe_size + info.file_size > spec.max_executable:
         limit = min(splitter.FAT32_MAX, spec.max_executable)
         most = spec.max_executable + 1
         click.echo(f"note: {spec.system.capitalize()} runs no executable over "
@@ -187,7 +207,9 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
         "bundle build",
     )
     summary = info.summary()
-    summary["file"] = model_path.name
+    summary["file"] = model_path.name if model_path is not None else base_ref.file
+    if base_ref is not None:
+        summary["sha256"] = base_ref.sha256
     manifest = Manifest(
         name=name or part_stem,
         built=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -198,6 +220,7 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
         settings=settings.to_manifest(),
         stub=StubInfo.from_json(stub_info.manifest_info()),
         adapters=tuple(a for a, _ in adapters),
+        base=base_ref,
     )
     err = click.get_text_stream("stderr")
     click.echo(
@@ -238,7 +261,10 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
         for tmp, *_ in parts or ():
             tmp.unlink(missing_ok=True)  # renamed into place on success; leftovers of a failure
     seconds = time.perf_counter() - t0
-    if stored:
+    if base_ref is not None:
+        click.echo(f"wrote {out} ({_human(result['size'])}, {stub_info.target}, an adapter for {base_ref.file}: "
+                   f"it runs where that file, or its model, is beside it) in {seconds:.2f} s", err=True)
+    elif stored:
         runs_on = universal.machines([s.target for s in (stub_info, *stored)])
         needs = "; ".join(f"{universal.SAYS[s.target]}: {s.spec.needs_text(s.meta)}" for s in (stub_info, *stored))
         click.echo(f"wrote {out} ({_human(result['size'])}, universal: runs on {runs_on}; needs {needs}) "
@@ -272,6 +298,38 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
         return
     where = "" if spec.name == targets.host_name() else f" on {spec.system.capitalize()} {spec.machine}"
     click.echo(f"run it{where}: {shown} -p \"Hello\"   or   {shown} --cli", err=True)
+
+
+def read_base(path: Path) -> tuple:
+    """--base: (BaseRef, GGUFInfo) of a .gguf or of the model inside a bundle."""
+    import hashlib
+
+    from runtime.bundlefile import MODEL_ENTRY
+    from runtime.bundlefile.manifest import BaseRef
+
+    from . import gguf
+
+    if not path.is_file():
+        raise BundleError(f"--base {path}: no such file; pass the base model's bundle or its .gguf")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        info = gguf.read_gguf(str(path))
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        return BaseRef(path.name, info.file_size, digest.hexdigest()), info
+    try:
+        payload = read_payload(str(path))
+    except PayloadError as exc:
+        raise BundleError(f"--base {path}: {exc}") from None
+    entry = payload.entries.get(MODEL_ENTRY)
+    if entry is None:
+        raise BundleError(f"--base {path} carries no model inside it (its model is beside it, or it is an adapter "
+                          "itself); pass the base model's .gguf")
+    info = gguf.read_gguf(str(path), payload.payload_start + entry.offset, entry.size)
+    return BaseRef(path.name, entry.size, entry.sha256), info
 
 
 def read_adapter(spec: str, base) -> tuple:

@@ -295,8 +295,33 @@ class _Reader:
         raise GGUFError(f"{self.path} is damaged: unknown metadata value type {vtype}; download the model again")
 
 
-def read_gguf(path: str) -> GGUFInfo:
-    """Read a GGUF's metadata and tensor table, and check the file holds all its tensor data."""
+class _Window:
+    """A file seen from offset on, size bytes long (a model inside a bundle)."""
+
+    def __init__(self, f, offset: int, size: int):
+        self.f, self.offset, self.size = f, offset, size
+        f.seek(offset)
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.offset + self.size - self.f.tell()
+        return self.f.read(left if n < 0 else min(n, left))
+
+    def tell(self) -> int:
+        return self.f.tell() - self.offset
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_gguf(path: str, offset: int = 0, size: int | None = None) -> GGUFInfo:
+    """Read a GGUF's metadata and tensor table, and check the file holds all its tensor data.
+    offset, size: a GGUF inside another file (the model in a bundle)."""
     if os.path.isdir(path):
         raise GGUFError(f"{path} is a directory; pass the .gguf file inside it")
     try:
@@ -309,8 +334,10 @@ def read_gguf(path: str) -> GGUFInfo:
         raise GGUFError(f"{path} is not readable (permission denied); fix its permissions or copy it") from None
     except OSError as exc:
         raise GGUFError(f"cannot open {path}: {exc.strerror}") from None
+    if size is not None:
+        f = _Window(f, offset, size)
     with f:
-        file_size = os.fstat(f.fileno()).st_size
+        file_size = size if size is not None else os.fstat(f.fileno()).st_size
         if file_size == 0:
             raise GGUFError(f"{path} is empty (0 bytes); download or copy the model again")
         magic = f.read(4)

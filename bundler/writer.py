@@ -115,7 +115,7 @@ def write_bundle(
     stub_archive = stub_bytes[archive_start : cookie_pos + PYI_COOKIE_SIZE]
     payload_start = align_up(len(stub_bytes))
     folder = output.parent
-    check_space(output, model, stub, gpu, stored)
+    check_space(output, model if model is not None else Path(adapters[0][1]), stub, gpu, stored)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -157,7 +157,9 @@ def write_bundle(
             if stored:
                 manifest = dataclasses.replace(manifest, runtimes={
                     other.target: StubInfo.from_json(other.manifest_info()) for other in stored})
-            if parts:
+            if model is None:  # an adapter-only bundle: the base's model is found at launch
+                model_entry = None
+            elif parts:
                 model_entry = None
                 manifest = dataclasses.replace(manifest, model=dataclasses.replace(
                     manifest.model, parts=tuple(ModelPart(name, size, digest) for _, name, size, digest in parts)))

@@ -225,3 +225,46 @@ def test_two_clients_with_different_scales_at_once_each_get_their_solo_text(lora
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda s: (s, _chat(lora_server, [{"id": 0, "scale": s}])), [1, 0, 1, 0]))
     assert all(text == solo[s] for s, text in got), got
+
+
+# -- adapter-only bundles: the fine-tune travels without its base -----------------------------------
+
+
+def test_an_adapter_only_bundle_runs_on_the_base_beside_it(built_bundle, lora_bundle, adapters, model, tmp_path):
+    import shutil
+
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    shutil.copy2(built_bundle, stick / built_bundle.name)  # the base, as the user already has it
+    r = run_bundle_cmd("build", "--lora", adapters["poet"], "--base", stick / built_bundle.name, "-o",
+                       stick / "poet")
+    assert r.returncode == 0, r.stderr
+    assert f"an adapter for {built_bundle.name}" in r.stderr, r.stderr
+    only = stick / "poet"
+    assert only.stat().st_size < built_bundle.stat().st_size - model.stat().st_size + (8 << 20)  # no model inside
+    poet = _answer(lora_bundle, "--lora", "nothing=0")
+    assert _answer(only) == poet
+    assert _answer(only, "--no-lora") == _answer(built_bundle)
+    info = json.loads(run_exe(only, "--info", "--json").stdout)
+    assert info["base"]["found"] == str(stick / built_bundle.name)
+
+    # the base's .gguf under another name serves as well (found by its content)
+    (stick / built_bundle.name).unlink()
+    shutil.copy2(model, stick / "my-base.gguf")
+    assert _answer(only) == poet
+
+    # no base beside it: one line that names what it needs and where it looked
+    (stick / "my-base.gguf").unlink()
+    r = run_exe(only, "-p", "hi")
+    assert r.returncode == 1
+    error = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert error == [f"error: this bundle is an adapter: it needs the model {built_bundle.name} (93.8 MiB, sha256 "
+                     f"{info['base']['sha256'][:12]}…), or a bundle of it, beside it (looked in {stick}); copy it "
+                     "there, or pass --base PATH"], r.stderr
+
+    # a wrong base, named with --base: refused with the same facts
+    other = make_lora(model, tmp_path / "other.gguf")
+    r = run_exe(only, "--base", other, "-p", "hi")
+    assert r.returncode == 1 and f"--base {other} is not the model this adapter was built for" in r.stderr, r.stderr
+    r = run_exe(only, "--base", model, *POEM)
+    assert r.returncode == 0 and r.stdout == poet, r.stderr[-2000:]

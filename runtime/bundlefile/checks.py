@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..host import cachedir
 from ..errors import DamagedError
-from .layout import MODEL_ENTRY, NATIVE_CPU_ENTRY, RUNTIME_ENTRY
+from .layout import MODEL_ENTRY, NATIVE_CPU_ENTRY, RUNTIME_ENTRY, is_lora_entry
 from .reader import Payload
 
 PROGRESS_AFTER = 1.0  # seconds: quick checks say nothing
@@ -45,9 +45,10 @@ def verdict_key(payload: Payload) -> str:
 
 def parts_to_check(payload: Payload) -> list[str]:
     """The model, the CPU libraries, the runtime's own regions and, in a universal file, the
-    runtime program the launcher ran. (The GPU back ends' libraries are hashed when they are
+    runtime program the launcher ran, and the LoRA adapters. (The GPU back ends' libraries are hashed when they are
     unpacked, which happens only on machines with a driver.)"""
-    return [n for n in (MODEL_ENTRY, NATIVE_CPU_ENTRY, RUNTIME_ENTRY) if n in payload.entries] + list(payload.regions)
+    return ([n for n in (MODEL_ENTRY, NATIVE_CPU_ENTRY, RUNTIME_ENTRY) if n in payload.entries]
+            + [n for n in payload.entries if is_lora_entry(n)] + list(payload.regions))
 
 
 class _Progress:
@@ -134,3 +135,41 @@ def check_once(payload: Payload, cache_root: Path, say=lambda msg: None) -> dict
     except OSError:
         pass  # a cache we cannot write: the next launch checks again
     return {"checked": True, "seconds": seconds, "bytes": total}
+
+
+def model_checked_once(path: str, offset: int, size: int, sha256: str, cache_root: Path, say=lambda msg: None) -> bool:
+    """Whether the model at offset in path (size bytes) has this SHA-256: hashed the first time,
+    remembered (under the cache's MAC) per identity of that file, as check_once does. An adapter-
+    only bundle checks the base it found so."""
+    st = os.stat(path)
+    ident = f"base:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{offset}:{size}:{sha256}"
+    name = hashlib.sha256(ident.encode()).hexdigest()[:32]
+    try:
+        with cachedir.Folder.open_root(cache_root) as root, root.sub("verified") as folder:
+            if _remembered(folder, name):
+                return True
+    except OSError:
+        pass
+    progress = _Progress(size, say, bool(getattr(sys.stderr, "isatty", lambda: False)()))
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = size
+        while left:
+            chunk = f.read(min(1 << 22, left))
+            if not chunk:
+                return False
+            digest.update(chunk)
+            left -= len(chunk)
+            progress(len(chunk))
+    progress.end()
+    if digest.hexdigest() != sha256:
+        return False
+    try:
+        with cachedir.Folder.open_root(cache_root) as root, root.sub("verified") as folder:
+            record = {"path": os.fsdecode(path), "checked": time.time(), "bytes": size,
+                      "mac": _mac(_mac_key(folder), name)}
+            folder.write_atomic(name, json.dumps(record, ensure_ascii=True).encode())
+    except OSError:
+        pass
+    return True

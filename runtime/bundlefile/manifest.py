@@ -72,6 +72,28 @@ class ModelPart:
 
 
 @dataclass(frozen=True)
+class BaseRef:
+    """The model an adapter-only bundle runs on: the file it was built against (a name to show;
+    it is found by its content), the model's size and SHA-256."""
+
+    file: str
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, data, where: str) -> "BaseRef":
+        data = as_object(data, where)
+        name = take(data, "file", str, where, required=True, max_len=255)
+        if "/" in name or "\\" in name or "\0" in name:
+            raise Invalid(f"{where}.file", "not a plain file name")
+        return cls(name, take(data, "size", int, where, required=True, lo=1, hi=MAX_BYTES),
+                   sha256_field(data, "sha256", where))
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str = "model"
     architecture: str = "unknown"
@@ -288,6 +310,9 @@ class Manifest:
     # built from. `stub` is the front (Windows) one.
     runtimes: dict = field(default_factory=dict)
     adapters: tuple = ()  # LoRA adapters (Adapter), in the order their ids count
+    # An adapter-only bundle (bundle build --lora A --base B): no model of its own; the base's
+    # model, named by its file, size and SHA-256, is found beside it at launch (or --base PATH).
+    base: BaseRef | None = None
 
     def to_json(self) -> dict:
         data = {"name": self.name, "built": self.built, "bundler_version": self.bundler_version,
@@ -297,6 +322,8 @@ class Manifest:
             data["runtimes"] = {t: stub.to_json() for t, stub in self.runtimes.items()}
         if self.adapters:
             data["adapters"] = [a.to_json() for a in self.adapters]
+        if self.base:
+            data["base"] = self.base.to_json()
         return data
 
     def targets(self) -> list[str]:
@@ -325,6 +352,7 @@ class Manifest:
             stub=StubInfo.from_json(data.get("stub") or {}, f"{where}.stub"),
             runtimes=_runtimes(data.get("runtimes") or {}, f"{where}.runtimes"),
             adapters=_adapters(data.get("adapters") or [], f"{where}.adapters"),
+            base=BaseRef.from_json(data["base"], f"{where}.base") if data.get("base") is not None else None,
         )
 
 

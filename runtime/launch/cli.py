@@ -96,6 +96,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="apply the packed LoRA adapter NAME at SCALE (0: not at all; repeatable; --info lists them)")
     g.add_argument("--no-lora", action="store_true", dest="no_lora",
                    help="apply none of the packed LoRA adapters (the base model alone)")
+    g.add_argument("--base", metavar="PATH",
+                   help="an adapter-only bundle: the base model's bundle or .gguf (default: found beside it)")
     g.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's own log on stderr")
     p.add_argument("--version", action="version", version=f"bundle runtime {__version__} (format {FORMAT_VERSION})")
     return p

@@ -47,6 +47,7 @@ class Runtime:
         self.cache = None
         self.check = None
         self.n_seq = 1  # conversations the engine holds at once (load_model)
+        self.base_path = None  # an adapter-only bundle: the file its base model is read from
         self.libdir = None
         self.C = None
         self.engine = None
@@ -148,7 +149,12 @@ class Runtime:
         self.n_seq = n_seq
         if self.C is None:
             self.load_libraries()
-        if self.manifest.model.parts:
+        if self.manifest.base:  # an adapter-only bundle: the base's model, from its own file
+            from ..bundlefile.base import find_base
+
+            source, offset = find_base(self.payload, getattr(self.args, "base", None), self.cache, say=say)
+            self.base_path = source
+        elif self.manifest.model.parts:
             source, offset = self.payload.find_model_parts(), 0
         elif MODEL_ENTRY not in self.payload.entries:
             raise RuntimeFailure(f"{self.path} holds no model; rebuild it with bundle build")
@@ -240,7 +246,18 @@ class Runtime:
 
         if self.C is None:
             self.load_libraries()
+        base = None
+        if self.manifest.base:
+            from ..bundlefile.base import find_base
+            from ..errors import PayloadError
+
+            base = {**self.manifest.base.to_json(), "found": None}
+            try:
+                base["found"] = find_base(self.payload, getattr(self.args, "base", None), self.cache, say=say)[0]
+            except PayloadError as exc:
+                base["problem"] = str(exc)
         return {
+            "base": base,
             "bundle": os.fsdecode(self.path),
             "name": self.manifest.name,
             "format_version": self.payload.version,
