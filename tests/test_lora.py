@@ -268,3 +268,41 @@ def test_an_adapter_only_bundle_runs_on_the_base_beside_it(built_bundle, lora_bu
     assert r.returncode == 1 and f"--base {other} is not the model this adapter was built for" in r.stderr, r.stderr
     r = run_exe(only, "--base", model, *POEM)
     assert r.returncode == 0 and r.stdout == poet, r.stderr[-2000:]
+
+
+# -- the web chat: a scale slider per adapter ------------------------------------------------------
+
+
+def test_the_web_chat_shows_a_slider_per_adapter_and_sends_its_scale(lora_server, lora_bundle):
+    from test_page import CHROMIUM, FLAGS
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_context().new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(lora_server)
+            page.wait_for_function("document.getElementById('model-name').textContent !== '…'")
+            page.click("#toggle-settings")
+            sliders = page.locator("#adapters input[type=range]")
+            assert sliders.count() == 2
+            assert page.inner_text("#adapters").split() == ["LoRA", "poet", "1.00", "LoRA", "nothing", "1.00"]
+            sliders.nth(0).fill("0")
+            sliders.nth(0).dispatch_event("change")
+            assert page.inner_text("#adapters").split()[2] == "0.00"
+            page.fill("#temperature", "0")
+            page.dispatch_event("#temperature", "change")
+            page.fill("#input", "Write a short poem about the sea.")
+            with page.expect_request("**/v1/chat/completions") as sent:
+                page.press("#input", "Enter")
+            assert json.loads(sent.value.post_data)["lora"] == [{"id": 0, "scale": 0}, {"id": 1, "scale": 1}]
+            page.wait_for_selector("#send:not([hidden])", timeout=120_000)
+            page.reload()  # the conversation keeps its scales
+            page.wait_for_function("document.getElementById('model-name').textContent !== '…'")
+            page.click("#toggle-settings")
+            assert page.locator("#adapters input[type=range]").nth(0).input_value() == "0"
+            assert errors == []
+        finally:
+            browser.close()

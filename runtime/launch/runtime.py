@@ -233,7 +233,7 @@ class Runtime:
     def server_info(self) -> dict:
         return {
             "name": self.manifest.name,
-            "adapters": [{"id": i, "name": a.name, "default_scale": a.scale}
+            "adapters": [{"id": i, "name": a.name, "scale": self.adapter_scales[a.name]}
                          for i, a in enumerate(self.manifest.adapters)],
             "model": self.manifest.model.to_json(),
             "backend": {**self.backend.to_json(), "threads": self.threads()},

@@ -126,6 +126,7 @@ function render() {
   $("show-thinking-row").hidden = !t.thinks;
   $("think").checked = c.think !== undefined ? c.think : !!t.default;
   $("show-thinking").checked = showThinking();
+  renderAdapters();
 }
 
 function headers() {
@@ -162,7 +163,8 @@ async function send(text) {
     const r = await api("/v1/chat/completions", {
       method: "POST", signal: state.controller.signal,
       body: JSON.stringify({ messages, stream: true, temperature: Number.isFinite(temperature) ? temperature : undefined,
-                             chat_template_kwargs: t.switchable ? { enable_thinking: think } : undefined }),
+                             chat_template_kwargs: t.switchable ? { enable_thinking: think } : undefined,
+                             lora: c.lora ? adapters().map((a) => ({ id: a.id, scale: adapterScale(c, a) })) : undefined }),
     });
     if (!r.ok) {
       const err = await r.json().catch(() => ({}));
@@ -210,6 +212,38 @@ async function send(text) {
   }
   if (stopped) { const n = document.createElement("div"); n.className = "note"; n.textContent = "(stopped)"; el.appendChild(n); }
   if (timings) $("speed").textContent = timings.predicted_per_second.toFixed(1) + " tokens/s";
+}
+
+// LoRA adapters packed in the bundle: a scale slider each; a conversation whose sliders were
+// moved sends its scales with every request (llama-server's per-request "lora").
+function adapters() { return state.info.adapters || []; }
+function adapterScale(c, a) { return c.lora && c.lora[a.id] !== undefined ? c.lora[a.id] : a.scale; }
+
+function renderAdapters() {
+  const box = $("adapters");
+  box.hidden = adapters().length === 0;
+  box.textContent = "";
+  const c = current();
+  for (const a of adapters()) {
+    const label = document.createElement("label");
+    label.className = "adapter";
+    label.textContent = "LoRA " + a.name + " ";
+    const input = document.createElement("input");
+    input.type = "range"; input.min = "0"; input.max = "2"; input.step = "0.05";
+    input.value = String(adapterScale(c, a));
+    input.dataset.adapter = String(a.id);
+    const shown = document.createElement("output");
+    shown.textContent = Number(input.value).toFixed(2);
+    input.addEventListener("input", () => { shown.textContent = Number(input.value).toFixed(2); });
+    input.addEventListener("change", () => {
+      const cur = current();
+      cur.lora = cur.lora || {};
+      cur.lora[a.id] = Number(input.value);
+      save();
+    });
+    label.append(input, shown);
+    box.appendChild(label);
+  }
 }
 
 async function start() {
