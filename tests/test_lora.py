@@ -200,6 +200,17 @@ def test_per_request_scales_give_the_text_of_the_matching_launch(lora_server, lo
         launched = _answer(lora_bundle, "--lora", f"poet={scale}").strip()
         assert _chat(lora_server, [{"id": 0, "scale": scale}]).strip() == launched, scale
     assert _chat(lora_server, []).strip() == _answer(lora_bundle, "--no-lora").strip()  # unlisted: 0
+    # completions and responses take the field too
+    prompt = {"prompt": "The sea is", "temperature": 0, "max_tokens": 24}
+    texts = {s: _post(f"{lora_server}/v1/completions", {**prompt, "lora": [{"id": 0, "scale": s}]})["choices"][0]["text"]
+             for s in (0, 1)}
+    assert texts[0] != texts[1]
+    assert _post(f"{lora_server}/v1/completions", {**prompt, "lora": []})["choices"][0]["text"] == texts[0]
+    ask = {"input": POEM[1], "temperature": 0, "max_output_tokens": 40}
+    outs = {s: _post(f"{lora_server}/v1/responses", {**ask, "lora": [{"id": 0, "scale": s}]})["output"][0]["content"][0]["text"]
+            for s in (0, 1)}
+    assert outs[0].strip() == _answer(lora_bundle, "--no-lora").strip()
+    assert outs[1].strip() == _answer(lora_bundle).strip()
     r = _post(f"{lora_server}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                                      "lora": [{"id": 7, "scale": 1}]}, expect=400)
     assert "invalid adapter id 7" in r["error"]["message"]
@@ -306,3 +317,14 @@ def test_the_web_chat_shows_a_slider_per_adapter_and_sends_its_scale(lora_server
             assert errors == []
         finally:
             browser.close()
+
+
+def test_a_windows_bundle_applies_its_adapter_under_wine(model, adapters, tmp_path, wine):
+    """The adapter is read through msvcrt's FILE* (opened by its wide name) out of the .exe."""
+    exe = tmp_path / "Poet démo"
+    r = run_bundle_cmd("build", model, "--target", "windows-x86_64", "--lora", adapters["poet"], "-o", exe)
+    assert r.returncode == 0, r.stderr
+    exe = exe.with_name(exe.name + ".exe")
+    poet, base = wine.run(exe, *POEM), wine.run(exe, *POEM, "--no-lora")
+    assert poet.returncode == 0 and base.returncode == 0, poet.stderr[-2000:] + base.stderr[-2000:]
+    assert poet.stdout.strip() and poet.stdout != base.stdout
