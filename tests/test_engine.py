@@ -118,6 +118,57 @@ def test_frequency_and_presence_penalties_change_the_output(gen, prompt_for):
     assert freq != g and pres != g
 
 
+def _chain_names(engine, s: Sampling) -> list[str]:
+    C = engine.C
+    chain = engine.chain(s, [1, 2, 3], None)
+    try:
+        return [C.llama_sampler_name(C.llama_sampler_chain_get(chain, i)).decode()
+                for i in range(C.llama_sampler_chain_n(chain))]
+    finally:
+        C.llama_sampler_free(chain)
+
+
+def test_sampler_chain_as_llama_cpp_builds_it(engine):
+    # llama.cpp's defaults: top-k 40, top-p 0.95, min-p 0.05, temperature
+    assert _chain_names(engine, Sampling(repeat_penalty=1.0)) == ["top-k", "top-p", "min-p", "temp", "dist"]
+    every = Sampling(repeat_penalty=1.1, logit_bias={5: 1.0}, min_p=0.1, typical_p=0.9, top_n_sigma=1.5,
+                     xtc_probability=0.5, dry_multiplier=0.8, dynatemp_range=0.5)
+    assert _chain_names(engine, every) == ["logit-bias", "penalties", "dry", "top-n-sigma", "top-k", "typical",
+                                           "top-p", "min-p", "xtc", "temp-ext", "dist"]
+    order = Sampling(repeat_penalty=1.0, samplers=("temperature", "min_p", "top_k"))
+    assert _chain_names(engine, order) == ["temp", "min-p", "top-k", "dist"]
+    assert _chain_names(engine, Sampling(repeat_penalty=1.0, mirostat=2)) == ["temp", "mirostat-v2"]
+    assert _chain_names(engine, Sampling(repeat_penalty=1.0, mirostat=1)) == ["temp", "mirostat"]
+    assert _chain_names(engine, Sampling(temp=0, repeat_penalty=1.0, dry_multiplier=0.5)) == ["dry", "greedy"]
+
+
+def test_min_p_1_and_tiny_top_n_sigma_are_greedy(gen, prompt_for):
+    g = gen(prompt_for(STORY), greedy(max_tokens=25)).text
+    hot = dict(temp=1.5, top_k=0, top_p=1.0, repeat_penalty=1.0, seed=7, max_tokens=25)
+    assert gen(prompt_for(STORY), Sampling(min_p=1.0, **hot)).text == g
+    assert gen(prompt_for(STORY), Sampling(min_p=0.0, top_n_sigma=1e-4, **hot)).text == g
+    assert gen(prompt_for(STORY), Sampling(min_p=0.0, **hot)).text != g
+
+
+def test_llama_cpp_samplers_change_the_output(gen, prompt_for):
+    base = dict(temp=0.7, top_k=40, top_p=0.95, repeat_penalty=1.0, seed=11, max_tokens=60)
+    plain = gen(prompt_for(STORY), Sampling(**base)).text
+    for extra in (dict(mirostat=2, mirostat_tau=3.0), dict(xtc_probability=1.0, xtc_threshold=0.01),
+                  dict(dynatemp_range=0.7, dynatemp_exponent=1.0), dict(dry_multiplier=5.0, dry_allowed_length=1)):
+        r = gen(prompt_for(STORY), Sampling(**base, **extra))
+        assert r.completion_tokens > 0 and r.text != plain, extra
+
+
+def test_ignore_eos_never_samples_an_end_token(gen, engine, prompt_for):
+    assert engine.eog_tokens() and all(engine.C.llama_vocab_is_eog(engine.vocab, t) for t in engine.eog_tokens())
+    eog = set(engine.eog_tokens())
+    passed = gen(prompt_for(QUESTION), greedy(max_tokens=40, ignore_eog=True, logprobs=0))  # sampled, passed over
+    assert eog & {e.token for e in passed.logprobs}
+    r = gen(prompt_for(QUESTION), greedy(max_tokens=40, ignore_eos=True, logprobs=0))
+    assert r.completion_tokens == 40 and r.finish_reason == "length"
+    assert not eog & {e.token for e in r.logprobs}
+
+
 def test_end_of_generation_token_stops(gen, prompt_for):
     r = gen(prompt_for(QUESTION), greedy(max_tokens=200))
     assert r.finish_reason == "stop" and r.completion_tokens < 200

@@ -9,6 +9,8 @@ payload offset, memory-mapped (docs/facts.md #4): no copy of the model is ever w
 from __future__ import annotations
 
 import ctypes
+import functools
+import math
 import os
 import random
 import sys
@@ -261,36 +263,91 @@ class Engine:
         return TokenSampler(self.C, fast, full, grammar, history)
 
     def chain(self, s: Sampling, history: list[int], grammar_text: str | None):
+        """llama.cpp's sampler chain for s, as llama-server builds it (common_sampler_init): logit
+        bias, then the samplers in s.samplers' order, each only when set to do something; Mirostat
+        in place of all but the penalties; greedy at temperature 0."""
         C = self.C
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
-        if s.logit_bias:
-            arr = (C.llama_logit_bias * len(s.logit_bias))(
-                *(C.llama_logit_bias(tok, bias) for tok, bias in s.logit_bias.items()))
-            C.llama_sampler_chain_add(chain, C.llama_sampler_init_logit_bias(self.n_vocab, len(s.logit_bias), arr))
-        penalize = s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty
-        if penalize:
-            pen = C.llama_sampler_init_penalties(self.n_vocab, PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty,
-                                                 s.presence_penalty)
-            for tok in history[-PENALTY_LAST_N:]:  # the history goes to this sampler only (not the grammar)
-                C.llama_sampler_accept(pen, tok)
-            C.llama_sampler_chain_add(chain, pen)
+        add = functools.partial(C.llama_sampler_chain_add, chain)
+        bias = dict(s.logit_bias)
+        if s.ignore_eos:
+            bias.update((tok, -math.inf) for tok in self.eog_tokens())
+        if bias:
+            arr = (C.llama_logit_bias * len(bias))(*(C.llama_logit_bias(tok, b) for tok, b in bias.items()))
+            add(C.llama_sampler_init_logit_bias(self.n_vocab, len(bias), arr))
         if grammar_text:
             grammar = self.grammar_sampler(grammar_text)
             if grammar is None:
                 C.llama_sampler_free(chain)
                 raise ValueError("the grammar is not valid GBNF")
-            C.llama_sampler_chain_add(chain, grammar)
-        if s.temp <= 0:
-            C.llama_sampler_chain_add(chain, C.llama_sampler_init_greedy())
+            add(grammar)
+        seed = s.seed if s.seed >= 0 else random.SystemRandom().randrange(2**32 - 1)
+        greedy = s.temp <= 0
+        order = s.samplers if not (s.mirostat or greedy) else [n for n in s.samplers if n in ("penalties", "dry")]
+        if "penalties" not in order:  # repeat_penalty and OpenAI's penalties are always applied
+            order = ["penalties", *order]
+        for name in order:
+            if name == "penalties":
+                if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
+                    pen = C.llama_sampler_init_penalties(self.n_vocab, PENALTY_LAST_N, s.repeat_penalty,
+                                                         s.frequency_penalty, s.presence_penalty)
+                    for tok in history[-PENALTY_LAST_N:]:  # the history goes to this sampler (not the grammar)
+                        C.llama_sampler_accept(pen, tok)
+                    add(pen)
+            elif name == "dry":
+                if s.dry_multiplier > 0:
+                    add(self._dry(s, history))
+            elif name == "top_n_sigma":
+                if s.top_n_sigma > 0:
+                    add(C.llama_sampler_init_top_n_sigma(s.top_n_sigma))
+            elif name == "top_k":
+                if s.top_k > 0:
+                    add(C.llama_sampler_init_top_k(s.top_k))
+            elif name == "typ_p":
+                if s.typical_p < 1.0:
+                    add(C.llama_sampler_init_typical(s.typical_p, 1))
+            elif name == "top_p":
+                if s.top_p < 1.0:
+                    add(C.llama_sampler_init_top_p(s.top_p, 1))
+            elif name == "min_p":
+                if s.min_p > 0:
+                    add(C.llama_sampler_init_min_p(s.min_p, 1))
+            elif name == "xtc":
+                if s.xtc_probability > 0:
+                    add(C.llama_sampler_init_xtc(s.xtc_probability, s.xtc_threshold, 1, seed))
+            elif name == "temperature":
+                add(C.llama_sampler_init_temp_ext(s.temp, s.dynatemp_range, s.dynatemp_exponent)
+                    if s.dynatemp_range > 0 else C.llama_sampler_init_temp(s.temp))
+        if greedy:
+            add(C.llama_sampler_init_greedy())
+        elif s.mirostat == 1:
+            add(C.llama_sampler_init_temp(s.temp))
+            add(C.llama_sampler_init_mirostat(self.n_vocab, seed, s.mirostat_tau, s.mirostat_eta, 100))
+        elif s.mirostat == 2:
+            add(C.llama_sampler_init_temp(s.temp))
+            add(C.llama_sampler_init_mirostat_v2(seed, s.mirostat_tau, s.mirostat_eta))
         else:
-            if s.top_k > 0:
-                C.llama_sampler_chain_add(chain, C.llama_sampler_init_top_k(s.top_k))
-            if s.top_p < 1.0:
-                C.llama_sampler_chain_add(chain, C.llama_sampler_init_top_p(s.top_p, 1))
-            C.llama_sampler_chain_add(chain, C.llama_sampler_init_temp(s.temp))
-            seed = s.seed if s.seed >= 0 else random.SystemRandom().randrange(2**32 - 1)
-            C.llama_sampler_chain_add(chain, C.llama_sampler_init_dist(seed))
+            add(C.llama_sampler_init_dist(seed))
         return chain
+
+    def _dry(self, s: Sampling, history: list[int]):
+        """llama.cpp's DRY sampler ("don't repeat yourself"), told the history it looks back over."""
+        C = self.C
+        breakers = [b.encode("utf-8") for b in s.dry_sequence_breakers]
+        arr = (ctypes.c_char_p * max(1, len(breakers)))(*breakers)
+        last_n = self.n_ctx if s.dry_penalty_last_n < 0 else s.dry_penalty_last_n
+        dry = C.llama_sampler_init_dry(self.vocab, s.dry_multiplier, s.dry_base, s.dry_allowed_length, last_n,
+                                       arr, len(breakers))
+        for tok in history[-last_n:] if last_n else ():
+            C.llama_sampler_accept(dry, tok)
+        return dry
+
+    def eog_tokens(self) -> list[int]:
+        """The vocabulary's end-of-generation tokens (found once: a pass over the vocabulary)."""
+        if getattr(self, "_eog", None) is None:
+            is_eog = self.C.llama_vocab_is_eog
+            self._eog = [t for t in range(self.n_vocab) if is_eog(self.vocab, t)]
+        return self._eog
 
     def checked_tokens(self, tokens: list[int]) -> list[int]:
         """Token ids from a request, each in this vocabulary (llama.cpp would read out of bounds)."""

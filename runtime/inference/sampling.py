@@ -16,6 +16,66 @@ from dataclasses import dataclass, field
 
 PENALTY_LAST_N = 64
 
+# llama.cpp's samplers beyond OpenAI's, by llama-server's names, with llama.cpp's defaults (each off
+# unless it says otherwise: min_p 0.05 is on, as in llama.cpp). The same names are settings (flags,
+# BUNDLE_* variables, bundle build), Sampling fields and request fields.
+LLAMA_SAMPLING = {
+    "min_p": 0.05, "typical_p": 1.0, "top_n_sigma": -1.0,
+    "xtc_probability": 0.0, "xtc_threshold": 0.1,
+    "dry_multiplier": 0.0, "dry_base": 1.75, "dry_allowed_length": 2, "dry_penalty_last_n": -1,
+    "mirostat": 0, "mirostat_tau": 5.0, "mirostat_eta": 0.1,
+    "dynatemp_range": 0.0, "dynatemp_exponent": 1.0,
+}
+# The order the samplers run in (llama-server's `samplers`, llama.cpp's --samplers), and its default.
+SAMPLER_NAMES = ("penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature")
+DEFAULT_ORDER = SAMPLER_NAMES
+# Other spellings llama.cpp takes, and the one-letter form (--sampling-seq "edskypmxt").
+SAMPLER_ALIASES = {"typical_p": "typ_p", "typical": "typ_p", "nucleus": "top_p", "temp": "temperature",
+                   "top-k": "top_k", "top-p": "top_p", "min-p": "min_p", "typ-p": "typ_p",
+                   "top-n-sigma": "top_n_sigma"}
+SAMPLER_LETTERS = {"e": "penalties", "d": "dry", "s": "top_n_sigma", "k": "top_k", "y": "typ_p", "p": "top_p",
+                   "m": "min_p", "x": "xtc", "t": "temperature"}
+DRY_BREAKERS = ("\n", ":", "\"", "*")
+
+
+def sampler_order(value) -> tuple[str, ...]:
+    """llama.cpp's sampler order from a list of names, a ';'-separated string of names, or the
+    one-letter form ("kypmxt"); ValueError names what is not a sampler."""
+    if isinstance(value, str):
+        items = [v for v in value.replace(",", ";").split(";") if v.strip()]
+        if len(items) == 1 and items[0] not in SAMPLER_NAMES and items[0] not in SAMPLER_ALIASES \
+                and all(c in SAMPLER_LETTERS for c in items[0]):
+            return tuple(SAMPLER_LETTERS[c] for c in items[0])
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        items = list(value)
+    else:
+        raise ValueError("give the samplers as a list of names")
+    out = []
+    for item in items:
+        name = SAMPLER_ALIASES.get(item.strip().lower(), item.strip().lower())
+        if name not in SAMPLER_NAMES:
+            raise ValueError(f"{item!r} is not a sampler (the samplers: {', '.join(SAMPLER_NAMES)})")
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def sampler_problems(values: dict) -> list[str]:
+    """What is out of range among llama.cpp's sampler values (the settings' and a request's)."""
+    limits = {"min_p": (0, 1), "typical_p": (0, 1), "xtc_probability": (0, 1), "xtc_threshold": (0, 1),
+              "dry_multiplier": (0, 1e6), "dry_base": (1, 1e6), "dry_allowed_length": (0, 1 << 20),
+              "dry_penalty_last_n": (-1, 1 << 24), "mirostat_tau": (0, 1e6), "mirostat_eta": (0, 1e6),
+              "dynatemp_range": (0, 1e6), "dynatemp_exponent": (0, 1e6), "top_n_sigma": (-1e6, 1e6)}
+    out = []
+    for name, value in values.items():
+        if name == "mirostat":
+            if value not in (0, 1, 2):
+                out.append(f"mirostat={value} must be 0 (off), 1 or 2")
+        elif name in limits and not limits[name][0] <= value <= limits[name][1]:
+            lo, hi = limits[name]
+            out.append(f"{name}={value} must be from {lo:g} to {hi:g}")
+    return out
+
 
 @dataclass
 class Sampling:
@@ -33,6 +93,24 @@ class Sampling:
     logit_bias: dict = field(default_factory=dict)  # token id -> bias added to its logit
     logprobs: int | None = None  # record each token's log-probability and this many alternatives
     lora: tuple | None = None  # the LoRA adapters' scales for this answer (None: the server's current ones)
+    # llama.cpp's samplers (LLAMA_SAMPLING, with its defaults) and their order
+    min_p: float = 0.05
+    typical_p: float = 1.0
+    top_n_sigma: float = -1.0
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1  # -1: the whole context
+    dry_sequence_breakers: tuple = DRY_BREAKERS
+    mirostat: int = 0  # 1 or 2: Mirostat (replaces the samplers above but the penalties)
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    samplers: tuple = DEFAULT_ORDER
+    ignore_eos: bool = False  # llama-server's: end-of-generation tokens are never sampled
 
 
 @dataclass
@@ -45,6 +123,7 @@ class Result:
     decode_seconds: float = 0.0
     first_token_seconds: float = 0.0
     logprobs: list | None = None  # TokenLogprob per token of text (when Sampling.logprobs is set)
+    stop_string: str | None = None  # the stop string that ended it, if one did
 
 
 @dataclass
@@ -145,6 +224,7 @@ class TextOut:
         self.pending = ""  # text not yet passed on (may be the start of a stop string)
         self.out: list[str] = []
         self.decoded = 0  # characters decoded so far (passed on, held back or cut)
+        self.stopped_by: str | None = None  # the stop string reached
 
     def add(self, piece: bytes) -> bool:
         """Add a token's bytes; True when a stop string was reached (the text ends before it)."""
@@ -154,6 +234,7 @@ class TextOut:
         if self.stops:
             cut = _find_stop(self.pending, self.stops)
             if cut is not None:
+                self.stopped_by = next(st for st in self.stops if self.pending.startswith(st, cut))
                 self.pending = self.pending[:cut]
                 return True
             hold = _partial_stop(self.pending, self.stops)

@@ -400,6 +400,7 @@ class Scheduler:
         if r.logprobs is not None:
             r.logprobs[-1].end = slot.text.decoded
         if stopped:
+            r.stop_string = slot.text.stopped_by
             self._finish(slot)
             return
         max_tokens = s.max_tokens if s.max_tokens > 0 else 1 << 30

@@ -79,6 +79,26 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, dest="top_k")
     g.add_argument("--repeat-penalty", type=float, dest="repeat_penalty")
     g.add_argument("--seed", type=int, help="random seed (-1: random)")
+    # llama.cpp's samplers, spelled as llama.cpp spells them
+    g.add_argument("--min-p", type=float, dest="min_p", help="min-p sampling (default 0.05; 0: off)")
+    g.add_argument("--typical", type=float, dest="typical_p", help="locally typical sampling (default 1.0: off)")
+    g.add_argument("--top-nsigma", "--top-n-sigma", type=float, dest="top_n_sigma", help="top-n-sigma (-1: off)")
+    g.add_argument("--xtc-probability", type=float, dest="xtc_probability", help="XTC: chance of a cut (0: off)")
+    g.add_argument("--xtc-threshold", type=float, dest="xtc_threshold", help="XTC: the probability cut (default 0.1)")
+    g.add_argument("--dry-multiplier", type=float, dest="dry_multiplier", help="DRY repetition penalty (0: off)")
+    g.add_argument("--dry-base", type=float, dest="dry_base")
+    g.add_argument("--dry-allowed-length", type=int, dest="dry_allowed_length")
+    g.add_argument("--dry-penalty-last-n", type=int, dest="dry_penalty_last_n", help="tokens DRY looks back (-1: context)")
+    g.add_argument("--mirostat", type=int, choices=[0, 1, 2], help="Mirostat sampling, 1 or 2 (0: off)")
+    g.add_argument("--mirostat-lr", type=float, dest="mirostat_eta", help="Mirostat's learning rate, eta (0.1)")
+    g.add_argument("--mirostat-ent", type=float, dest="mirostat_tau", help="Mirostat's target entropy, tau (5.0)")
+    g.add_argument("--dynatemp-range", type=float, dest="dynatemp_range", help="dynamic temperature range (0: off)")
+    g.add_argument("--dynatemp-exp", type=float, dest="dynatemp_exponent")
+    g.add_argument("--samplers", "--sampling-seq", dest="samplers", metavar="ORDER",
+                   help="the samplers' order: names separated by ';' (penalties;dry;top_n_sigma;top_k;typ_p;top_p;"
+                        "min_p;xtc;temperature) or letters (edskypmxt)")
+    g.add_argument("--ignore-eos", action="store_const", const=True, dest="ignore_eos",
+                   help="never end the answer early: generate until --max-tokens")
     g.add_argument("-c", "--ctx", type=int, help="context length in tokens")
     g.add_argument("-t", "--threads", type=int, help="CPU threads (default: the free physical cores)")
     g.add_argument("--system", help="system prompt")

@@ -192,7 +192,7 @@ class Runtime:
 
         s = self.settings
         return Sampling(s.temp, s.top_p, s.top_k, s.repeat_penalty, s.seed, s.max_tokens, list(stop),
-                        grammar=self.grammar())
+                        grammar=self.grammar(), **s.llama_sampling())
 
     def grammar(self) -> str | None:
         """The GBNF of -j/-jf's schema (the same conversion as the API's response_format), checked

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 
 from ..host.gpu.registry import KEYS as GPU_KEYS
 from ..errors import UsageError
+from ..inference.sampling import DEFAULT_ORDER, LLAMA_SAMPLING, sampler_order, sampler_problems
 
 ENV_PREFIX = "BUNDLE_"
 _TRUE = {"1", "true", "yes", "on"}
@@ -57,10 +58,33 @@ class Settings:
     port: int = 8080
     parallel: int = 0  # conversations the server decodes together; 0: auto (runtime.launch.runtime.Runtime.parallel)
     think: str = "auto"  # reasoning models: on, off, or auto (on where llama.cpp would have it on)
+    # llama.cpp's other samplers, by llama-server's names, with llama.cpp's defaults (runtime.inference.
+    # sampling.LLAMA_SAMPLING); samplers: their order, as llama.cpp's --samplers
+    min_p: float = 0.05
+    typical_p: float = 1.0
+    top_n_sigma: float = -1.0
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    samplers: str = ";".join(DEFAULT_ORDER)
+    ignore_eos: bool = False
 
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    def llama_sampling(self) -> dict:
+        """llama.cpp's sampler settings as runtime.inference.sampling.Sampling fields."""
+        return {**{n: getattr(self, n) for n in LLAMA_SAMPLING}, "samplers": sampler_order(self.samplers),
+                "ignore_eos": self.ignore_eos}
 
     def to_manifest(self) -> dict:
         return asdict(self)
@@ -78,7 +102,7 @@ class Settings:
 
     def check(self, source: str = "settings") -> None:
         problems = []
-        for name in ("temp", "top_p", "repeat_penalty"):
+        for name in ("temp", "top_p", "repeat_penalty", *LLAMA_SAMPLING):
             if not math.isfinite(getattr(self, name)):
                 problems.append(f"{name}={getattr(self, name)} must be a finite number")
         if problems:
@@ -107,6 +131,11 @@ class Settings:
             problems.append(f"port={self.port} must be between 0 and 65535")
         if not 0 <= self.threads <= MAX_THREADS:
             problems.append(f"threads={self.threads} must be 0 (auto) to {MAX_THREADS}")
+        problems += sampler_problems({n: getattr(self, n) for n in LLAMA_SAMPLING})
+        try:
+            sampler_order(self.samplers)
+        except ValueError as exc:
+            problems.append(f"samplers={self.samplers!r}: {exc}")
         if self.max_tokens > 1 << 30:
             problems.append(f"max_tokens={self.max_tokens} is too large")
         if problems:
@@ -119,6 +148,8 @@ _TYPES = {f.name: f.type for f in fields(Settings)}
 def _convert(name: str, value, source: str):
     kind = _TYPES[name]
     try:
+        if "bool" in kind:
+            return value if isinstance(value, bool) else parse_bool(value, name)
         if "int" in kind:
             return int(value)
         if "float" in kind:
