@@ -81,6 +81,11 @@ class FakeScheduler:
         self.calls.append(call)
         future: Future = Future()
         text = self.answer(call) if callable(self.answer) else self.answer
+        stopped_by = None
+        hits = [(text.find(st), st) for st in sampling.stop if st and st in text]
+        if hits:  # as the real decode loop: the answer ends before the first stop string it reaches
+            at, stopped_by = min(hits)
+            text = text[:at]
 
         def run():
             if self.fail:
@@ -99,7 +104,8 @@ class FakeScheduler:
                     on_logprobs([e])
             future.set_result(Result(text=text, finish_reason=self.finish, prompt_tokens=len(tokens),
                                      completion_tokens=len(pieces),
-                                     logprobs=entries if sampling.logprobs is not None else None))
+                                     logprobs=entries if sampling.logprobs is not None else None,
+                                     stop_string=stopped_by))
 
         threading.Thread(target=run, daemon=True).start()
         return future

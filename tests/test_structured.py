@@ -268,7 +268,7 @@ def test_responses_api_json_schema_and_refusals(server):
                                          text={"format": {"type": "json_schema", "name": "c", "schema": schema,
                                                           "strict": True}})
     assert json.loads(r.output_text)["city"]
-    for body, param in ([{"input": "hi", "tools": [{"type": "function", "name": "f"}]}, "tools"],
+    for body, param in ([{"input": "hi", "tools": [{"type": "web_search"}]}, "tools[0]"],
                         [{"input": "hi", "previous_response_id": "resp_x"}, "previous_response_id"],
                         [{"input": [{"type": "function_call_output", "output": "x"}]}, "input[0]"],
                         [{"input": "hi", "frobnicate": 1}, "frobnicate"],

@@ -106,7 +106,6 @@ def test_native_hermes_template_gets_the_tools_and_its_calls_are_parsed(hermes):
     ({"tools": [{"type": "retrieval"}]}, "tools[0]"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-    ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "tools"),
     ({"tools": [WEATHER], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
 ])

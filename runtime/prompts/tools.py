@@ -64,9 +64,7 @@ def parse(body: dict) -> ToolSpec | None:
     if not isinstance(parallel, bool):
         raise ToolError("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
     if tools is None or tools == []:
-        if choice not in (None, "none", "auto"):
-            raise ToolError("'tool_choice' needs 'tools'", "tool_choice")
-        return None
+        return None  # a tool_choice without tools chooses among nothing (llama-index sends it; as llama-server)
     if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
         raise ToolError(f"'tools' must be a list of at most {MAX_TOOLS} tools", "tools")
     out, names = [], []
@@ -280,9 +278,38 @@ def _json_objects(text: str):
         i = end
 
 
+def _string_prefix(rest: str) -> str:
+    """The text of a JSON string whose opening quote came just before rest, as far as it goes:
+    whole when it is closed, else up to where the answer was cut (a half escape dropped)."""
+    try:
+        return json.decoder.scanstring(rest, 0)[0]
+    except ValueError:
+        pass
+    for k in range(len(rest), max(-1, len(rest) - 8), -1):
+        try:
+            return json.loads('"' + rest[:k] + '"')
+        except ValueError:
+            continue
+    return ""
+
+
+_RESPONSE_START = re.compile(r'\s*\{\s*"response"\s*:\s*"')
+
+
+def _cut_generic(text: str) -> str | None:
+    """A generic answer the grammar was still writing when it was cut (max_tokens, a stop string):
+    the words of a `{"response": "…` so far, and nothing of a `{"tool_calls": …` (a call whose
+    arguments are cut is no call, and its JSON is not an answer)."""
+    m = _RESPONSE_START.match(text)
+    if m:
+        return _string_prefix(text[m.end():])
+    return None if text.lstrip().startswith("{") else text
+
+
 def parse_answer(text: str, spec: ToolSpec | None) -> tuple[str | None, list[dict]]:
     """(content, tool_calls) from what the model wrote. Calls to tools that were not offered
-    are not calls: their text stays content."""
+    are not calls: their text stays content. A call cut off before its end (max_tokens) is neither
+    a call nor content."""
     if spec is None or not spec.active:
         return text, []
     allowed = set(spec.names)
@@ -290,7 +317,7 @@ def parse_answer(text: str, spec: ToolSpec | None) -> tuple[str | None, list[dic
         try:
             value = json.loads(text)
         except ValueError:
-            return text, []
+            return _cut_generic(text), []
         if isinstance(value, dict) and isinstance(value.get("tool_calls"), list):
             calls = [_call(c.get("name"), c.get("arguments")) for c in value["tool_calls"]
                      if isinstance(c, dict) and c.get("name") in allowed]
@@ -299,6 +326,7 @@ def parse_answer(text: str, spec: ToolSpec | None) -> tuple[str | None, list[dic
             return value["response"], []
         return text, []
     calls, kept, last = [], [], 0
+    opener = None  # where a call the model began but did not finish starts
     if spec.style == "hermes":
         for m in re.finditer(r"<tool_call>\s*(.*?)\s*</tool_call>", text, re.S):
             try:
@@ -309,6 +337,9 @@ def parse_answer(text: str, spec: ToolSpec | None) -> tuple[str | None, list[dic
                 calls.append(_call(value["name"], value.get("arguments", value.get("parameters"))))
                 kept.append(text[last:m.start()])
                 last = m.end()
+        at = text.rfind("<tool_call>")
+        if at >= last and "</tool_call>" not in text[at:]:
+            opener = at
     elif spec.style == "mistral":
         at = text.find("[TOOL_CALLS]")
         if at >= 0:
@@ -320,6 +351,8 @@ def parse_answer(text: str, spec: ToolSpec | None) -> tuple[str | None, list[dic
             if calls:
                 kept.append(text[:at])
                 last = len(text)
+            else:
+                opener = at
     else:  # llama3
         body = text.split("<|python_tag|>", 1)[-1]
         offset = len(text) - len(body)
@@ -328,6 +361,12 @@ def parse_answer(text: str, spec: ToolSpec | None) -> tuple[str | None, list[dic
                 calls.append(_call(value["name"], value.get("parameters", value.get("arguments"))))
                 kept.append(text[last:offset + start])
                 last = offset + end
+        if not calls and offset:
+            opener = offset - len("<|python_tag|>")
+    if opener is not None:  # a call cut off: what came before it is the answer
+        kept.append(text[last:opener])
+        content = "".join(kept).replace("<|python_tag|>", "").strip()
+        return content or None, calls
     if not calls:
         return text, []
     kept.append(text[last:])

@@ -21,6 +21,20 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def anthropic_body(self) -> dict:
+        """Anthropic's error shape (the /v1/messages endpoints)."""
+        return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(self.status, "invalid_request_error"
+                                                                           if self.status < 500 else "api_error"),
+                                           "message": self.message}}
+
+
+_ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
+
+
+def anthropic_path(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
 
 # The runtime's errors, most specific first: (class, HTTP status, code, OpenAI error type).
 STATUS_OF: tuple[tuple[type, int, str, str], ...] = (
@@ -42,7 +56,9 @@ def api_error(exc: Exception, param: str | None = None, code: str | None = None)
     return ApiError(500, "the server failed on this request", None, "internal_error", "server_error")
 
 
-def error_response(exc: ApiError, close: bool = False) -> JSONResponse:
+def error_response(exc: ApiError, close: bool = False, path: str = "") -> JSONResponse:
     """close: end the connection after this answer (a refused request whose body was not read:
-    what follows it on the connection is not a request to serve, RFC 9112 §6.1, §9.6)."""
-    return JSONResponse(exc.body(), status_code=exc.status, headers={"Connection": "close"} if close else None)
+    what follows it on the connection is not a request to serve, RFC 9112 §6.1, §9.6). path: the
+    request's, whose API decides the error's shape (OpenAI's, or Anthropic's on /v1/messages)."""
+    body = exc.anthropic_body() if anthropic_path(path) else exc.body()
+    return JSONResponse(body, status_code=exc.status, headers={"Connection": "close"} if close else None)

@@ -9,7 +9,7 @@ import hmac
 import logging
 import re
 
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 
 from .errors import ApiError
 from .errors import error_response
@@ -81,7 +81,7 @@ class Guard:
         headers = {}
         for k, v in scope["headers"]:
             key = k.decode("latin-1").lower()
-            if key in headers and key in ("host", "origin", "content-type", "authorization"):
+            if key in headers and key in ("host", "origin", "content-type", "authorization", "x-api-key"):
                 return await self._refuse(scope, receive, send, 400, f"the {key} header is given twice",
                                           "invalid_header")
             headers[key] = v.decode("latin-1")
@@ -102,7 +102,7 @@ class Guard:
                 "server's own page may use it (start it with --allow-origin ORIGIN to allow one)",
                 "invalid_origin", "permission_error")
         if scope["method"] == "OPTIONS":
-            return await self._preflight(scope, receive, send, origin)
+            return await self._preflight(scope, receive, send, origin, headers.get("access-control-request-headers"))
         path = scope["path"]
         if scope["method"] == "POST" and (path.startswith("/v1/") or path == "/lora-adapters"):
             if not JSON_TYPE.match(headers.get("content-type", "")):
@@ -113,8 +113,11 @@ class Guard:
         # With --api-key, everything but the page, its files and the liveness check (/health: slot
         # counts, what a load balancer polls, open on llama-server too) needs the key: the API,
         # /info, /metrics and /apply-template (which shows the bundle's system prompt).
+        # Anthropic's clients send the key as x-api-key instead.
         if self.api_key and path not in ("/", "/health") and not path.startswith("/static/"):
             auth = headers.get("authorization", "")
+            if "x-api-key" in headers and not auth:
+                auth = "Bearer " + headers["x-api-key"]
             if not hmac.compare_digest(auth.encode("latin-1"), f"Bearer {self.api_key}".encode("utf-8")):
                 msg = "missing API key: send 'Authorization: Bearer KEY'" if not auth else "incorrect API key"
                 return await self._refuse(scope, receive, send, 401, msg, "invalid_api_key", "authentication_error")
@@ -133,17 +136,35 @@ class Guard:
                       close: bool = False):
         """close: a request whose framing is in doubt; where its body ends is not known, so the
         connection is closed after the answer (what follows is not a request to serve)."""
-        return await error_response(ApiError(status, message, None, code, type_), close=close)(scope, receive, send)
+        return await error_response(ApiError(status, message, None, code, type_), close=close,
+                                    path=scope.get("path", ""))(scope, receive, send)
 
-    async def _preflight(self, scope, receive, send, origin):
+    async def _preflight(self, scope, receive, send, origin, requested_headers):
         """CORS preflight: answered only for an origin allowed with --allow-origin."""
         if origin is None or origin.strip().lower().rstrip("/") not in self.allowed_origins:
             return await self._refuse(scope, receive, send, 405, "OPTIONS is not allowed here", "method_not_allowed")
-        response = JSONResponse({}, status_code=204, headers={
-            "Access-Control-Allow-Origin": origin.strip(), "Vary": "Origin",
-            "Access-Control-Allow-Methods": "GET, POST", "Access-Control-Allow-Headers": "Authorization, Content-Type",
+        # No body: a 204 has none (h11 refuses to send one, and the preflight failed with a 500).
+        response = Response(status_code=204, headers={
+            "Access-Control-Allow-Origin": origin.strip(), "Vary": "Origin, Access-Control-Request-Headers",
+            "Access-Control-Allow-Methods": "GET, POST",
+            "Access-Control-Allow-Headers": _allowed_headers(requested_headers),
             "Access-Control-Max-Age": "600"})
         await response(scope, receive, send)
+
+
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}\Z")
+
+
+def _allowed_headers(requested: str | None) -> str:
+    """The preflight's allowed headers: those the page asks for (the official JavaScript SDKs send
+    x-stainless-* headers, Anthropic's anthropic-version and x-api-key) when each is a plain header
+    name, and always Authorization and Content-Type. Only origins given with --allow-origin get here."""
+    names = ["Authorization", "Content-Type"]
+    for name in (requested or "").split(",")[:64]:
+        name = name.strip()
+        if _HEADER_NAME.match(name) and name.lower() not in (n.lower() for n in names):
+            names.append(name)
+    return ", ".join(names)
 
 
 def _with_cors(send, origin: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..inference.sampling import LLAMA_SAMPLING, sampler_order, sampler_problems
 from ..prompts import structured
 from .errors import ApiError
 
@@ -42,6 +43,7 @@ class GenParams:
     top_k: int | None = None  # llama.cpp's sampling fields (llama-server takes them too)
     repeat_penalty: float | None = None
     lora: list | None = None  # llama-server's per-request adapters: [(id, scale)], the others at 0
+    llama: dict = None  # llama.cpp's other sampling fields given (Sampling's names): min_p, samplers, …
 
 
 MAX_TOP_LOGPROBS = 20  # chat (OpenAI's limit); legacy completions allow 5
@@ -50,6 +52,9 @@ MAX_TOP_LOGPROBS = 20  # chat (OpenAI's limit); legacy completions allow 5
 def parse_logprobs(body: dict, chat: bool) -> int | None:
     """Chat: `logprobs: true` and `top_logprobs` 0..20 (which needs logprobs). Completions:
     `logprobs` 0..5, the number of alternatives. None when not asked for."""
+    n_probs = _num(body, "n_probs", 0, MAX_TOP_LOGPROBS, integer=True)  # llama.cpp's name
+    if n_probs and body.get("logprobs") is None:
+        return n_probs
     if chat:
         want = body.get("logprobs")
         if want is not None and not isinstance(want, bool):
@@ -85,6 +90,9 @@ def parse_common(body: dict) -> GenParams:
     max_tokens = _num(body, "max_completion_tokens", 1, 10**7, integer=True)
     if max_tokens is None:
         max_tokens = _num(body, "max_tokens", 1, 10**7, integer=True)
+    if max_tokens is None and body.get("n_predict") is not None:  # llama.cpp's name; -1: no limit
+        max_tokens = _num(body, "n_predict", -1, 10**7, integer=True) or None
+    llama = parse_llama_sampling(body)
     stop = body.get("stop")
     if stop is None:
         stops = []
@@ -116,7 +124,42 @@ def parse_common(body: dict) -> GenParams:
         top_k=_num(body, "top_k", 0, 10**6, integer=True),
         repeat_penalty=_num(body, "repeat_penalty", 0, 10),
         lora=parse_lora(body["lora"], "lora") if body.get("lora") is not None else None,
+        llama=llama,
     )
+
+
+_INT_SAMPLING = {"dry_allowed_length", "dry_penalty_last_n", "mirostat"}
+MAX_BREAKERS = 32
+
+
+def parse_llama_sampling(body: dict) -> dict:
+    """llama.cpp's sampling fields, named and checked as llama-server takes them, as Sampling
+    fields: {"min_p": 0.1, "samplers": ("top_k", "temperature"), …} for those given."""
+    out = {}
+    for name in LLAMA_SAMPLING:
+        if body.get(name) is not None:
+            out[name] = _num(body, name, -1e9, 1e9, integer=name in _INT_SAMPLING)
+    problems = sampler_problems(out)
+    if problems:
+        name = problems[0].split("=", 1)[0]
+        raise ApiError(400, problems[0], name, "invalid_value")
+    if body.get("samplers") is not None:
+        try:
+            out["samplers"] = sampler_order(body["samplers"])
+        except ValueError as exc:
+            raise ApiError(400, f"'samplers': {exc}", "samplers", "invalid_value") from None
+    breakers = body.get("dry_sequence_breakers")
+    if breakers is not None:
+        if not isinstance(breakers, list) or len(breakers) > MAX_BREAKERS or \
+                not all(isinstance(b, str) and 0 < len(b) <= 64 for b in breakers):
+            raise ApiError(400, f"'dry_sequence_breakers' must be a list of at most {MAX_BREAKERS} non-empty "
+                           "strings", "dry_sequence_breakers", "invalid_type")
+        out["dry_sequence_breakers"] = tuple(_text(b, "dry_sequence_breakers") for b in breakers)
+    if body.get("ignore_eos") is not None:
+        if not isinstance(body["ignore_eos"], bool):
+            raise ApiError(400, "'ignore_eos' must be a boolean", "ignore_eos", "invalid_type")
+        out["ignore_eos"] = body["ignore_eos"]
+    return out
 
 
 MAX_LORA_SCALE = 1000.0
@@ -317,10 +360,11 @@ def parse_embedding_input(body: dict) -> tuple[list, str]:
 
 
 IGNORED = ("model", "metadata", "store", "user", "service_tier", "safety_identifier", "prompt_cache_key",
-           "cache_prompt")
+           "cache_prompt", "verbosity", "prompt_cache_retention")
+LLAMA_FIELDS = {*LLAMA_SAMPLING, "samplers", "dry_sequence_breakers", "ignore_eos", "n_predict", "n_probs"}
 _SAMPLING = {"temperature", "top_p", "top_k", "repeat_penalty", "frequency_penalty", "presence_penalty", "seed",
              "stop", "max_tokens", "logit_bias", "n", "stream", "stream_options", "response_format", "grammar",
-             "logprobs", "lora"}
+             "logprobs", "lora", *LLAMA_FIELDS}
 CHAT_FIELDS = {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
                "reasoning_effort", "chat_template_kwargs", "modalities", *_SAMPLING, *IGNORED, *_UNSUPPORTED}
 COMPLETION_FIELDS = {"prompt", *_SAMPLING, *IGNORED, *_UNSUPPORTED}
@@ -342,22 +386,23 @@ def check_fields(body: dict, known: set, what: str) -> None:
 
 # Accepted and not acted on (listed in the README): nothing is stored, so there is nothing to
 # retrieve later; the others describe the caller, not the answer.
-RESPONSES_IGNORED = ("store", "metadata", "user", "parallel_tool_calls", "truncation", "service_tier",
-                     "safety_identifier", "prompt_cache_key")
+RESPONSES_IGNORED = ("store", "metadata", "user", "truncation", "service_tier",
+                     "safety_identifier", "prompt_cache_key", "prompt_cache_retention")
 _RESPONSES_UNSUPPORTED = {
-    "tools": lambda v: bool(v),
     "previous_response_id": lambda v: v is not None,
     "conversation": lambda v: v is not None,
     "background": lambda v: bool(v),
     "prompt": lambda v: v is not None,
     "reasoning": lambda v: v is not None,
     "include": lambda v: bool(v),
-    "tool_choice": lambda v: v not in (None, "none", "auto"),
     "max_tool_calls": lambda v: v is not None,
     "top_logprobs": lambda v: v not in (None, 0),
 }
-_RESPONSES_KNOWN = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream",
-                    "text", "lora", *RESPONSES_IGNORED, *_RESPONSES_UNSUPPORTED}
+_RESPONSES_PASSED = ("temperature", "top_p", "lora", "top_k", "repeat_penalty", "seed", "frequency_penalty",
+                     "presence_penalty", "stop", *sorted(LLAMA_FIELDS - {"n_probs"}))
+_RESPONSES_KNOWN = {"model", "input", "instructions", "max_output_tokens", "stream", "text", "tools", "tool_choice",
+                    "parallel_tool_calls",
+                    *_RESPONSES_PASSED, *RESPONSES_IGNORED, *_RESPONSES_UNSUPPORTED}
 _INPUT_PART_TYPES = ("input_text", "output_text", "text")
 
 
@@ -386,24 +431,34 @@ def responses_to_chat(body: dict) -> dict:
         raise ApiError(400, "'input' must be a string or a non-empty list of messages", "input", "invalid_type")
     for i, item in enumerate(items):
         where = f"input[{i}]"
-        if not isinstance(item, dict) or item.get("type", "message") != "message":
-            kind = item.get("type") if isinstance(item, dict) else type(item).__name__
-            raise ApiError(400, f"{where}: only messages are supported (not {kind!r})", where, "unsupported_content")
-        content = item.get("content")
-        if isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") not in _INPUT_PART_TYPES \
-                        or not isinstance(part.get("text"), str):
-                    raise ApiError(400, f"{where}.content[{j}]: only text parts are supported by this model",
-                                   f"{where}.content", "unsupported_content")
-                texts.append(part["text"])
-            content = "".join(texts)
-        messages.append({"role": item.get("role"), "content": content})
+        kind = item.get("type", "message") if isinstance(item, dict) else type(item).__name__
+        if kind == "function_call":
+            call = _responses_call(item, where)
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and last.get("tool_calls") and not last["content"]:
+                last["tool_calls"].append(call)  # parallel calls: one assistant turn
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            continue
+        if kind == "function_call_output":
+            messages.append(_responses_call_output(item, where))
+            continue
+        if kind == "reasoning":  # a reasoning item handed back: its text was never shown; nothing to add
+            continue
+        if kind != "message":
+            raise ApiError(400, f"{where}: only messages, function_call and function_call_output items are "
+                           f"supported (not {kind!r})", where, "unsupported_content")
+        messages.append({"role": item.get("role"), "content": _responses_text(item.get("content"), where)})
     chat = {"messages": messages, "stream": body.get("stream", False)}
+    if body.get("tools"):
+        chat["tools"] = _responses_tools(body["tools"])
+    if body.get("tool_choice") is not None:
+        chat["tool_choice"] = _responses_tool_choice(body["tool_choice"])
+    if body.get("parallel_tool_calls") is not None:
+        chat["parallel_tool_calls"] = body["parallel_tool_calls"]
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = _num(body, "max_output_tokens", 1, 10**7, integer=True)
-    for name in ("temperature", "top_p", "lora"):
+    for name in _RESPONSES_PASSED:
         if body.get(name) is not None:
             chat[name] = body[name]
     text = body.get("text")
@@ -417,6 +472,67 @@ def responses_to_chat(body: dict) -> dict:
         elif fmt:
             chat["response_format"] = fmt
     return chat
+
+
+def _responses_text(content, where: str):
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") not in _INPUT_PART_TYPES \
+                    or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{where}.content[{j}]: only text parts are supported by this model",
+                               f"{where}.content", "unsupported_content")
+            texts.append(part["text"])
+        return "".join(texts)
+    return content
+
+
+def _responses_call(item: dict, where: str) -> dict:
+    """A function_call item given back (the model's earlier call) as a chat tool call."""
+    name, args, call_id = item.get("name"), item.get("arguments", "{}"), item.get("call_id")
+    if not isinstance(name, str) or not isinstance(args, str) or not isinstance(call_id, str):
+        raise ApiError(400, f"{where}: a function_call item needs 'call_id', 'name' and 'arguments' (a string)",
+                       where, "invalid_type")
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
+
+
+def _responses_call_output(item: dict, where: str) -> dict:
+    """A function_call_output item (the caller ran the tool) as a chat `tool` message."""
+    call_id, output = item.get("call_id"), item.get("output")
+    if not isinstance(call_id, str):
+        raise ApiError(400, f"{where}: a function_call_output item needs its 'call_id'", where, "invalid_type")
+    if isinstance(output, list):
+        output = _responses_text(output, where)
+    if not isinstance(output, str):
+        raise ApiError(400, f"{where}.output must be a string or a list of text parts", where, "invalid_type")
+    return {"role": "tool", "tool_call_id": call_id, "content": output}
+
+
+def _responses_tools(tools) -> list:
+    """Responses' function tools ({"type": "function", "name", "description", "parameters"}) as chat
+    tools; the hosted tools (web search, files, computer use) are not something a local model has."""
+    if not isinstance(tools, list):
+        raise ApiError(400, "'tools' must be a list", "tools", "invalid_type")
+    out = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            kind = tool.get("type") if isinstance(tool, dict) else type(tool).__name__
+            raise ApiError(400, f"tools[{i}]: only function tools are supported by this server (not {kind!r})",
+                           f"tools[{i}]", "unsupported_value")
+        fn = {"name": tool.get("name"), "parameters": tool.get("parameters") or {"type": "object", "properties": {}}}
+        if tool.get("description") is not None:
+            fn["description"] = tool["description"]
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def _responses_tool_choice(choice):
+    if choice in ("auto", "none", "required"):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise ApiError(400, "'tool_choice' must be auto, none, required or {\"type\": \"function\", \"name\": …}",
+                   "tool_choice", "invalid_value")
 
 
 # --- response shapes: what a generation's result looks like to each endpoint -------------------

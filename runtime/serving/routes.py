@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
+from . import anthropic
 from . import parsing
 from . import shapes
 from .errors import ApiError
@@ -48,6 +49,37 @@ async def responses(request: Request):
     params, tokens, body = await prepared(request, lambda body: (*st.prepare_chat(parsing.responses_to_chat(body)), body))
     return await answer(request, tokens, st.sampling_for(params, st.template.stop),
                           shapes.ResponsesShape(st.model_id, params, len(tokens), body))
+
+
+async def messages(request: Request):
+    """POST /v1/messages: Anthropic's Messages API (runtime.serving.anthropic)."""
+    st = state_of(request)
+
+    def prepare(body):
+        chat, stops = anthropic.messages_to_chat(body)
+        params, tokens = st.prepare_chat(chat)
+        return params, tokens, stops
+
+    params, tokens, stops = await prepared(request, prepare)
+    sampling = st.sampling_for(params, st.template.stop)
+    sampling.stop = sampling.stop + stops
+    return await answer(request, tokens, sampling, anthropic.MessagesShape(st.model_id, params, len(tokens), stops))
+
+
+async def count_tokens(request: Request):
+    """POST /v1/messages/count_tokens: the prompt's length in this model's tokens."""
+    st = state_of(request)
+
+    def prepare(body):
+        chat, _ = anthropic.messages_to_chat(body, counting=True)
+        _, text = st.render_chat(chat)
+        try:  # counted even when it would not fit the context, unless it is far too long to count
+            return st.engine.tokenize_prompt(text)
+        except ContextOverflowError as exc:
+            raise api_error(exc, "messages") from None
+
+    tokens = await prepared(request, prepare)
+    return JSONResponse({"input_tokens": len(tokens)})
 
 
 async def completions(request: Request):
@@ -89,11 +121,24 @@ async def embeddings(request: Request):
                          "usage": {"prompt_tokens": n, "total_tokens": n}})
 
 
+def _model_entry(st) -> dict:
+    return {"id": st.model_id, "object": "model", "created": st.info.get("created", 0), "owned_by": "bundle",
+            "meta": {"backend": st.info.get("backend"), "context": st.engine.n_ctx}}
+
+
 async def models(request: Request):
+    return JSONResponse({"object": "list", "data": [_model_entry(state_of(request))]})
+
+
+async def model(request: Request):
+    """GET /v1/models/{id}: the one model, under its name (OpenAI's retrieve); any other name is a
+    404 that says which one is served."""
     st = state_of(request)
-    return JSONResponse({"object": "list", "data": [
-        {"id": st.model_id, "object": "model", "created": st.info.get("created", 0), "owned_by": "bundle",
-         "meta": {"backend": st.info.get("backend"), "context": st.engine.n_ctx}}]})
+    ident = request.path_params["ident"]
+    if ident != st.model_id:
+        raise ApiError(404, f"no model {ident[:100]!r} here: this server serves {st.model_id!r}", "model",
+                       "model_not_found")
+    return JSONResponse(_model_entry(st))
 
 
 async def info_route(request: Request):
@@ -151,7 +196,13 @@ async def static(request: Request):
             raise missing
     except (OSError, ValueError):
         raise missing from None
-    return FileResponse(path, headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
+    return FileResponse(path, media_type=_STATIC_TYPES.get(path.suffix), headers={
+        "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
+
+
+# Named here, not guessed from the system's tables (a Windows registry may call .js text/plain,
+# and a module script under nosniff must be JavaScript).
+_STATIC_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css", ".txt": "text/plain"}
 
 
 ROUTES = [
@@ -160,10 +211,13 @@ ROUTES = [
     Route("/metrics", metrics),
     Route("/info", info_route),
     Route("/v1/models", models),
+    Route("/v1/models/{ident:path}", model),
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
     Route("/v1/responses", responses, methods=["POST"]),
     Route("/v1/embeddings", embeddings, methods=["POST"]),
+    Route("/v1/messages", messages, methods=["POST"]),
+    Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
     Route("/apply-template", apply_template, methods=["POST"]),
     Route("/lora-adapters", lora_adapters, methods=["GET", "POST"]),
     Route("/static/{name:path}", static),
@@ -171,16 +225,17 @@ ROUTES = [
 
 
 async def _api_error(request, exc: ApiError):
-    return error_response(exc)
+    return error_response(exc, path=request.url.path)
 
 
 async def _not_found(request, exc):
-    return error_response(ApiError(404, f"no route {request.method} {request.url.path}", None, "not_found"))
+    return error_response(ApiError(404, f"no route {request.method} {request.url.path}", None, "not_found"),
+                          path=request.url.path)
 
 
 async def _bad_method(request, exc):
     return error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}", None,
-                                   "method_not_allowed"))
+                                   "method_not_allowed"), path=request.url.path)
 
 
 def create_app(settings, scheduler, *, template=None, info: dict | None = None, api_key: str | None = None,

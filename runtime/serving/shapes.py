@@ -232,8 +232,9 @@ class CompletionShape(ChatShape):
 
 
 class ResponsesShape:
-    """POST /v1/responses: one message of output text; streamed as OpenAI's typed events
-    (`event:` lines, a sequence number each, no [DONE])."""
+    """POST /v1/responses: output items (a message of output text; with tools, function_call items
+    too); streamed as OpenAI's typed events (`event:` lines, a sequence number each, no [DONE]).
+    With tools the answer is parsed for calls once it is whole, so its items go out at the end."""
 
     chunk_object = "response"
     end_of_stream = ""
@@ -243,6 +244,9 @@ class ResponsesShape:
         self.item = new_id("msg")
         self.stream, self.include_usage, self.n_prompt, self.n, self.logprobs = params.stream, False, n_prompt, 1, None
         self.body, self.seq, self.text = body, 0, []
+        spec = getattr(params, "tools", None)
+        self.tools = spec if spec is not None and spec.active else None
+        self._items = None
 
     def sse(self, event: dict) -> str:
         event = dict(event, sequence_number=self.seq)
@@ -257,6 +261,22 @@ class ResponsesShape:
     def _part(text: str) -> dict:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
+    @staticmethod
+    def _function_call(call: dict, arguments: str | None = None, status: str = "completed") -> dict:
+        fn = call["function"]
+        return {"type": "function_call", "id": "fc_" + call["id"].removeprefix("call_"), "call_id": call["id"],
+                "name": fn["name"], "arguments": fn["arguments"] if arguments is None else arguments,
+                "status": status}
+
+    def _output(self, result) -> list[dict]:
+        """The output items of a finished answer (parsed once: the call ids stay the same)."""
+        if self._items is None:
+            done = "completed" if self._status(result) == "completed" else "incomplete"
+            content, calls = tools.parse_answer(result.text, self.tools) if self.tools else (result.text, [])
+            items = [self._message(content, done)] if content or not calls else []
+            self._items = items + [self._function_call(c) for c in calls]
+        return self._items
+
     def _response(self, status: str, result=None) -> dict:
         b = self.body
         fmt = (b.get("text") or {}).get("format") or {"type": "text"}
@@ -265,10 +285,10 @@ class ResponsesShape:
                "max_output_tokens": b.get("max_output_tokens"), "model": self.model, "output": [],
                "parallel_tool_calls": b.get("parallel_tool_calls", True), "previous_response_id": None,
                "reasoning": None, "store": False, "temperature": b.get("temperature"), "text": {"format": fmt},
-               "tool_choice": b.get("tool_choice", "auto"), "tools": [], "top_p": b.get("top_p"),
+               "tool_choice": b.get("tool_choice", "auto"), "tools": b.get("tools") or [], "top_p": b.get("top_p"),
                "truncation": b.get("truncation", "disabled"), "usage": None, "metadata": b.get("metadata") or {}}
         if result is not None:
-            out["output"] = [self._message(result.text, "completed" if status == "completed" else "incomplete")]
+            out["output"] = self._output(result)
             out["usage"] = {"input_tokens": result.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
                             "output_tokens": result.completion_tokens,
                             "output_tokens_details": {"reasoning_tokens": 0},
@@ -283,26 +303,56 @@ class ResponsesShape:
 
     def first(self) -> list:
         pending = self._response("in_progress")
-        return [{"type": "response.created", "response": pending},
-                {"type": "response.in_progress", "response": pending},
-                {"type": "response.output_item.added", "output_index": 0, "item": self._message(None, "in_progress")},
-                {"type": "response.content_part.added", "item_id": self.item, "output_index": 0,
-                 "content_index": 0, "part": self._part("")}]
+        events = [{"type": "response.created", "response": pending},
+                  {"type": "response.in_progress", "response": pending}]
+        if self.tools:
+            return events
+        return events + [
+            {"type": "response.output_item.added", "output_index": 0, "item": self._message(None, "in_progress")},
+            {"type": "response.content_part.added", "item_id": self.item, "output_index": 0,
+             "content_index": 0, "part": self._part("")}]
 
-    def delta(self, text, logprobs=None) -> dict:
+    def delta(self, text, logprobs=None) -> dict | None:
+        if self.tools:
+            return None
         self.text.append(text)
-        return {"type": "response.output_text.delta", "item_id": self.item, "output_index": 0, "content_index": 0,
-                "delta": text, "logprobs": []}
+        return self._text_delta(text)
+
+    def _text_delta(self, text: str, index: int = 0) -> dict:
+        return {"type": "response.output_text.delta", "item_id": self.item, "output_index": index,
+                "content_index": 0, "delta": text, "logprobs": []}
+
+    def _message_end(self, item: dict, index: int) -> list:
+        text = item["content"][0]["text"] if item["content"] else ""
+        return [{"type": "response.output_text.done", "item_id": self.item, "output_index": index,
+                 "content_index": 0, "text": text, "logprobs": []},
+                {"type": "response.content_part.done", "item_id": self.item, "output_index": index,
+                 "content_index": 0, "part": self._part(text)},
+                {"type": "response.output_item.done", "output_index": index, "item": item}]
 
     def last(self, result) -> list:
         status = self._status(result)
-        item = self._message(result.text, "completed" if status == "completed" else "incomplete")
-        return [{"type": "response.output_text.done", "item_id": self.item, "output_index": 0, "content_index": 0,
-                 "text": result.text, "logprobs": []},
-                {"type": "response.content_part.done", "item_id": self.item, "output_index": 0, "content_index": 0,
-                 "part": self._part(result.text)},
-                {"type": "response.output_item.done", "output_index": 0, "item": item},
-                {"type": f"response.{status}", "response": self._response(status, result)}]
+        items = self._output(result)
+        out = []
+        for i, item in enumerate(items):
+            if item["type"] == "message" and not self.tools:
+                out += self._message_end(item, i)
+            elif item["type"] == "message":
+                text = item["content"][0]["text"] if item["content"] else ""
+                out += [{"type": "response.output_item.added", "output_index": i,
+                         "item": dict(item, status="in_progress", content=[])},
+                        {"type": "response.content_part.added", "item_id": self.item, "output_index": i,
+                         "content_index": 0, "part": self._part("")},
+                        self._text_delta(text, i), *self._message_end(item, i)]
+            else:
+                out += [{"type": "response.output_item.added", "output_index": i,
+                         "item": dict(item, arguments="", status="in_progress")},
+                        {"type": "response.function_call_arguments.delta", "item_id": item["id"], "output_index": i,
+                         "delta": item["arguments"]},
+                        {"type": "response.function_call_arguments.done", "item_id": item["id"], "output_index": i,
+                         "name": item["name"], "arguments": item["arguments"]},
+                        {"type": "response.output_item.done", "output_index": i, "item": item}]
+        return out + [{"type": f"response.{status}", "response": self._response(status, result)}]
 
     def error(self, exc: ApiError) -> dict:
         return {"type": "error", "code": exc.code, "message": exc.message, "param": None}

@@ -133,6 +133,7 @@ class ServerState:
             logit_bias=p.logit_bias or {},
             logprobs=p.logprobs,
             lora=None if p.lora is None else self.lora_scales(p.lora, "lora"),
+            **{**s.llama_sampling(), **(p.llama or {})},
         )
 
     def lora_scales(self, pairs: list[tuple[int, float]], param: str) -> tuple:

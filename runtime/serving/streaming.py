@@ -113,6 +113,11 @@ async def answer(request: Request, tokens, sampling: Sampling, shape: shapes.Sha
     return JSONResponse(body)
 
 
+def _listed(events) -> list:
+    """A shape's events: none, one, or a list of them."""
+    return [] if events is None else events if isinstance(events, list) else [events]
+
+
 async def _stream_one(shape: shapes.Shape, events: Events):
     """One choice: text waiting together goes out as one delta."""
     sse = shape.sse
@@ -134,7 +139,7 @@ async def _stream_one(shape: shapes.Shape, events: Events):
                     logprobs += value
                     continue
                 if text or logprobs:
-                    out += [sse(d) for d in [shape.delta("".join(text), logprobs)] if d is not None]
+                    out += [sse(d) for d in _listed(shape.delta("".join(text), logprobs))]
                     text, logprobs = [], []
                 if kind == "error":
                     out.append(sse(shape.error(api_error(value))))
@@ -143,7 +148,7 @@ async def _stream_one(shape: shapes.Shape, events: Events):
                 done = True
                 break
             if text or logprobs:
-                out += [sse(d) for d in [shape.delta("".join(text), logprobs)] if d is not None]
+                out += [sse(d) for d in _listed(shape.delta("".join(text), logprobs))]
             if out:
                 yield "".join(out)
         yield shape.end_of_stream
