@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 LLAMA_CPP_PYTHON = "0.3.36"
 # The chat page's Markdown renderer and sanitiser, fetched from the npm registry at build time
 # (never committed) and shipped inside the stub with their licences.
-WEB_VENDOR = {"marked": ("18.2.1", "lib/marked.umd.js"), "dompurify": ("3.5.0", "dist/purify.min.js")}
+# and pdf.js (the attachments' text, taken out of PDFs in the page; its worker runs beside it).
+WEB_VENDOR = {"marked": ("18.2.1", ("lib/marked.umd.js",)), "dompurify": ("3.5.0", ("dist/purify.min.js",)),
+              "pdfjs-dist": ("6.5.438", ("build/pdf.min.mjs", "build/pdf.worker.min.mjs"))}
 NATIVE_NAME = "native-cpu.tar.zst"
 ZSTD_LEVEL = 19
 # What the stub's Python side is made of: installed from manylinux2014 (glibc 2.17) wheels into
@@ -163,24 +165,25 @@ def pack_tar(files: dict[str, Path], dest: Path, level: int) -> dict:
 
 
 def ensure_web_vendor() -> Path:
-    """marked and DOMPurify from the npm registry, cached; returns the folder to ship."""
+    """marked, DOMPurify and pdf.js from the npm registry, cached; returns the folder to ship."""
     folder = cache_dir() / ("web-vendor-" + "-".join(f"{n}{v}" for n, (v, _) in sorted(WEB_VENDOR.items())))
     if (folder / ".complete").exists():
         return folder
     if not shutil.which("npm"):
-        sys.exit("npm is needed to fetch the chat page's libraries (marked, DOMPurify); install Node.js/npm")
+        sys.exit("npm is needed to fetch the chat page's libraries (marked, DOMPurify, pdf.js); install Node.js/npm")
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=cache_dir()))
     try:
         out = work / "vendor"
         out.mkdir()
-        for name, (version, member) in WEB_VENDOR.items():
+        for name, (version, members) in WEB_VENDOR.items():
             log(f"fetching {name}@{version} from the npm registry")
             tgz = subprocess.run(["npm", "pack", "--silent", f"{name}@{version}"], cwd=work, check=True,
                                  capture_output=True, text=True).stdout.strip().splitlines()[-1]
             with tarfile.open(work / tgz) as tar:
                 tar.extractall(work / name, filter="data")
             pkg = work / name / "package"
-            shutil.copy(pkg / member, out / Path(member).name)
+            for member in members:
+                shutil.copy(pkg / member, out / Path(member).name)
             lic = next(p for p in pkg.iterdir() if p.name.upper().startswith("LICENSE"))
             shutil.copy(lic, out / f"LICENSE.{name}.txt")
         return publish(out, folder)

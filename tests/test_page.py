@@ -1,5 +1,6 @@
 """The chat page in headless Chromium (Debian's, driven by Playwright), on a real bundle's server."""
 
+import json
 import os
 from pathlib import Path
 
@@ -164,3 +165,103 @@ def test_two_tabs_answer_at_once(browser, server):
     assert health["slots"]["total"] >= 2
     for context, _ in tabs:
         context.close()
+
+
+# --- attachments (issue 28): text files and PDFs, read in the page, sent as text parts ----------------
+
+def make_pdf(text: str) -> bytes:
+    """A one-page PDF whose text is `text` (Helvetica), built by hand: objects, then the
+    cross-reference table of their byte offsets."""
+    stream = f"BT /F1 14 Tf 72 720 Td ({text}) Tj ET".encode("latin-1")
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
+               b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+               b"/Resources << /Font << /F1 5 0 R >> >> >>",
+               b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>"]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for i, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+@pytest.fixture
+def csp_page(browser, server):
+    """The page with its Content-Security-Policy in force (pdf.js and its worker must load under it)."""
+    context = browser.new_context(viewport={"width": 1000, "height": 720})
+    pg = context.new_page()
+    errors, bodies = [], []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" and "Content Security" in m.text else None)
+    pg.on("request", lambda r: bodies.append(r.post_data) if r.url.endswith("/v1/chat/completions") else None)
+    pg.goto(server.url)
+    pg.locator("#model-name").filter(has_text="SmolLM2").wait_for()
+    pg.bodies = bodies
+    yield pg
+    assert errors == []
+    context.close()
+
+
+def _ask_with(pg, files, question):
+    pg.set_input_files("#file", files)
+    pg.locator("#attachments .chip").nth(len(files) - 1).wait_for()
+    pg.fill("#input", question)
+    pg.press("#input", "Enter")
+    pg.wait_for_selector("#stop", state="visible")
+    pg.wait_for_selector("#send", state="visible", timeout=60_000)
+    return pg.locator(".msg.assistant").last.inner_text()
+
+
+def test_attach_a_text_file_and_a_pdf(csp_page, tmp_path):
+    pg = csp_page
+    set_temperature(pg, 0)
+    txt = tmp_path / "secret.txt"
+    txt.write_text("The secret word is Zanzibar.\n")
+    answer = _ask_with(pg, [str(txt)], "What is the secret word in the file? Answer in one word.")
+    assert "Zanzibar" in answer
+    sent = json.loads(pg.bodies[-1])["messages"][-1]["content"]
+    assert sent[0] == {"type": "text", "text": "File: secret.txt\n```\nThe secret word is Zanzibar.\n\n```\n\n"}
+    assert sent[1]["text"].startswith("What is the secret word")
+    chip = pg.locator(".msg.user .chip").last.inner_text()
+    assert "secret.txt" in chip and "29 B" in chip and pg.locator("#attachments .chip").count() == 0
+
+    pg.click("#new-chat")
+    set_temperature(pg, 0)
+    pdf = tmp_path / "letter.pdf"
+    pdf.write_bytes(make_pdf("The password is Marmalade."))
+    answer = _ask_with(pg, [str(pdf)], "What is the password in the file? Answer in one word.")
+    assert "marmalade" in answer.lower()
+    sent = json.loads(pg.bodies[-1])["messages"][-1]["content"]
+    assert "The password is Marmalade." in sent[0]["text"] and "letter.pdf" in sent[0]["text"]
+    pg.reload()  # the conversation keeps its attachment
+    pg.locator(".msg.user .chip").filter(has_text="letter.pdf").wait_for()
+
+
+def test_attachments_refused_before_sending(csp_page, tmp_path):
+    pg = csp_page
+    png = tmp_path / "photo.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    binary = tmp_path / "data.bin"
+    binary.write_bytes(bytes(range(256)))
+    pg.set_input_files("#file", [str(png), str(binary)])
+    pg.locator(".msg.error").filter(has_text="photo.png: images cannot be attached").wait_for()
+    pg.locator(".msg.error").filter(has_text="data.bin: not a text file or a PDF").wait_for()
+    assert pg.locator("#attachments .chip").count() == 0
+    # a file whose text cannot fit the context (4096 tokens) is refused before anything is sent
+    big = tmp_path / "big.txt"
+    big.write_text(" ".join(f"word{i}" for i in range(12000)))
+    pg.set_input_files("#file", [str(big)])
+    pg.locator("#attachments .chip").filter(has_text="big.txt").wait_for()
+    pg.fill("#input", "Summarise this.")
+    pg.press("#input", "Enter")
+    pg.locator(".msg.error").filter(has_text="big.txt is too large for the context").wait_for()
+    assert "4096" in pg.locator(".msg.error").last.inner_text()
+    assert pg.bodies == [] and pg.input_value("#input") == "Summarise this."
+    assert pg.locator("#attachments .chip").count() == 1  # kept, to remove or send elsewhere
+    pg.click("#attachments .chip button")
+    assert pg.locator("#attachments .chip").count() == 0

@@ -5,7 +5,7 @@
 
 const STORE = "bundle-chat-v1";
 const $ = (id) => document.getElementById(id);
-const state = { data: load(), controller: null, info: {} };
+const state = { data: load(), controller: null, info: {}, pending: [] };
 
 function load() {
   try {
@@ -80,7 +80,7 @@ function setThinking(el, text, done) {
 }
 function showThinking() { return state.data.showThinking !== false; }
 
-function addMessage(role, text, reasoning) {
+function addMessage(role, text, reasoning, attachments) {
   const el = document.createElement("div");
   el.className = "msg " + role;
   if (role === "assistant") {
@@ -90,6 +90,7 @@ function addMessage(role, text, reasoning) {
     renderMarkdown(body, text);
     if (reasoning) { setThinking(el, reasoning, true); el.querySelector("details.thinking").open = false; }
   } else el.textContent = text;
+  if (attachments && attachments.length) el.appendChild(chips(attachments, null));
   $("messages").appendChild(el);
   $("messages").scrollTop = $("messages").scrollHeight;
   return el;
@@ -118,7 +119,7 @@ function render() {
   }
   const c = current() || newConversation();
   $("messages").replaceChildren();
-  for (const m of c.messages) addMessage(m.role, m.content, m.reasoning);
+  for (const m of c.messages) addMessage(m.role, m.content, m.reasoning, m.attachments);
   $("system").value = c.system || "";
   $("temperature").value = c.temperature;
   const t = state.info.thinking || {};
@@ -144,15 +145,52 @@ async function api(path, options) {
   return r;
 }
 
-async function send(text) {
+// What a message says to the model: the attached files' text (each named), then the words typed.
+function apiContent(m) {
+  if (!m.attachments || !m.attachments.length) return m.content;
+  const parts = m.attachments.map((a) => ({ type: "text", text: "File: " + a.name + "\n```\n" + a.text + "\n```\n\n" }));
+  return parts.concat(m.content ? [{ type: "text", text: m.content }] : []);
+}
+
+// Whether the conversation with this new message fits the context: counted by the server's
+// tokenizer (the Messages API's count_tokens) before anything is sent. null when it fits.
+async function tooLarge(c, message) {
+  const context = state.info.context;
+  if (!context || !message.attachments || !message.attachments.length) return null;
+  const history = c.messages.concat([message]).map((m) => ({ role: m.role, content: apiContent(m) }));
+  try {
+    const r = await api("/v1/messages/count_tokens", {
+      method: "POST", body: JSON.stringify({ model: "local", system: c.system || undefined, messages: history }) });
+    const names = message.attachments.map((a) => a.name).join(", ");
+    const advice = ". Attach a smaller file, start a new chat, or restart the bundle with a larger --ctx.";
+    if (r.status === 400) {  // far too large even to count
+      const err = await r.json().catch(() => ({}));
+      return names + " is too large for the context: " + ((err.error && err.error.message) || "it cannot be read") + advice;
+    }
+    if (!r.ok) return null;  // the answer will say what is wrong
+    const n = (await r.json()).input_tokens;
+    if (n < context - 16) return null;
+    return names + " is too large for the context: with it, this chat is " + n + " tokens and the context holds " +
+      context + advice;
+  } catch (e) { return null; }
+}
+
+async function send(text, attachments) {
   const c = current();
-  c.messages.push({ role: "user", content: text });
-  if (c.title === "New chat") c.title = text.slice(0, 40);
-  save(); render();
+  const message = attachments && attachments.length ? { role: "user", content: text, attachments } : { role: "user", content: text };
+  const problem = await tooLarge(c, message);
+  if (problem) {
+    const err = addMessage("error", problem); err.classList.add("error");
+    return false;
+  }
+  c.messages.push(message);
+  if (c.title === "New chat") c.title = (text || attachments[0].name).slice(0, 40);
+  try { save(); } catch (e) { /* a store too full for the files' text: the chat goes on, unsaved */ }
+  render();
   const el = addMessage("assistant", "");
   // The history goes back without the thinking, as OpenAI clients send it.
   const messages = (c.system ? [{ role: "system", content: c.system }] : [])
-    .concat(c.messages.map((m) => ({ role: m.role, content: m.content })));
+    .concat(c.messages.map((m) => ({ role: m.role, content: apiContent(m) })));
   const temperature = Number(c.temperature);
   const t = state.info.thinking || {};
   const think = c.think !== undefined ? c.think : !!t.default;
@@ -212,6 +250,85 @@ async function send(text) {
   }
   if (stopped) { const n = document.createElement("div"); n.className = "note"; n.textContent = "(stopped)"; el.appendChild(n); }
   if (timings) $("speed").textContent = timings.predicted_per_second.toFixed(1) + " tokens/s";
+  return true;
+}
+
+// Attachments: text files and PDFs, read here in the page (PDFs by pdf.js, loaded the first time
+// one is attached) and sent as text parts. Images are refused: the model reads text only.
+const MAX_ATTACHMENT_BYTES = 32 * 1024 * 1024;
+let pdfjs = null;
+
+async function pdfText(file) {
+  if (!pdfjs) {
+    pdfjs = await import("/static/vendor/pdf.min.mjs");
+    pdfjs.GlobalWorkerOptions.workerSrc = "/static/vendor/pdf.worker.min.mjs";
+  }
+  const task = pdfjs.getDocument({ data: new Uint8Array(await file.arrayBuffer()), isEvalSupported: false });
+  const pages = [];
+  try {
+    const doc = await task.promise;
+    for (let i = 1; i <= doc.numPages; i++) {
+      const content = await (await doc.getPage(i)).getTextContent();
+      pages.push(content.items.map((it) => (it.str || "") + (it.hasEOL ? "\n" : "")).join(""));
+    }
+  } finally { task.destroy(); }
+  return pages.join("\n\n").trim();
+}
+
+async function readAttachment(file) {
+  if ((file.type || "").startsWith("image/") || /\.(png|jpe?g|gif|webp|bmp|tiff?|heic|avif|svg)$/i.test(file.name))
+    throw new Error(file.name + ": images cannot be attached: this model reads text only");
+  if (file.size > MAX_ATTACHMENT_BYTES)
+    throw new Error(file.name + ": larger than " + (MAX_ATTACHMENT_BYTES >> 20) + " MB; attach a smaller part of it");
+  if (file.type === "application/pdf" || /\.pdf$/i.test(file.name)) {
+    let text;
+    try { text = await pdfText(file); }
+    catch (e) { throw new Error(file.name + ": this PDF could not be read (" + (e.message || e) + ")"); }
+    if (!text) throw new Error(file.name + ": this PDF has no text to take out (a scan? this model cannot read images)");
+    return { name: file.name, size: file.size, kind: "pdf", text };
+  }
+  let text;
+  try { text = new TextDecoder("utf-8", { fatal: true }).decode(await file.arrayBuffer()); }
+  catch (e) { text = null; }
+  if (text === null || text.includes("\u0000"))
+    throw new Error(file.name + ": not a text file or a PDF, which are what can be attached");
+  return { name: file.name, size: file.size, kind: "text", text };
+}
+
+function sizeText(n) { return n < 1024 ? n + " B" : n < 1 << 20 ? (n / 1024).toFixed(1) + " KB" : (n / (1 << 20)).toFixed(1) + " MB"; }
+
+// Attachment chips: on a message, or (with onRemove) on the message being written.
+function chips(list, onRemove) {
+  const box = document.createElement("div");
+  box.className = "chips";
+  list.forEach((a, i) => {
+    const chip = document.createElement("span");
+    chip.className = "chip";
+    chip.title = a.kind === "pdf" ? "PDF, its text taken out" : "text file";
+    chip.textContent = (a.kind === "pdf" ? "📄 " : "📝 ") + a.name + " · " + sizeText(a.size);
+    if (onRemove) {
+      const x = document.createElement("button");
+      x.type = "button"; x.textContent = "×"; x.title = "Remove"; x.setAttribute("aria-label", "Remove " + a.name);
+      x.addEventListener("click", () => onRemove(i));
+      chip.appendChild(x);
+    }
+    box.appendChild(chip);
+  });
+  return box;
+}
+
+function renderPending() {
+  const box = $("attachments");
+  box.hidden = state.pending.length === 0;
+  box.replaceChildren(...chips(state.pending, (i) => { state.pending.splice(i, 1); renderPending(); }).childNodes);
+}
+
+async function addFiles(files) {
+  for (const file of files) {
+    try { state.pending.push(await readAttachment(file)); }
+    catch (e) { const err = addMessage("error", e.message); err.classList.add("error"); }
+  }
+  renderPending();
 }
 
 // LoRA adapters packed in the bundle: a scale slider each; a conversation whose sliders were
@@ -262,13 +379,24 @@ async function start() {
   render();
 }
 
-$("composer").addEventListener("submit", (e) => {
+$("composer").addEventListener("submit", async (e) => {
   e.preventDefault();
   const text = $("input").value.trim();
-  if (!text || state.controller) return;
+  if ((!text && !state.pending.length) || state.controller) return;
+  const attachments = state.pending;
   $("input").value = "";
-  send(text);
+  state.pending = [];
+  renderPending();
+  if (!(await send(text, attachments))) {  // refused before sending: the words and files stay
+    $("input").value = text;
+    state.pending = attachments;
+    renderPending();
+  }
 });
+$("attach").addEventListener("click", () => $("file").click());
+$("file").addEventListener("change", async () => { const files = [...$("file").files]; $("file").value = ""; await addFiles(files); });
+$("composer").addEventListener("dragover", (e) => e.preventDefault());
+$("composer").addEventListener("drop", (e) => { e.preventDefault(); if (e.dataTransfer) addFiles([...e.dataTransfer.files]); });
 $("input").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("composer").requestSubmit(); }
 });
