@@ -59,6 +59,27 @@ def test_max_tokens_limits_the_answer(built_bundle):
     assert 0 < len(r.stdout.split()) <= 6
 
 
+def test_llama_cpp_sampling_flags(built_bundle):
+    story = "Write a short story about a cat."
+    greedy = run_exe(built_bundle, "-p", story, "--temp", "0", "-n", "12")
+    assert greedy.returncode == 0 and greedy.stdout.strip()
+    # min-p 1 keeps only the likeliest token: greedy at any temperature; the same from BUNDLE_MIN_P
+    hot = run_exe(built_bundle, "-p", story, "--temp", "1.5", "--min-p", "1", "--seed", "3", "-n", "12")
+    assert hot.returncode == 0 and hot.stdout == greedy.stdout
+    env = dict(os.environ, BUNDLE_MIN_P="1")
+    assert run_exe(built_bundle, "-p", story, "--temp", "1.5", "--seed", "3", "-n", "12", env=env).stdout == greedy.stdout
+    # without min-p, the same seed and order through --samplers, the text changes
+    free = run_exe(built_bundle, "-p", story, "--temp", "1.5", "--seed", "3", "-n", "12", "--samplers", "top_k;temperature")
+    assert free.returncode == 0 and free.stdout != greedy.stdout
+    short = run_exe(built_bundle, "-p", QUESTION, "--temp", "0", "-n", "40")
+    long = run_exe(built_bundle, "-p", QUESTION, "--temp", "0", "-n", "40", "--ignore-eos")
+    assert long.returncode == 0 and long.stdout.startswith(short.stdout.strip()) and len(long.stdout) > len(short.stdout)
+    for flags, words in ((["--samplers", "top_k;bogus"], "'bogus' is not a sampler"), (["--min-p", "2"], "min_p=2"),
+                         (["--dry-base", "0.5"], "dry_base=0.5")):
+        r = run_exe(built_bundle, "-p", "hi", *flags)
+        assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_info_json(built_bundle):
     r = run_exe(built_bundle, "--info", "--json")
     assert r.returncode == 0, r.stderr

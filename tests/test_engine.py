@@ -129,14 +129,16 @@ def _chain_names(engine, s: Sampling) -> list[str]:
 
 
 def test_sampler_chain_as_llama_cpp_builds_it(engine):
-    # llama.cpp's defaults: top-k 40, top-p 0.95, min-p 0.05, temperature
-    assert _chain_names(engine, Sampling(repeat_penalty=1.0)) == ["top-k", "top-p", "min-p", "temp", "dist"]
-    every = Sampling(repeat_penalty=1.1, logit_bias={5: 1.0}, min_p=0.1, typical_p=0.9, top_n_sigma=1.5,
-                     xtc_probability=0.5, dry_multiplier=0.8, dynatemp_range=0.5)
+    # llama-server's chain (common_sampler_init): every sampler of the order; llama.cpp puts a
+    # placeholder ("?name") where the settings make one do nothing; logit bias first
+    assert _chain_names(engine, Sampling(repeat_penalty=1.0)) == [
+        "?top-n-sigma", "top-k", "?typical", "top-p", "min-p", "?xtc", "temp-ext", "dist"]
+    every = Sampling(repeat_penalty=1.1, logit_bias={5: 1.0}, dry_multiplier=0.8, min_p=0.1, typical_p=0.9,
+                     top_n_sigma=1.5, xtc_probability=0.5, dynatemp_range=0.5)
     assert _chain_names(engine, every) == ["logit-bias", "penalties", "dry", "top-n-sigma", "top-k", "typical",
                                            "top-p", "min-p", "xtc", "temp-ext", "dist"]
     order = Sampling(repeat_penalty=1.0, samplers=("temperature", "min_p", "top_k"))
-    assert _chain_names(engine, order) == ["temp", "min-p", "top-k", "dist"]
+    assert _chain_names(engine, order) == ["temp-ext", "min-p", "top-k", "dist"]
     assert _chain_names(engine, Sampling(repeat_penalty=1.0, mirostat=2)) == ["temp", "mirostat-v2"]
     assert _chain_names(engine, Sampling(repeat_penalty=1.0, mirostat=1)) == ["temp", "mirostat"]
     assert _chain_names(engine, Sampling(temp=0, repeat_penalty=1.0, dry_multiplier=0.5)) == ["dry", "greedy"]

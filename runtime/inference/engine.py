@@ -286,7 +286,7 @@ class Engine:
         order = s.samplers if not (s.mirostat or greedy) else [n for n in s.samplers if n in ("penalties", "dry")]
         if "penalties" not in order:  # repeat_penalty and OpenAI's penalties are always applied
             order = ["penalties", *order]
-        for name in order:
+        for name in order:  # each one as llama.cpp adds it (those set to do nothing return at once)
             if name == "penalties":
                 if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
                     pen = C.llama_sampler_init_penalties(self.n_vocab, PENALTY_LAST_N, s.repeat_penalty,
@@ -298,26 +298,19 @@ class Engine:
                 if s.dry_multiplier > 0:
                     add(self._dry(s, history))
             elif name == "top_n_sigma":
-                if s.top_n_sigma > 0:
-                    add(C.llama_sampler_init_top_n_sigma(s.top_n_sigma))
+                add(C.llama_sampler_init_top_n_sigma(s.top_n_sigma))
             elif name == "top_k":
-                if s.top_k > 0:
-                    add(C.llama_sampler_init_top_k(s.top_k))
+                add(C.llama_sampler_init_top_k(s.top_k))
             elif name == "typ_p":
-                if s.typical_p < 1.0:
-                    add(C.llama_sampler_init_typical(s.typical_p, 1))
+                add(C.llama_sampler_init_typical(s.typical_p, 0))
             elif name == "top_p":
-                if s.top_p < 1.0:
-                    add(C.llama_sampler_init_top_p(s.top_p, 1))
+                add(C.llama_sampler_init_top_p(s.top_p, 0))
             elif name == "min_p":
-                if s.min_p > 0:
-                    add(C.llama_sampler_init_min_p(s.min_p, 1))
+                add(C.llama_sampler_init_min_p(s.min_p, 0))
             elif name == "xtc":
-                if s.xtc_probability > 0:
-                    add(C.llama_sampler_init_xtc(s.xtc_probability, s.xtc_threshold, 1, seed))
+                add(C.llama_sampler_init_xtc(s.xtc_probability, s.xtc_threshold, 0, seed))
             elif name == "temperature":
-                add(C.llama_sampler_init_temp_ext(s.temp, s.dynatemp_range, s.dynatemp_exponent)
-                    if s.dynatemp_range > 0 else C.llama_sampler_init_temp(s.temp))
+                add(C.llama_sampler_init_temp_ext(s.temp, s.dynatemp_range, s.dynatemp_exponent))
         if greedy:
             add(C.llama_sampler_init_greedy())
         elif s.mirostat == 1:
