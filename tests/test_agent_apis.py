@@ -377,3 +377,16 @@ def test_cors_preflight_echoes_the_headers_a_page_asks_for():
     r = c.options("/v1/chat/completions", headers={"Origin": "http://evil.example",
                                                    "Access-Control-Request-Headers": "x-stainless-os"})
     assert r.status_code == 403 and "access-control-allow-headers" not in r.headers
+
+
+def test_responses_text_answer_with_tools_streamed_whole():
+    c, _ = client(FakeScheduler(answer='{"response": "It is sunny."}'))
+    r = c.post("/v1/responses", json={"input": "Weather?", "tools": [RESP_TOOL], "stream": True})
+    evs = typed_events(r.text)
+    assert [n for n, _ in evs] == ["response.created", "response.in_progress", "response.output_item.added",
+                                   "response.content_part.added", "response.output_text.delta",
+                                   "response.output_text.done", "response.content_part.done",
+                                   "response.output_item.done", "response.completed"]
+    assert evs[4][1]["delta"] == "It is sunny." and evs[-1][1]["response"]["output"][0]["content"][0]["text"] == \
+        "It is sunny."
+    assert '{\\"response' not in r.text  # the wrapper never shows

@@ -7,6 +7,7 @@ sampler is what makes a 135M model manage it."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import http.server
 import json
@@ -202,21 +203,33 @@ def test_agents_sdk_runs_an_agent_with_a_tool(server):
         called.append(city)
         return f"Sunny, 24 degrees in {city}."
 
-    model = agents.OpenAIResponsesModel(model="demo", openai_client=AsyncOpenAI(
-        base_url=server.url + "v1", api_key="unused", max_retries=0))
-    agent = agents.Agent(name="weather", instructions="Answer questions about the weather; use the tool.",
-                         tools=[get_weather], model=model,
-                         model_settings=agents.ModelSettings(
-                             temperature=0, tool_choice="get_weather", max_tokens=200,
-                             # llama.cpp's fields: DRY (no loop at temperature 0) and a stop string,
-                             # so that the demo model's final answer is its first line, complete
-                             extra_body={"dry_multiplier": 0.8, "stop": ["\n"]}),
-                         reset_tool_choice=True)
+    def weather_agent():  # a client per event loop (httpx's connections belong to the loop that made them)
+        model = agents.OpenAIResponsesModel(model="demo", openai_client=AsyncOpenAI(
+            base_url=server.url + "v1", api_key="unused", max_retries=0))
+        return agents.Agent(name="weather", instructions="Answer questions about the weather; use the tool.",
+                            tools=[get_weather], model=model,
+                            model_settings=agents.ModelSettings(
+                                temperature=0, tool_choice="get_weather", max_tokens=200,
+                                # llama.cpp's fields: DRY (no loop at temperature 0) and a stop string,
+                                # so that the demo model's final answer is its first line, complete
+                                extra_body={"dry_multiplier": 0.8, "stop": ["\n"]}),
+                            reset_tool_choice=True)
+
+    agent = weather_agent()
     result = agents.Runner.run_sync(agent, "What is the weather in Paris?", max_turns=4)
     assert called and isinstance(called[0], str)
     assert isinstance(result.final_output, str) and result.final_output
     kinds = [item.type for item in result.new_items]
     assert kinds[:2] == ["tool_call_item", "tool_call_output_item"] and kinds[-1] == "message_output_item"
+
+    async def streamed():  # Runner.run_streamed: the same agent over the streamed Responses events
+        run = agents.Runner.run_streamed(weather_agent(), "What is the weather in Rome?", max_turns=4)
+        events = [e async for e in run.stream_events()]
+        return run, events
+
+    run, events = asyncio.run(streamed())
+    assert called[-1] and isinstance(run.final_output, str) and run.final_output
+    assert any(getattr(e, "name", None) == "tool_called" for e in events)
 
 
 # --- the JavaScript SDK in a page, with --allow-origin ----------------------------------------------
