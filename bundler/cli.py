@@ -97,6 +97,8 @@ def cli():
 @click.option("--think", type=click.Choice(["auto", "on", "off"]),
               help="reasoning models: whether they think before answering by default (auto: as llama-server)")
 @click.option("--ctx", type=int, help="default context length in tokens")
+@click.option("--context-overflow", type=click.Choice(["truncate", "error"]),
+              help="a chat longer than the context: leave out its oldest turns (truncate, the default) or stop")
 @click.option("--temp", type=float, help="default temperature")
 @click.option("--top-p", type=float, help="default top-p")
 @click.option("--top-k", type=int, help="default top-k")
@@ -115,7 +117,7 @@ def cli():
 @click.option("--base", metavar="BASE", help="with --lora and no MODEL: an adapter-only bundle for BASE (a bundle or "
               "a .gguf), which finds BASE beside it at launch")
 @click.option("--force", is_flag=True, help="replace an existing file at the output path even if it is not a bundle")
-def build(model, output, name, template, system, think, ctx, temp, top_p, top_k, repeat_penalty, max_tokens, target, stub,
+def build(model, output, name, template, system, think, ctx, context_overflow, temp, top_p, top_k, repeat_penalty, max_tokens, target, stub,
           gpu, split, max_file_size, loras, base, force):
     """Build one executable from MODEL (a .gguf path or hf://owner/repo/file.gguf), or an
     adapter-only one: --lora ADAPTER.gguf --base BASE."""
@@ -203,7 +205,7 @@ def build(model, output, name, template, system, think, ctx, temp, top_p, top_k,
     default_ctx = min(Settings.ctx, info.context_length) if info.context_length else Settings.ctx
     settings = Settings(ctx=default_ctx, template=template_name).merged(
         {"system": system, "think": think, "ctx": ctx, "temp": temp, "top_p": top_p, "top_k": top_k,
-         "repeat_penalty": repeat_penalty, "max_tokens": max_tokens},
+         "repeat_penalty": repeat_penalty, "max_tokens": max_tokens, "context_overflow": context_overflow},
         "bundle build",
     )
     summary = info.summary()

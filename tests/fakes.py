@@ -32,6 +32,9 @@ class FakeEngine:
         if n >= self.n_ctx:
             raise ContextOverflowError(f"the prompt is {n} tokens, longer than the context ({self.n_ctx} tokens)")
 
+    def text_limit(self) -> int:
+        return self.n_ctx
+
     def check_text_fits(self, n_bytes: int) -> None:
         self.check_fits(n_bytes)
 

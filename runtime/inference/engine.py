@@ -211,6 +211,10 @@ class Engine:
             self._max_token_bytes = longest + 8  # byte-level pieces can be wider than their text
         return self._max_token_bytes
 
+    def text_limit(self) -> int:
+        """The most bytes of text the context could hold (check_text_fits refuses more)."""
+        return max(4 * self.n_ctx, self.n_ctx * self.max_token_bytes())
+
     def check_text_fits(self, n_bytes: int) -> None:
         """Refuse at once a text that cannot fit the context: one longer than n_ctx times the
         longest token surely does not, and llama.cpp's tokenizer is quadratic in the number of

@@ -102,6 +102,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     g.add_argument("-c", "--ctx", type=int, help="context length in tokens")
     g.add_argument("-t", "--threads", type=int, help="CPU threads (default: the free physical cores)")
     g.add_argument("--system", help="system prompt")
+    g.add_argument("--context-overflow", choices=["truncate", "error"], dest="context_overflow",
+                   help="a chat longer than the context: leave out its oldest turns (truncate, the default) "
+                        "or stop with an error")
     g.add_argument("-j", "--json-schema", metavar="SCHEMA", dest="json_schema",
                    help="answer only JSON that SCHEMA allows (a JSON schema; {} for any JSON object)")
     g.add_argument("-jf", "--json-schema-file", metavar="FILE", dest="json_schema_file",

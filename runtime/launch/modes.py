@@ -13,8 +13,8 @@ from ..bundlefile import read_payload
 from ..errors import RuntimeFailure
 from ..host.console import say, write_out
 from ..inference.scheduler import CancelFlag, Scheduler, benchmark
-from ..prompts import reasoning
-from .chat import ThoughtStream
+from ..prompts import fitting, reasoning
+from .chat import DIM, PLAIN, ThoughtStream
 
 
 def one_shot(rt, prompt: str) -> int:
@@ -89,6 +89,10 @@ def chat(rt, scheduler=None) -> int:
 
     session = ChatSession(rt.settings.system)
     thinks = reasoning.is_thinking_template(tmpl.source)
+    dim = _is_terminal(sys.stdout)
+
+    def note_(text):  # what the chat says about the conversation: dimmed on a terminal
+        write(DIM + text + PLAIN if dim and text.strip() else text)
 
     def respond(messages, write_):
         cancel = CancelFlag()
@@ -96,10 +100,18 @@ def chat(rt, scheduler=None) -> int:
         previous = signal.signal(signal.SIGINT, on_sigint)
         thoughts = None
         try:
-            text = tmpl.render(messages, **reasoning.template_switch(tmpl.source, rt.settings.think, session.think))
+            switch = reasoning.template_switch(tmpl.source, rt.settings.think, session.think)
+            sampling = rt.sampling(tmpl.stop)
+            if rt.settings.context_overflow == fitting.TRUNCATE:
+                limit = engine.n_ctx - fitting.answer_room(engine.n_ctx, sampling.max_tokens)
+                messages, dropped = fitting.fit(
+                    messages, lambda ms: len(engine.tokenize_prompt(tmpl.render(ms, **switch))), limit,
+                    max_bytes=engine.text_limit())
+                if dropped:
+                    note_(fitting.note(dropped, engine.n_ctx) + "\n")
+            text = tmpl.render(messages, **switch)
             tokens = engine.tokenize_prompt(text)
             engine.check_fits(len(tokens))
-            sampling = rt.sampling(tmpl.stop)
             on_text = write_
             if thinks:
                 thoughts = ThoughtStream(reasoning.Splitter(reasoning.starts_inside(text)), write_,
@@ -113,6 +125,11 @@ def chat(rt, scheduler=None) -> int:
             signal.signal(signal.SIGINT, previous)
         if thoughts is not None:
             thoughts.finish()
+        if result.finish_reason == "length":  # never a silent cut
+            full = result.completion_tokens < sampling.max_tokens or sampling.max_tokens <= 0
+            note_("\n" + (f"(the answer reached the end of the context of {engine.n_ctx} tokens)" if full else
+                          f"(the answer reached --max-tokens {sampling.max_tokens})"))
+        if thoughts is not None:
             return "".join(thoughts.answer), result.finish_reason == "cancelled"  # the history keeps the answer
         return result.text, result.finish_reason == "cancelled"
 

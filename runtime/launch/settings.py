@@ -58,6 +58,7 @@ class Settings:
     port: int = 8080
     parallel: int = 0  # conversations the server decodes together; 0: auto (runtime.launch.runtime.Runtime.parallel)
     think: str = "auto"  # reasoning models: on, off, or auto (on where llama.cpp would have it on)
+    context_overflow: str = "truncate"  # a chat longer than the context: leave out its oldest turns, or error
     # llama.cpp's other samplers, by llama-server's names, with llama.cpp's defaults (runtime.inference.
     # sampling.LLAMA_SAMPLING); samplers: their order, as llama.cpp's --samplers
     min_p: float = 0.05
@@ -123,6 +124,8 @@ class Settings:
             problems.append(f"gpu={self.gpu!r} must be one of auto, off, {', '.join(GPU_KEYS)}")
         if self.gpu_layers < -1:
             problems.append(f"gpu_layers={self.gpu_layers} must be -1 (auto) or 0 or more")
+        if self.context_overflow not in ("truncate", "error"):
+            problems.append(f"context_overflow={self.context_overflow!r} must be truncate or error")
         if self.think not in ("auto", "on", "off"):
             problems.append(f"think={self.think!r} must be auto, on or off")
         if not 0 <= self.parallel <= 64:

@@ -44,6 +44,8 @@ class GenParams:
     repeat_penalty: float | None = None
     lora: list | None = None  # llama-server's per-request adapters: [(id, scale)], the others at 0
     llama: dict = None  # llama.cpp's other sampling fields given (Sampling's names): min_p, samplers, …
+    truncate: bool = False  # `truncation: "auto"`: a conversation longer than the context loses its oldest turns
+    turns_left_out: int = 0  # how many it lost
 
 
 MAX_TOP_LOGPROBS = 20  # chat (OpenAI's limit); legacy completions allow 5
@@ -125,7 +127,17 @@ def parse_common(body: dict) -> GenParams:
         repeat_penalty=_num(body, "repeat_penalty", 0, 10),
         lora=parse_lora(body["lora"], "lora") if body.get("lora") is not None else None,
         llama=llama,
+        truncate=parse_truncation(body),
     )
+
+
+def parse_truncation(body: dict) -> bool:
+    """`truncation` (the Responses API's field, taken on chat too): "auto" leaves out the oldest
+    turns of a conversation longer than the context; "disabled" (the default) answers 400."""
+    value = body.get("truncation")
+    if value not in (None, "auto", "disabled"):
+        raise ApiError(400, "'truncation' must be 'auto' or 'disabled'", "truncation", "invalid_value")
+    return value == "auto"
 
 
 _INT_SAMPLING = {"dry_allowed_length", "dry_penalty_last_n", "mirostat"}
@@ -366,6 +378,7 @@ _SAMPLING = {"temperature", "top_p", "top_k", "repeat_penalty", "frequency_penal
              "stop", "max_tokens", "logit_bias", "n", "stream", "stream_options", "response_format", "grammar",
              "logprobs", "lora", *LLAMA_FIELDS}
 CHAT_FIELDS = {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
+               "truncation",
                "reasoning_effort", "chat_template_kwargs", "modalities", *_SAMPLING, *IGNORED, *_UNSUPPORTED}
 COMPLETION_FIELDS = {"prompt", *_SAMPLING, *IGNORED, *_UNSUPPORTED}
 
@@ -386,7 +399,7 @@ def check_fields(body: dict, known: set, what: str) -> None:
 
 # Accepted and not acted on (listed in the README): nothing is stored, so there is nothing to
 # retrieve later; the others describe the caller, not the answer.
-RESPONSES_IGNORED = ("store", "metadata", "user", "truncation", "service_tier",
+RESPONSES_IGNORED = ("store", "metadata", "user", "service_tier",
                      "safety_identifier", "prompt_cache_key", "prompt_cache_retention")
 _RESPONSES_UNSUPPORTED = {
     "previous_response_id": lambda v: v is not None,
@@ -399,7 +412,7 @@ _RESPONSES_UNSUPPORTED = {
     "top_logprobs": lambda v: v not in (None, 0),
 }
 _RESPONSES_PASSED = ("temperature", "top_p", "lora", "top_k", "repeat_penalty", "seed", "frequency_penalty",
-                     "presence_penalty", "stop", *sorted(LLAMA_FIELDS - {"n_probs"}))
+                     "presence_penalty", "stop", "truncation", *sorted(LLAMA_FIELDS - {"n_probs"}))
 _RESPONSES_KNOWN = {"model", "input", "instructions", "max_output_tokens", "stream", "text", "tools", "tool_choice",
                     "parallel_tool_calls",
                     *_RESPONSES_PASSED, *RESPONSES_IGNORED, *_RESPONSES_UNSUPPORTED}

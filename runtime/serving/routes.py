@@ -41,14 +41,14 @@ async def chat_completions(request: Request):
     st = state_of(request)
     params, tokens = await prepared(request, st.prepare_chat)
     return await answer(request, tokens, st.sampling_for(params, st.template.stop),
-                          shapes.ChatShape(st.model_id, params, len(tokens)))
+                        shapes.ChatShape(st.model_id, params, len(tokens)), params.turns_left_out)
 
 
 async def responses(request: Request):
     st = state_of(request)
     params, tokens, body = await prepared(request, lambda body: (*st.prepare_chat(parsing.responses_to_chat(body)), body))
     return await answer(request, tokens, st.sampling_for(params, st.template.stop),
-                          shapes.ResponsesShape(st.model_id, params, len(tokens), body))
+                        shapes.ResponsesShape(st.model_id, params, len(tokens), body), params.turns_left_out)
 
 
 async def messages(request: Request):
@@ -63,7 +63,8 @@ async def messages(request: Request):
     params, tokens, stops = await prepared(request, prepare)
     sampling = st.sampling_for(params, st.template.stop)
     sampling.stop = sampling.stop + stops
-    return await answer(request, tokens, sampling, anthropic.MessagesShape(st.model_id, params, len(tokens), stops))
+    return await answer(request, tokens, sampling, anthropic.MessagesShape(st.model_id, params, len(tokens), stops),
+                        params.turns_left_out)
 
 
 async def count_tokens(request: Request):
@@ -143,7 +144,7 @@ async def model(request: Request):
 
 async def info_route(request: Request):
     st = state_of(request)
-    return JSONResponse({**st.info, "context": st.engine.n_ctx,
+    return JSONResponse({**st.info, "context": st.engine.n_ctx, "context_overflow": st.settings.context_overflow,
                          "defaults": {"temperature": st.settings.temp, "system": st.settings.system or ""}})
 
 

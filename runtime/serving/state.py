@@ -12,7 +12,7 @@ import threading
 from starlette.requests import ClientDisconnect, Request
 
 from . import parsing
-from ..prompts import reasoning
+from ..prompts import fitting, reasoning
 from ..prompts import tools
 from .errors import ApiError
 from ..inference.engine import Engine
@@ -198,12 +198,13 @@ class ServerState:
         if self.settings.system and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": self.settings.system})
         # The rendered prompt holds every message: when their text alone cannot fit the context,
-        # say so before the template renders 40,000 turns (issue 8.7).
-        try:
-            self.engine.check_text_fits(sum(len(m["content"].encode("utf-8")) for m in messages))
-        except ContextOverflowError as exc:
-            raise api_error(exc, "messages") from None
-        messages = tools.for_template(messages, spec, self.object_arguments)
+        # say so before the template renders 40,000 turns (issue 8.7); unless the request lets
+        # the oldest turns go (then they go before anything is rendered).
+        if not params.truncate:
+            try:
+                self.engine.check_text_fits(fitting.text_bytes(messages))
+            except ContextOverflowError as exc:
+                raise api_error(exc, "messages") from None
         native = spec is not None and spec.active and spec.style != "generic"
         try:
             thinking = reasoning.thinking_wanted(body)
@@ -216,9 +217,22 @@ class ServerState:
             raise ApiError(400, f"'chat_template_kwargs.{taken}' is set by the server, not the request",
                            "chat_template_kwargs", "invalid_value")
         variables.update(reasoning.template_switch(self.source, self.settings.think, thinking))
+
+        def render(ms):
+            return self.template.render(tools.for_template(ms, spec, self.object_arguments),
+                                        tools=spec.wanted() if native else None, **variables)
+
         try:
-            text = self.template.render(messages, tools=spec.wanted() if native else None, **variables)
+            if params.truncate:  # the oldest turns left out until the prompt leaves room to answer
+                n_ctx = self.engine.n_ctx
+                room = fitting.answer_room(n_ctx, params.max_tokens or self.settings.max_tokens)
+                messages, params.turns_left_out = fitting.fit(
+                    messages, lambda ms: len(self.engine.tokenize_prompt(render(ms))), n_ctx - room,
+                    max_bytes=self.engine.text_limit())
+            text = render(messages)
         except TemplateError as exc:
+            raise api_error(exc, "messages") from None
+        except ContextOverflowError as exc:
             raise api_error(exc, "messages") from None
         if self.thinks:
             params.think = reasoning.starts_inside(text)

@@ -68,26 +68,31 @@ class Events:
         return items
 
 
-def _streaming(body) -> StreamingResponse:
+def _streaming(body, headers: dict) -> StreamingResponse:
     return StreamingResponse(body, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+
+
+TURNS_LEFT_OUT = "X-Turns-Left-Out"  # how many of a conversation's oldest turns were left out to fit (truncation)
 
 
 def _seeded(sampling: Sampling, i: int) -> Sampling:
     return dataclasses.replace(sampling, seed=sampling.seed + i if sampling.seed >= 0 else -1)
 
 
-async def answer(request: Request, tokens, sampling: Sampling, shape: shapes.Shape):
+async def answer(request: Request, tokens, sampling: Sampling, shape: shapes.Shape, turns_left_out: int = 0):
     """Run the request's generations (n choices, seeds seed+i); stream them (SSE) or answer once.
-    The shape (shapes.Shape: chat, completion, responses) builds the bodies."""
+    The shape (shapes.Shape: chat, completion, responses) builds the bodies. turns_left_out: said
+    in a header (TURNS_LEFT_OUT) when a conversation was cut to fit."""
     scheduler = state_of(request).scheduler
+    headers = {TURNS_LEFT_OUT: str(turns_left_out)} if turns_left_out else {}
     cancel = CancelFlag()
     if shape.stream:
         events = Events(cancel)
         logprobs = sampling.logprobs is not None
         if shape.n == 1:
             events.generate(scheduler, tokens, sampling, 0, logprobs)
-            return _streaming(_stream_one(shape, events))
+            return _streaming(_stream_one(shape, events), headers)
         per_choice = []
         for i in range(shape.n):
             s = copy.copy(shape)
@@ -95,7 +100,7 @@ async def answer(request: Request, tokens, sampling: Sampling, shape: shapes.Sha
                 s.splitter = reasoning.Splitter(s.think)
             per_choice.append(s)
             events.generate(scheduler, tokens, _seeded(sampling, i), i, logprobs)
-        return _streaming(_stream_choices(shape, per_choice, events))
+        return _streaming(_stream_choices(shape, per_choice, events), headers)
     futures = [scheduler.generate(tokens, _seeded(sampling, i) if shape.n > 1 else sampling, cancel=cancel)
                for i in range(shape.n)]
     watch = asyncio.ensure_future(_watch_disconnect(request, cancel))
@@ -110,7 +115,7 @@ async def answer(request: Request, tokens, sampling: Sampling, shape: shapes.Sha
     if shape.n > 1:
         body["choices"] = [dict(shape.final(r)["choices"][0], index=i) for i, r in enumerate(results)]
         body["usage"] = shapes.usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results))
-    return JSONResponse(body)
+    return JSONResponse(body, headers=headers)
 
 
 def _listed(events) -> list:

@@ -97,6 +97,21 @@ function addMessage(role, text, reasoning, attachments) {
 }
 function bodyOf(el) { return el.querySelector(".body"); }
 
+// What the chat says about the conversation, dimmed: turns left out to fit the context, a cut answer.
+function leftOutNote(n) {
+  const el = document.createElement("div");
+  el.className = "note";
+  el.textContent = "(" + n + " earlier turn" + (n === 1 ? "" : "s") + " left out: the conversation no longer fits " +
+    "the context of " + state.info.context + " tokens)";
+  return el;
+}
+function cutNote() {
+  const el = document.createElement("div");
+  el.className = "note";
+  el.textContent = "(the answer was cut: it reached its length limit or the end of the context)";
+  return el;
+}
+
 function render() {
   const list = $("conversations");
   list.replaceChildren();
@@ -119,7 +134,11 @@ function render() {
   }
   const c = current() || newConversation();
   $("messages").replaceChildren();
-  for (const m of c.messages) addMessage(m.role, m.content, m.reasoning, m.attachments);
+  for (const m of c.messages) {
+    if (m.left_out) $("messages").appendChild(leftOutNote(m.left_out));
+    const el = addMessage(m.role, m.content, m.reasoning, m.attachments);
+    if (m.cut) el.appendChild(cutNote());
+  }
   $("system").value = c.system || "";
   $("temperature").value = c.temperature;
   const t = state.info.thinking || {};
@@ -196,11 +215,13 @@ async function send(text, attachments) {
   const think = c.think !== undefined ? c.think : !!t.default;
   state.controller = new AbortController();
   $("send").hidden = true; $("stop").hidden = false;
-  let reply = "", thought = "", stopped = false, timings = null;
+  let reply = "", thought = "", stopped = false, timings = null, cut = false, left = 0;
   try {
     const r = await api("/v1/chat/completions", {
       method: "POST", signal: state.controller.signal,
       body: JSON.stringify({ messages, stream: true, temperature: Number.isFinite(temperature) ? temperature : undefined,
+                             // a chat longer than the context loses its oldest turns (--context-overflow)
+                             truncation: state.info.context_overflow === "error" ? undefined : "auto",
                              chat_template_kwargs: t.switchable ? { enable_thinking: think } : undefined,
                              lora: c.lora ? adapters().map((a) => ({ id: a.id, scale: adapterScale(c, a) })) : undefined }),
     });
@@ -208,6 +229,8 @@ async function send(text, attachments) {
       const err = await r.json().catch(() => ({}));
       throw new Error((err.error && err.error.message) || ("HTTP " + r.status));
     }
+    left = Number(r.headers.get("X-Turns-Left-Out") || 0);
+    if (left > 0) el.parentNode.insertBefore(leftOutNote(left), el);
     const reader = r.body.getReader();
     const decoder = new TextDecoder();
     let buf = "";
@@ -233,6 +256,7 @@ async function send(text, attachments) {
           }
           if (delta && (delta.content || delta.reasoning_content)) $("messages").scrollTop = $("messages").scrollHeight;
           if (chunk.timings) timings = chunk.timings;
+          if (chunk.choices && chunk.choices[0] && chunk.choices[0].finish_reason === "length") cut = true;
         }
       }
     }
@@ -245,10 +269,14 @@ async function send(text, attachments) {
   }
   if (thought) setThinking(el, thought, true);
   if (reply || thought || stopped) {
-    c.messages.push(thought ? { role: "assistant", content: reply, reasoning: thought } : { role: "assistant", content: reply });
-    save();
+    const m = thought ? { role: "assistant", content: reply, reasoning: thought } : { role: "assistant", content: reply };
+    if (left) m.left_out = left;  // the notes stay with the conversation
+    if (cut) m.cut = true;
+    c.messages.push(m);
+    try { save(); } catch (e) { /* a full store: the chat goes on, unsaved */ }
   }
   if (stopped) { const n = document.createElement("div"); n.className = "note"; n.textContent = "(stopped)"; el.appendChild(n); }
+  if (cut) el.appendChild(cutNote());  // never a silent cut
   if (timings) $("speed").textContent = timings.predicted_per_second.toFixed(1) + " tokens/s";
   return true;
 }
