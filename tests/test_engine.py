@@ -261,3 +261,39 @@ def test_grammar_rejection_sampling_gives_what_the_whole_vocabulary_pass_gives(g
     assert got.startswith('{"city": "') and '"zebra": ' in got and got.endswith("}"), got
     assert got == ref
     assert gen(tokens, s).text == got  # and the decode loop uses it
+
+
+def test_context_shift_reuses_the_turns_a_truncated_chat_keeps(engine):
+    """A conversation whose oldest turns were left out (--context-overflow truncate): its system
+    prompt is the cache's prefix, and the turns it keeps are further on in the cache; they are
+    moved down (llama.cpp's shift of rotary positions), not decoded again, and the answer is the
+    one a fresh decode gives."""
+    tmpl = load_template("auto", engine.chat_template(), engine.bos_text, engine.eos_text)
+    head = [{"role": "system", "content": "You are brief."}]
+    turns = []
+    for i in range(4):
+        turns += [{"role": "user", "content": f"Tell me about the town of Town{i}, its rivers and bridges."},
+                  {"role": "assistant", "content": f"Town{i} is old. " * 6}]
+    g = greedy(max_tokens=24)
+    sch = Scheduler(engine, 1)
+    first = engine.tokenize_prompt(tmpl.render(head + turns + [{"role": "user", "content": "And Paris?"}]))
+    answer = sch.generate(first, g).result(120)
+    later = head + turns[4:] + [{"role": "user", "content": "And Paris?"}, {"role": "assistant", "content": answer.text},
+                                {"role": "user", "content": "And Rome?"}]
+    second = engine.tokenize_prompt(tmpl.render(later))
+    before = sch.stats.prompt_tokens
+    shifted = sch.generate(second, g).result(120)
+    decoded = sch.stats.prompt_tokens - before
+    assert sch.stats.shifted_tokens > 0.6 * len(second) and decoded < 0.2 * len(second)
+    sch.forget_all()
+    assert sch.generate(second, g).result(120).text == shifted.text
+
+
+def test_kept_after_gap():
+    from runtime.inference.scheduler import SHIFT_MIN, kept_after_gap
+
+    sys_, old, kept, new = [1] * 5, list(range(100, 140)), list(range(200, 250)), [7, 8, 9]
+    cached = sys_ + old + kept + [99, 98]  # the last answer's tail, which the new prompt spells otherwise
+    assert kept_after_gap(cached, sys_ + kept + new, 5) == (45, 50)
+    assert kept_after_gap(cached, sys_ + kept[:SHIFT_MIN - 1] + new, 5) == (0, 0)  # too short to be worth it
+    assert kept_after_gap(cached, sys_ + new * 20, 5) == (0, 0)

@@ -170,6 +170,13 @@ def test_api_on_the_real_bundle_with_and_without_truncation(built_bundle, tmp_pa
         conn_status, answer = s.request("POST", "/v1/chat/completions", {**ask, "truncation": "auto"})
         assert conn_status == 200 and answer["choices"][0]["message"]["content"]
         assert answer["usage"]["prompt_tokens"] <= 512 - 32
+        # the next turn: its kept turns are further on in the slot's cache, moved down, not decoded
+        more = ask["messages"] + [answer["choices"][0]["message"], {"role": "user", "content": LONG.format(n="Rome")}]
+        status, _ = s.request("POST", "/v1/chat/completions", {**ask, "messages": more, "truncation": "auto"})
+        _, metrics = s.request("GET", "/metrics")
+        shifted = next(float(line.split()[-1]) for line in metrics.decode().splitlines()
+                       if line.startswith("bundle_shifted_tokens_total"))
+        assert status == 200 and shifted > 100
 
 
 def test_web_chat_goes_on_for_30_long_turns(built_bundle, tmp_path_factory):

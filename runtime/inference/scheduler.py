@@ -78,6 +78,32 @@ def runs(seqs) -> int:
     return sum(1 for i, s in enumerate(ordered) if i == 0 or s != ordered[i - 1] + 1)
 
 
+SHIFT_MIN = 32  # a run of cached tokens this long, found later in a new prompt, is moved rather than recomputed
+_PROBE = 8
+
+
+def kept_after_gap(cached: list[int], tokens: list[int], keep: int) -> tuple[int, int]:
+    """(b, m): where the new prompt's tokens after the common prefix (tokens[keep:]) continue the
+    cache further on — cached[b:b + m] == tokens[keep:keep + m], b > keep, the longest such run — or
+    (0, 0) when no run of SHIFT_MIN tokens does. A conversation whose oldest turns were left out
+    to fit the context has this shape: its system prompt, then turns the cache holds further on."""
+    probe = tokens[keep:keep + _PROBE]
+    if len(probe) < _PROBE:
+        return 0, 0
+    best_b, best_m = 0, 0
+    first = probe[0]
+    for b in range(keep + 1, len(cached) - SHIFT_MIN + 1):
+        if cached[b] != first or cached[b:b + _PROBE] != probe:
+            continue
+        m = _PROBE
+        limit = min(len(cached) - b, len(tokens) - 1 - keep)  # the prompt's last token is always decoded
+        while m < limit and cached[b + m] == tokens[keep + m]:
+            m += 1
+        if m > best_m:
+            best_b, best_m = b, m
+    return (best_b, best_m) if best_m >= SHIFT_MIN else (0, 0)
+
+
 def choose_slot(free: list, busy: list[int], tokens: list[int], fills: bool = False, lora: tuple = ()):
     """(slot, cached tokens it keeps) for a prompt: a free slot holding a long prefix of it (the
     next turn of a conversation) first; else the one keeping the busy slots in fewest runs; then
@@ -138,6 +164,7 @@ class Counters:
     decode_seconds: float = 0.0
     steps: int = 0
     max_tokens_after_cancel: int = 0  # the most tokens any request got after its cancellation
+    shifted_tokens: int = 0  # cached prompt tokens moved down (context shift) instead of decoded again
 
 
 class Scheduler:
@@ -259,9 +286,27 @@ class Scheduler:
                 self.waiting.popleft()
             best, keep = choose_slot(free, [s.seq for s in self.slots if s.req is not None], req.tokens, fills,
                                      req.lora)
+            if best.lora == req.lora and keep < len(best.cached):
+                keep = self._shift(best, req.tokens, keep)
             self._forget(best, keep)
             best.lora = req.lora
             self._start(best, req)
+
+    def _shift(self, slot: _Slot, tokens: list[int], keep: int) -> int:
+        """Context shift: when the prompt continues the slot's cache further on (kept_after_gap),
+        the tokens between are removed and the run after them moved down in position (llama.cpp
+        shifts the keys' rotary positions), so only what is new is decoded. Where llama.cpp cannot
+        shift this model's cache, nothing is done. Returns the cached tokens the prompt keeps."""
+        b, m = kept_after_gap(slot.cached, tokens, keep)
+        if not m or not self.C.llama_memory_can_shift(self.engine.memory):
+            return keep
+        mem, seq = self.engine.memory, slot.seq
+        self.C.llama_memory_seq_rm(mem, seq, b + m, -1)
+        self.C.llama_memory_seq_rm(mem, seq, keep, b)
+        self.C.llama_memory_seq_add(mem, seq, b, b + m, keep - b)
+        slot.cached = slot.cached[:keep] + slot.cached[b:b + m]
+        self.stats.shifted_tokens += m
+        return len(slot.cached)
 
     def _forget(self, slot: _Slot, keep: int) -> None:
         if len(slot.cached) > keep:

@@ -13,6 +13,8 @@ def prometheus_text(scheduler) -> str:
         ("bundle_requests_finished_total", "counter", "generations finished (any reason)", s.finished),
         ("bundle_requests_cancelled_total", "counter", "generations stopped by their client", s.cancelled),
         ("bundle_prompt_tokens_total", "counter", "prompt tokens decoded (after prefix reuse)", s.prompt_tokens),
+        ("bundle_shifted_tokens_total", "counter", "cached prompt tokens moved down (context shift), not decoded",
+         s.shifted_tokens),
         ("bundle_generated_tokens_total", "counter", "tokens generated", s.generated_tokens),
         ("bundle_prompt_seconds_total", "counter", "seconds spent decoding prompts", s.prompt_seconds),
         ("bundle_decode_seconds_total", "counter", "seconds spent generating", s.decode_seconds),
