@@ -246,6 +246,15 @@ def main() -> int:
         from bench.concurrency import measure as measure_concurrency
 
         results["concurrency"] = measure_concurrency(bundle, model, threads, rounds, server_ref, env)
+        if server_ref is not None:  # the same on a Q4_0 copy (bench.requant): repacked matrix kernels
+            from bench.requant import q4_0_copy
+
+            q40 = q4_0_copy(model)
+            err(f"the same on a Q4_0 copy of the model, made here ({rounds} rounds)")
+            subprocess.run(BUNDLE + ["build", str(q40), "-o", str(work / "q4_0-bundle")], check=True,
+                           capture_output=True)
+            results["concurrency_q4_0"] = measure_concurrency(work / "q4_0-bundle", q40, threads, rounds,
+                                                              server_ref, env)
 
         err(f"structured output: a JSON schema vs none, the bundle's server and llama-server ({rounds} rounds)")
         from bench.grammar import measure as measure_grammar, summary as grammar_summary
@@ -291,6 +300,9 @@ def main() -> int:
 
         print(format_table(results))
         print(concurrency_table(results["concurrency"]))
+        if "concurrency_q4_0" in results:
+            print("the same, on a Q4_0 copy of the model:")
+            print(concurrency_table(results["concurrency_q4_0"]))
         print(grammar_table(results["grammar"]))
     return 0
 

@@ -2,7 +2,11 @@
 1, 4 and 8 concurrent streamed chat completions, the bundle's server against llama.cpp's
 llama-server built from the same source, with the same parallel setting, alternating, in one run.
 
-    python -m bench.concurrency [--rounds N] [--parallel 8] [--json]
+    python -m bench.concurrency [--rounds N] [--parallel 8] [--quant q4_1,q4_0] [--json]
+
+The demo model as it comes (Q4_1) and a Q4_0 copy made at bench time (bench.requant): llama.cpp's
+Q4_1 CPU kernels batch as vector products, its repacked Q4_0 ones as matrix products, so what
+batching gains depends on the quantization; both are reported.
 
 Both servers get a KV cache per slot of the full context (the bundle's design; llama-server
 with -c 4096*N splits that evenly across its N slots, without -kvu).
@@ -173,12 +177,27 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--parallel", type=int, default=8)
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct.gguf")
+    ap.add_argument("--quant", default="q4_1,q4_0",
+                    help="the model as it is (its own quantization, q4_1 for the demo model) and/or a q4_0 copy")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    with standalone(args.model, "bundle-conc-") as (bundle, env, llama_server, threads):
-        r = measure(bundle, args.model, threads, args.rounds, llama_server, env, args.parallel)
-    print(json.dumps(r, indent=2) if args.json else format_table(r))
+    from bench.requant import q4_0_copy
+
+    results = {}
+    for quant in [q.strip().lower() for q in args.quant.split(",") if q.strip()]:
+        model = q4_0_copy(args.model) if quant == "q4_0" else args.model
+        with standalone(model, "bundle-conc-") as (bundle, env, llama_server, threads):
+            results[quant] = measure(bundle, model, threads, args.rounds, llama_server, env, args.parallel)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print("\n\n".join(f"{quant.upper()} ({model_name(quant, args.model)}):\n{format_table(r)}"
+                          for quant, r in results.items()))
     return 0
+
+
+def model_name(quant: str, model: Path) -> str:
+    return model.name if quant != "q4_0" else f"{model.name} requantized to Q4_0 at bench time"
 
 
 if __name__ == "__main__":

@@ -99,7 +99,8 @@ def test_info_json(built_bundle):
 def test_settings_precedence(model, tmp_path):
     """defaults < manifest < BUNDLE_* environment < flags"""
     out = tmp_path / "b"
-    assert run_bundle_cmd("build", model, "-o", out, "--temp", "0.3", "--top-k", "7", "--ctx", "1024").returncode == 0
+    assert run_bundle_cmd("build", model, "-o", out, "--temp", "0.3", "--top-k", "7", "--ctx", "1024",
+                          "--context-overflow", "error").returncode == 0
     env = dict(os.environ, BUNDLE_TOP_K="9", BUNDLE_CTX="2048")
     d = json.loads(run_exe(out, "--info", "--json", "--ctx", "512", env=env).stdout)
     s = d["settings"]
@@ -107,6 +108,10 @@ def test_settings_precedence(model, tmp_path):
     assert s["top_k"] == 9  # environment over manifest
     assert s["ctx"] == 512  # flag over environment
     assert s["top_p"] == 0.95  # built-in default
+    assert s["context_overflow"] == "error" and s["min_p"] == 0.05
+    s = json.loads(run_exe(out, "--info", "--json", "--context-overflow", "truncate", env=dict(
+        os.environ, BUNDLE_MIN_P="0.2")).stdout)["settings"]
+    assert s["context_overflow"] == "truncate" and s["min_p"] == 0.2
     r = run_exe(out, "--info", env=dict(os.environ, BUNDLE_TEMP="hot"))
     assert r.returncode == 2 and "BUNDLE_" in r.stderr and "not a number" in r.stderr
 
