@@ -12,20 +12,34 @@ import heapq
 import itertools
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 PENALTY_LAST_N = 64
 
-# llama.cpp's samplers beyond OpenAI's, by llama-server's names, with llama.cpp's defaults (each off
-# unless it says otherwise: min_p 0.05 is on, as in llama.cpp). The same names are settings (flags,
-# BUNDLE_* variables, bundle build), Sampling fields and request fields.
-LLAMA_SAMPLING = {
-    "min_p": 0.05, "typical_p": 1.0, "top_n_sigma": -1.0,
-    "xtc_probability": 0.0, "xtc_threshold": 0.1,
-    "dry_multiplier": 0.0, "dry_base": 1.75, "dry_allowed_length": 2, "dry_penalty_last_n": -1,
-    "mirostat": 0, "mirostat_tau": 5.0, "mirostat_eta": 0.1,
-    "dynatemp_range": 0.0, "dynatemp_exponent": 1.0,
-}
+@dataclass(kw_only=True)
+class LlamaSamplers:
+    """llama.cpp's samplers beyond OpenAI's, by llama-server's names, with llama.cpp's defaults
+    (each off unless it says otherwise: min_p 0.05 is on, as in llama.cpp), declared once: the
+    settings (flags, BUNDLE_* variables, bundle build) and each answer's Sampling take them, and
+    requests give them by the same names."""
+
+    min_p: float = 0.05
+    typical_p: float = 1.0
+    top_n_sigma: float = -1.0  # <= 0: off
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1  # -1: the whole context
+    mirostat: int = 0  # 1 or 2: Mirostat (replaces the samplers but the penalties)
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+
+
+LLAMA_SAMPLING = {f.name: f.default for f in fields(LlamaSamplers)}
 # The order the samplers run in (llama-server's `samplers`, llama.cpp's --samplers), and its default.
 SAMPLER_NAMES = ("penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature")
 DEFAULT_ORDER = SAMPLER_NAMES
@@ -78,7 +92,7 @@ def sampler_problems(values: dict) -> list[str]:
 
 
 @dataclass
-class Sampling:
+class Sampling(LlamaSamplers):
     temp: float = 0.8
     top_p: float = 0.95
     top_k: int = 40
@@ -93,23 +107,8 @@ class Sampling:
     logit_bias: dict = field(default_factory=dict)  # token id -> bias added to its logit
     logprobs: int | None = None  # record each token's log-probability and this many alternatives
     lora: tuple | None = None  # the LoRA adapters' scales for this answer (None: the server's current ones)
-    # llama.cpp's samplers (LLAMA_SAMPLING, with its defaults) and their order
-    min_p: float = 0.05
-    typical_p: float = 1.0
-    top_n_sigma: float = -1.0
-    xtc_probability: float = 0.0
-    xtc_threshold: float = 0.1
-    dry_multiplier: float = 0.0
-    dry_base: float = 1.75
-    dry_allowed_length: int = 2
-    dry_penalty_last_n: int = -1  # -1: the whole context
     dry_sequence_breakers: tuple = DRY_BREAKERS
-    mirostat: int = 0  # 1 or 2: Mirostat (replaces the samplers above but the penalties)
-    mirostat_tau: float = 5.0
-    mirostat_eta: float = 0.1
-    dynatemp_range: float = 0.0
-    dynatemp_exponent: float = 1.0
-    samplers: tuple = DEFAULT_ORDER
+    samplers: tuple = DEFAULT_ORDER  # llama.cpp's samplers' order
     ignore_eos: bool = False  # llama-server's: end-of-generation tokens are never sampled
 
 

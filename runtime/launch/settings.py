@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 
 from ..host.gpu.registry import KEYS as GPU_KEYS
 from ..errors import UsageError
-from ..inference.sampling import DEFAULT_ORDER, LLAMA_SAMPLING, sampler_order, sampler_problems
+from ..inference.sampling import DEFAULT_ORDER, LLAMA_SAMPLING, LlamaSamplers, sampler_order, sampler_problems
 
 ENV_PREFIX = "BUNDLE_"
 _TRUE = {"1", "true", "yes", "on"}
@@ -41,7 +41,7 @@ MAX_THREADS = 4096
 
 
 @dataclass
-class Settings:
+class Settings(LlamaSamplers):
     ctx: int = 4096  # context length in tokens (capped at the model's training context)
     temp: float = 0.8
     top_p: float = 0.95
@@ -59,22 +59,7 @@ class Settings:
     parallel: int = 0  # conversations the server decodes together; 0: auto (runtime.launch.runtime.Runtime.parallel)
     think: str = "auto"  # reasoning models: on, off, or auto (on where llama.cpp would have it on)
     context_overflow: str = "truncate"  # a chat longer than the context: leave out its oldest turns, or error
-    # llama.cpp's other samplers, by llama-server's names, with llama.cpp's defaults (runtime.inference.
-    # sampling.LLAMA_SAMPLING); samplers: their order, as llama.cpp's --samplers
-    min_p: float = 0.05
-    typical_p: float = 1.0
-    top_n_sigma: float = -1.0
-    xtc_probability: float = 0.0
-    xtc_threshold: float = 0.1
-    dry_multiplier: float = 0.0
-    dry_base: float = 1.75
-    dry_allowed_length: int = 2
-    dry_penalty_last_n: int = -1
-    mirostat: int = 0
-    mirostat_tau: float = 5.0
-    mirostat_eta: float = 0.1
-    dynatemp_range: float = 0.0
-    dynatemp_exponent: float = 1.0
+    # (llama.cpp's other samplers come from LlamaSamplers); samplers: their order, as llama.cpp's --samplers
     samplers: str = ";".join(DEFAULT_ORDER)
     ignore_eos: bool = False
 
@@ -88,7 +73,8 @@ class Settings:
                 "ignore_eos": self.ignore_eos}
 
     def to_manifest(self) -> dict:
-        return asdict(self)
+        data = asdict(self)  # the bundle's own settings first, llama.cpp's samplers after
+        return {k: data[k] for k in sorted(data, key=lambda k: k in LLAMA_SAMPLING)}
 
     def merged(self, values: dict, source: str) -> "Settings":
         """A copy with values applied (None means 'not given'); values are converted and checked."""

@@ -365,10 +365,9 @@ def parse_answer(text: str, spec: ToolSpec | None) -> tuple[str | None, list[dic
             opener = offset - len("<|python_tag|>")
     if opener is not None:  # a call cut off: what came before it is the answer
         kept.append(text[last:opener])
-        content = "".join(kept).replace("<|python_tag|>", "").strip()
-        return content or None, calls
-    if not calls:
+    elif not calls:
         return text, []
-    kept.append(text[last:])
+    else:
+        kept.append(text[last:])
     content = "".join(kept).replace("<|python_tag|>", "").strip()
     return content or None, calls
