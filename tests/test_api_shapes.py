@@ -40,7 +40,8 @@ def test_chat_completion_shape_and_usage():
                                 "logprobs": None, "finish_reason": "stop"}]
     prompt = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert w.calls[0].tokens == list(prompt.encode())
-    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 3, "total_tokens": len(prompt) + 3}
+    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 3, "total_tokens": len(prompt) + 3,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     s = w.calls[0].sampling
     assert (s.max_tokens, s.temp) == (7, 0.2) and s.stop[-1] == "x" and "<|im_end|>" in s.stop
 

@@ -117,6 +117,7 @@ class Result:
     text: str = ""
     finish_reason: str = "stop"  # "stop" (model or stop string), "length", "cancelled"
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, those found computed (a slot's cache, the prompt cache)
     completion_tokens: int = 0
     prompt_seconds: float = 0.0
     decode_seconds: float = 0.0

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import RuntimeFailure
+from .promptcache import SAVE_MIN, PromptCache, common_prefix, read_state, write_state
 from .sampling import Result, Sampling, TextOut, TokenLogprob, token_logprobs
 
 # A cached prefix this long is worth more than a contiguous run of busy slots: decoding it again
@@ -113,9 +114,7 @@ def choose_slot(free: list, busy: list[int], tokens: list[int], fills: bool = Fa
     (an adapter changes the keys and values themselves)."""
     best, best_score, keep = None, None, 0
     for s in free:
-        k, limit = 0, min(len(s.cached), len(tokens) - 1) if getattr(s, "lora", ()) == lora else 0
-        while k < limit and s.cached[k] == tokens[k]:
-            k += 1
+        k = common_prefix(s.cached, tokens, len(tokens) - 1) if getattr(s, "lora", ()) == lora else 0
         score = (fills or k >= LONG_PREFIX, k if fills else 0, -runs(busy + [s.seq]), k, -s.seq)
         if best_score is None or score > best_score:
             best, best_score, keep = s, score, k
@@ -165,13 +164,17 @@ class Counters:
     steps: int = 0
     max_tokens_after_cancel: int = 0  # the most tokens any request got after its cancellation
     shifted_tokens: int = 0  # cached prompt tokens moved down (context shift) instead of decoded again
+    reused_tokens: int = 0  # prompt tokens found in a slot's cache or the prompt cache, not decoded
 
 
 class Scheduler:
     """The engine's owner: generation requests batched, other jobs run between steps."""
 
-    def __init__(self, engine, n_parallel: int | None = None, prefill_chunk: int = 256):
+    def __init__(self, engine, n_parallel: int | None = None, prefill_chunk: int = 256,
+                 cache: PromptCache | None = None):
+        """cache: computed prompts kept in host memory across slots (None: none kept)."""
         C = engine.C
+        self.cache = cache
         self.engine, self.C = engine, C
         self.n_parallel = max(1, min(n_parallel or engine.n_seq, engine.n_seq))
         self.prefill_chunk = max(16, min(prefill_chunk, engine.n_batch))
@@ -286,11 +289,80 @@ class Scheduler:
                 self.waiting.popleft()
             best, keep = choose_slot(free, [s.seq for s in self.slots if s.req is not None], req.tokens, fills,
                                      req.lora)
-            if best.lora == req.lora and keep < len(best.cached):
-                keep = self._shift(best, req.tokens, keep)
+            entry, k = self.cache.best(req.tokens, req.lora) if self.cache is not None else (None, 0)
+            if entry is not None and k > keep:
+                self._save(best, 0)
+                if self._restore(best, entry):
+                    self.cache.use(entry, k)
+                    keep = k
+                else:
+                    keep = 0
+            else:
+                self._save(best, keep if best.lora == req.lora else 0)
+                if best.lora == req.lora and keep < len(best.cached):
+                    keep = self._shift(best, req.tokens, keep)
             self._forget(best, keep)
             best.lora = req.lora
             self._start(best, req)
+
+    def _save(self, slot: _Slot, keep: int) -> None:
+        """Copy the slot's state into the prompt cache before all but keep of its tokens are
+        lost, when that is worth it (SAVE_MIN) and no entry holds them already."""
+        cache = self.cache
+        if cache is None or len(slot.cached) - keep < SAVE_MIN or cache.covers(slot.cached, slot.lora):
+            return
+        data, size = read_state(self.C, self.engine.ctx, slot.seq)
+        if size:
+            cache.add(slot.cached, slot.lora, data, size)
+
+    def _restore(self, slot: _Slot, entry) -> bool:
+        """Put a cached state into the slot (what it held is replaced)."""
+        if write_state(self.C, self.engine.ctx, slot.seq, entry.data, entry.size):
+            slot.cached = list(entry.tokens)
+            slot.lora = entry.lora
+            return True
+        self.cache.stats.restore_failures += 1  # the slot was emptied by llama.cpp
+        self.C.llama_memory_seq_rm(self.engine.memory, slot.seq, -1, -1)
+        slot.cached = []
+        return False
+
+    def warm(self, tokens: list[int], store=None) -> Future:
+        """Put the state after tokens (the system prompt, as every conversation begins) into the
+        first slot and the prompt cache before any request: read from store (the disk) when it
+        was saved there, else decoded and saved there. The Future gives what happened:
+        {"tokens", "restored" (from disk), "saved", "seconds"}."""
+        def run(engine):
+            t0 = time.perf_counter()
+            C, slot = self.C, self.slots[0]
+            out = {"tokens": len(tokens), "restored": False, "saved": False}
+            if slot.req is not None or not tokens:
+                return {**out, "seconds": 0.0}
+            state = store.load(tokens) if store is not None else None
+            if state is not None and write_state(C, engine.ctx, slot.seq, *state):
+                slot.cached, slot.lora = list(tokens), self.lora
+                out["restored"] = True
+            else:
+                self._forget(slot, 0)
+                engine.set_lora(self.lora)
+                slot.lora = self.lora
+                for i in range(0, len(tokens), engine.n_batch):
+                    chunk = tokens[i:i + engine.n_batch]
+                    for j, tok in enumerate(chunk):
+                        self._put(self.batch, j, tok, i + j, slot.seq, False)
+                    self.batch.n_tokens = len(chunk)
+                    if C.llama_decode(engine.ctx, self.batch) != 0:
+                        self._forget(slot, 0)
+                        raise RuntimeFailure(f"llama_decode failed on the system prompt ({len(tokens)} tokens)")
+                    slot.cached.extend(chunk)
+                self.stats.prompt_tokens += len(tokens)
+                state = read_state(C, engine.ctx, slot.seq)
+                if store is not None:
+                    out["saved"] = store.save(tokens, *state)
+            if self.cache is not None:
+                self.cache.add(tokens, self.lora, *state)
+            return {**out, "seconds": time.perf_counter() - t0}
+
+        return self._submit_job(run)
 
     def _shift(self, slot: _Slot, tokens: list[int], keep: int) -> int:
         """Context shift: when the prompt continues the slot's cache further on (kept_after_gap),
@@ -317,7 +389,7 @@ class Scheduler:
         slot.req = req
         slot.todo = req.tokens[len(slot.cached):]
         slot.sampler = self.engine.sampler_for(req.sampling, req.tokens)
-        slot.result = Result(prompt_tokens=len(req.tokens))
+        slot.result = Result(prompt_tokens=len(req.tokens), cached_tokens=len(slot.cached))
         on_text = req.on_text
         if req.sampling.logprobs is not None:
             slot.result.logprobs = []
@@ -328,6 +400,7 @@ class Scheduler:
         slot.decode_started = 0.0
         slot.after_cancel = 0
         self.stats.prompt_tokens += len(slot.todo)
+        self.stats.reused_tokens += len(slot.cached)
 
     def _step(self) -> None:
         eng = self.engine

@@ -105,6 +105,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     g.add_argument("--context-overflow", choices=["truncate", "error"], dest="context_overflow",
                    help="a chat longer than the context: leave out its oldest turns (truncate, the default) "
                         "or stop with an error")
+    g.add_argument("-cram", "--cache-ram", type=int, dest="cache_ram", metavar="MiB",
+                   help="computed prompts kept in memory for any slot to reuse (default 8192, at most a quarter "
+                        "of the memory; -1: no limit; 0: none)")
+    g.add_argument("--no-prompt-cache", action="store_const", const=False, dest="prompt_cache",
+                   help="do not save the state after the system prompt in the per-user cache for the next launch")
     g.add_argument("-j", "--json-schema", metavar="SCHEMA", dest="json_schema",
                    help="answer only JSON that SCHEMA allows (a JSON schema; {} for any JSON object)")
     g.add_argument("-jf", "--json-schema-file", metavar="FILE", dest="json_schema_file",

@@ -29,7 +29,7 @@ def one_shot(rt, prompt: str) -> int:
     text = tmpl.render(messages, **reasoning.template_switch(tmpl.source, rt.settings.think))
     tokens = engine.tokenize_prompt(text)
     engine.check_fits(len(tokens))
-    scheduler = Scheduler(engine)
+    scheduler = rt.scheduler(engine)
     on_text, thoughts = write_out, None
     if reasoning.is_thinking_template(tmpl.source):
         # The answer alone on stdout (it is piped); the thinking on stderr, where a person reads it.
@@ -52,7 +52,8 @@ def one_shot(rt, prompt: str) -> int:
     write_out("\n")
     if rt.verbose:
         rate = result.completion_tokens / result.decode_seconds if result.decode_seconds else 0
-        say(f"{result.prompt_tokens} prompt tokens, {result.completion_tokens} generated, {rate:.1f} tok/s")
+        say(f"{result.prompt_tokens} prompt tokens ({result.cached_tokens} found computed), "
+            f"{result.completion_tokens} generated, {rate:.1f} tok/s")
     return 0
 
 
@@ -69,7 +70,7 @@ def chat(rt, scheduler=None) -> int:
 
     write_out("")
     engine = rt.load_model()
-    scheduler = scheduler or Scheduler(engine)
+    scheduler = scheduler or rt.scheduler(engine)
     tmpl = rt.template()
     try:
         pass
@@ -200,7 +201,7 @@ def serve(rt, open_page: bool, move_if_busy: bool = False) -> int:
     default one is held (another bundle, llama-server, a dev server); a port asked for fails."""
     engine = rt.load_model(n_seq=rt.parallel())
     say(rt.banner())
-    server, url = start_server(rt, Scheduler(engine), fallback_ports=10 if move_if_busy else 0)
+    server, url = start_server(rt, rt.scheduler(engine), fallback_ports=10 if move_if_busy else 0)
     say(f"web chat and OpenAI-compatible API: {url}  (API base {url}v1; Ctrl-C stops)")
     if rt.settings.host not in ("127.0.0.1", "localhost", "::1"):
         say(f"note: listening on {rt.settings.host}, reachable from other machines"
@@ -219,7 +220,7 @@ def chat_with_server(rt, open_page: bool = False) -> int:
     (and, in a console window opened for this program by a double-click, in the browser)."""
     from ..serving.http import PortInUseError
 
-    scheduler = Scheduler(rt.load_model(n_seq=rt.parallel()))
+    scheduler = rt.scheduler(rt.load_model(n_seq=rt.parallel()))
     try:
         server, url = start_server(rt, scheduler, fallback_ports=10)
         server.start()

@@ -181,6 +181,82 @@ class Runtime:
         self.engine.set_lora(self.adapter_scales.values())
         return self.engine
 
+    def ram_cache_limit(self) -> int | None:
+        """Bytes of computed prompts kept in memory (--cache-ram MiB): at most a quarter of the
+        machine's memory unless -1 (no limit); 0 keeps none."""
+        mib = self.settings.cache_ram
+        if mib < 0:
+            return None
+        mem = hardware(1).get("memory_bytes") or 0
+        return min(mib << 20, mem // 4) if mem else mib << 20
+
+    def scheduler(self, engine, warm: bool = True):
+        """The scheduler every mode decodes through, with the prompt cache in memory; and, when
+        warm, the state after the system prompt put in a slot at once (read from the per-user
+        cache when an earlier launch saved it there)."""
+        from ..inference.promptcache import DISK_MIN, PromptCache, PromptStore
+        from ..inference.scheduler import Scheduler
+
+        limit = self.ram_cache_limit()
+        sched = Scheduler(engine, cache=PromptCache(limit) if limit != 0 else None)
+        self.warmup = None
+        if warm:
+            prefix = self.system_prefix()
+            if len(prefix) >= DISK_MIN or (prefix and sched.cache is not None):
+                store = None
+                if self.settings.prompt_cache and len(prefix) >= DISK_MIN and self.cache is not None:
+                    identity = {"bundle": self.payload.toc_sha256, "runtime": __version__, "ctx": engine.n_ctx,
+                                "slots": engine.n_seq, "lora": list(sched.lora), "target": runtime_target()}
+                    store = PromptStore(self.cache, os.fsdecode(self.path), identity)
+                self.warmup = sched.warm(prefix, store)
+                self.warmup.add_done_callback(self._say_warmup)
+        return sched
+
+    def prompt_cache_info(self) -> dict:
+        """What the caches keep where (--info): the memory limit, and the states on disk."""
+        from ..inference.promptcache import FOLDER, PromptStore
+
+        limit = self.ram_cache_limit()
+        disk = {"enabled": bool(self.settings.prompt_cache), "folder": None, "files": 0, "bytes": 0, "this_bundle": 0}
+        if self.cache is not None:
+            disk["folder"] = os.path.join(str(self.cache), FOLDER)
+            own = PromptStore(self.cache, os.fsdecode(self.path), {}).owner + "-"
+            try:
+                for entry in os.scandir(disk["folder"]):
+                    if entry.name.endswith(".kv"):
+                        disk["files"] += 1
+                        disk["bytes"] += entry.stat(follow_symlinks=False).st_size
+                        disk["this_bundle"] += entry.name.startswith(own)
+            except OSError:
+                pass
+        return {"ram_limit_bytes": -1 if limit is None else limit, "disk": disk}
+
+    def _say_warmup(self, future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        w = future.result()
+        if self.verbose and w["tokens"]:
+            how = "read from the per-user cache" if w["restored"] else "decoded" + (", saved" if w["saved"] else "")
+            say(f"system prompt: {w['tokens']} tokens {how} ({w['seconds']:.2f} s)")
+
+    def system_prefix(self) -> list[int]:
+        """The tokens every conversation of this launch begins with: the template's rendering of
+        the system prompt (its own default when none is set) up to the first user turn. Found as
+        the common start of two renderings with different user turns."""
+        from ..inference.promptcache import common_prefix
+        from ..prompts import reasoning
+
+        e = self.engine
+        try:
+            tmpl = self.template()
+            head = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
+            switch = reasoning.template_switch(tmpl.source, self.settings.think)
+            a, b = (e.tokenize_prompt(tmpl.render(head + [{"role": "user", "content": text}], **switch))
+                    for text in ("A", "7?"))
+        except Exception:  # a template that cannot render: no prefix (the answer names the problem)
+            return []
+        return a[:common_prefix(a, b)]
+
     def template(self):
         e = self.engine
         name = self.manifest.template_name or self.settings.template or "auto"
@@ -270,6 +346,7 @@ class Runtime:
             "threads": self.threads(),
             "context": self.settings.ctx,
             "parallel": self.parallel(),
+            "prompt_cache": self.prompt_cache_info(),
             "hardware": hardware(physical_cores()),
             "stub": self.manifest.stub.to_json(),
             "runs_on": self.targets,

@@ -59,6 +59,8 @@ class Settings(LlamaSamplers):
     parallel: int = 0  # conversations the server decodes together; 0: auto (runtime.launch.runtime.Runtime.parallel)
     think: str = "auto"  # reasoning models: on, off, or auto (on where llama.cpp would have it on)
     context_overflow: str = "truncate"  # a chat longer than the context: leave out its oldest turns, or error
+    cache_ram: int = 8192  # MiB of computed prompts kept in memory across slots (llama-server's); -1: no limit, 0: none
+    prompt_cache: bool = True  # the state after the system prompt saved in the per-user cache for the next launch
     # (llama.cpp's other samplers come from LlamaSamplers); samplers: their order, as llama.cpp's --samplers
     samplers: str = ";".join(DEFAULT_ORDER)
     ignore_eos: bool = False
@@ -114,6 +116,8 @@ class Settings(LlamaSamplers):
             problems.append(f"context_overflow={self.context_overflow!r} must be truncate or error")
         if self.think not in ("auto", "on", "off"):
             problems.append(f"think={self.think!r} must be auto, on or off")
+        if self.cache_ram < -1:
+            problems.append(f"cache_ram={self.cache_ram} must be -1 (no limit), 0 (none) or a size in MiB")
         if not 0 <= self.parallel <= 64:
             problems.append(f"parallel={self.parallel} must be 0 (auto) to 64")
         if not 0 <= self.port <= 65535:

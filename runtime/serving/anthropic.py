@@ -199,9 +199,12 @@ def messages_to_chat(body: dict, counting: bool = False) -> tuple[dict, list[str
 
 
 def _usage(result, n_prompt: int | None = None) -> dict:
-    return {"input_tokens": result.prompt_tokens if result is not None else n_prompt,
+    """Anthropic's usage: input_tokens are those decoded; those found computed (a slot's cache,
+    the prompt cache) are cache_read_input_tokens, as Anthropic counts its own cache's."""
+    cached = result.cached_tokens if result is not None else 0
+    return {"input_tokens": (result.prompt_tokens if result is not None else n_prompt) - cached,
             "output_tokens": result.completion_tokens if result is not None else 0,
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
 
 
 class MessagesShape:

@@ -15,6 +15,8 @@ def prometheus_text(scheduler) -> str:
         ("bundle_prompt_tokens_total", "counter", "prompt tokens decoded (after prefix reuse)", s.prompt_tokens),
         ("bundle_shifted_tokens_total", "counter", "cached prompt tokens moved down (context shift), not decoded",
          s.shifted_tokens),
+        ("bundle_reused_prompt_tokens_total", "counter",
+         "prompt tokens found computed (a slot's KV cache or the prompt cache), not decoded", s.reused_tokens),
         ("bundle_generated_tokens_total", "counter", "tokens generated", s.generated_tokens),
         ("bundle_prompt_seconds_total", "counter", "seconds spent decoding prompts", s.prompt_seconds),
         ("bundle_decode_seconds_total", "counter", "seconds spent generating", s.decode_seconds),
@@ -26,6 +28,21 @@ def prometheus_text(scheduler) -> str:
         ("bundle_generated_tokens_per_second", "gauge", "generated tokens per second of generation work",
          s.generated_tokens / s.decode_seconds if s.decode_seconds else 0.0),
     ]
+    cache = getattr(sched, "cache", None)
+    if cache is not None:
+        c = cache.stats
+        rows += [
+            ("bundle_prompt_cache_bytes", "gauge", "bytes of computed prompts kept in memory (--cache-ram)", cache.size),
+            ("bundle_prompt_cache_limit_bytes", "gauge", "their limit (-1: none)",
+             -1 if cache.limit is None else cache.limit),
+            ("bundle_prompt_cache_entries", "gauge", "computed prompts kept in memory", len(cache)),
+            ("bundle_prompt_cache_saved_total", "counter", "prompt states copied into the cache", c.saved),
+            ("bundle_prompt_cache_hits_total", "counter", "requests started from a cached prompt state", c.hits),
+            ("bundle_prompt_cache_reused_tokens_total", "counter", "prompt tokens those requests did not decode",
+             c.reused_tokens),
+            ("bundle_prompt_cache_evicted_total", "counter", "states dropped for room, least recently used first",
+             c.evicted),
+        ]
     out = []
     for name, kind, help_, value in rows:
         out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]

@@ -20,16 +20,19 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage block; cached_tokens: prompt tokens found computed, not decoded again."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def timings(result) -> dict:
     """llama-server's timings block; the chat page shows tokens/s from it."""
     gen = result.completion_tokens
     return {
-        "prompt_n": result.prompt_tokens,
+        "cache_n": result.cached_tokens,
+        "prompt_n": result.prompt_tokens - result.cached_tokens,
         "prompt_ms": result.prompt_seconds * 1000,
         "predicted_n": gen,
         "predicted_ms": result.decode_seconds * 1000,
@@ -181,7 +184,7 @@ class ChatShape:
         if self.include_usage:
             out.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                         "model": self.model, "choices": [],
-                        "usage": usage(result.prompt_tokens, result.completion_tokens)})
+                        "usage": usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)})
         return out
 
     def final(self, result):
@@ -192,7 +195,7 @@ class ChatShape:
                              "logprobs": None if result.logprobs is None else {
                                  "content": [chat_logprob(e) for e in result.logprobs], "refusal": None},
                              "finish_reason": finish}],
-                "usage": usage(result.prompt_tokens, result.completion_tokens),
+                "usage": usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
                 "timings": timings(result)}
 
 
@@ -220,7 +223,7 @@ class CompletionShape(ChatShape):
         end = self._chunk("", finish_reason(result))
         end["timings"] = timings(result)
         if self.include_usage:
-            end["usage"] = usage(result.prompt_tokens, result.completion_tokens)
+            end["usage"] = usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
         return [end]
 
     def final(self, result):
@@ -228,7 +231,7 @@ class CompletionShape(ChatShape):
                 "choices": [{"index": 0, "text": result.text,
                              "logprobs": completion_logprobs(result.logprobs, self.logprobs),
                              "finish_reason": finish_reason(result)}],
-                "usage": usage(result.prompt_tokens, result.completion_tokens)}
+                "usage": usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)}
 
 
 class ResponsesShape:
@@ -289,7 +292,7 @@ class ResponsesShape:
                "truncation": b.get("truncation", "disabled"), "usage": None, "metadata": b.get("metadata") or {}}
         if result is not None:
             out["output"] = self._output(result)
-            out["usage"] = {"input_tokens": result.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            out["usage"] = {"input_tokens": result.prompt_tokens, "input_tokens_details": {"cached_tokens": result.cached_tokens},
                             "output_tokens": result.completion_tokens,
                             "output_tokens_details": {"reasoning_tokens": 0},
                             "total_tokens": result.prompt_tokens + result.completion_tokens}

@@ -114,7 +114,8 @@ async def answer(request: Request, tokens, sampling: Sampling, shape: shapes.Sha
     body = shape.final(results[0])
     if shape.n > 1:
         body["choices"] = [dict(shape.final(r)["choices"][0], index=i) for i, r in enumerate(results)]
-        body["usage"] = shapes.usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results))
+        body["usage"] = shapes.usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results),
+                                     results[0].cached_tokens)
     return JSONResponse(body, headers=headers)
 
 
@@ -172,7 +173,7 @@ async def _stream_choices(shape: shapes.Shape, per_choice: list, events: Events)
 
     try:
         yield "".join(shape.sse(indexed(s.first(), i)) for i, s in enumerate(per_choice))
-        left, prompt, completion = set(range(shape.n)), 0, 0
+        left, prompt, completion, cached = set(range(shape.n)), 0, 0, 0
         while left:
             items = await events.batch()
             if not items:
@@ -187,6 +188,7 @@ async def _stream_choices(shape: shapes.Shape, per_choice: list, events: Events)
                 if kind == "done":
                     left.discard(i)
                     prompt, completion = value.prompt_tokens, completion + value.completion_tokens
+                    cached = value.cached_tokens
                     for b in per_choice[i].last(value):
                         if b.get("choices"):
                             b.pop("usage", None)  # one usage chunk for all the choices, at the end
@@ -199,7 +201,7 @@ async def _stream_choices(shape: shapes.Shape, per_choice: list, events: Events)
             if not left and "error" not in (k for k, _, _ in items):
                 if shape.include_usage:
                     yield shape.sse({"id": shape.id, "object": shape.chunk_object, "created": shape.created,
-                                     "model": shape.model, "choices": [], "usage": shapes.usage(prompt, completion)})
+                                     "model": shape.model, "choices": [], "usage": shapes.usage(prompt, completion, cached)})
         yield shape.end_of_stream
     finally:
         events.cancel.set()

@@ -1,0 +1,199 @@
+"""Computed prompts kept for later (issue 27): the prompt cache in memory across slots (as
+llama-server's --cache-ram), and the state after the system prompt on disk across launches.
+
+In-process on the real model for the scheduler (its counters say what was decoded), and through
+the real bundle for the disk: a second launch reads the system prompt's state instead of
+decoding it again; another system prompt, another bundle and a damaged file do not reuse it."""
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+from conftest import load_engine, run_bundle_cmd
+
+from runtime.inference.promptcache import MAGIC, PromptCache, common_prefix
+from runtime.inference.sampling import Sampling
+from runtime.inference.scheduler import Scheduler
+from runtime.prompts.template import load_template
+
+
+def test_common_prefix():
+    a = list(range(1000))
+    for k in (0, 1, 15, 16, 17, 500, 999):
+        b = a[:k] + [-1] + a[k + 1:]
+        assert common_prefix(a, b) == k
+    assert common_prefix(a, a) == 1000 and common_prefix(a, a, 10) == 10 and common_prefix(a, a[:3]) == 3
+    assert common_prefix([], a) == 0 and common_prefix(tuple(a), a[:500] + [-1]) == 500
+
+
+def test_least_recently_used_goes_first_and_an_extended_entry_is_replaced():
+    cache = PromptCache(limit=300)
+    cache.add([1, 2, 3], (), b"a", 100)
+    cache.add([4, 5, 6], (), b"b", 100)
+    cache.add([7, 8, 9], (), b"c", 100)
+    entry, k = cache.best([1, 2, 3, 10], ())
+    assert k == 3
+    cache.use(entry, k)  # [1, 2, 3] is now the most recently used
+    cache.add([11, 12], (), b"d", 100)  # over the limit: [4, 5, 6] goes, the least recently used
+    assert sorted(e.tokens for e in cache.entries.values()) == [(1, 2, 3), (7, 8, 9), (11, 12)]
+    assert cache.stats.evicted == 1 and cache.size == 300
+    cache.add([7, 8, 9, 10], (), b"e", 100)  # extends [7, 8, 9]: that one goes, nothing is evicted
+    assert sorted(e.tokens for e in cache.entries.values()) == [(1, 2, 3), (7, 8, 9, 10), (11, 12)]
+    assert cache.stats.evicted == 1
+    assert cache.best([7, 8, 9, 10, 11], (0.5,)) == (None, 0)  # another LoRA scale: not the same keys
+    assert not cache.add([1], (), b"f", 301)  # larger than the whole limit
+
+
+@pytest.fixture(scope="module")
+def engine(built_bundle, tmp_path_factory):
+    e = load_engine(built_bundle, tmp_path_factory.mktemp("cache"), ctx=2048, threads=2, n_seq=2)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def render(engine):
+    tmpl = load_template("auto", engine.chat_template(), engine.bos_text, engine.eos_text)
+    return lambda messages: engine.tokenize_prompt(tmpl.render(messages))
+
+
+GREEDY = dict(temp=0, repeat_penalty=1.0)
+LONG_SYSTEM = " ".join(f"Rule {i}: answer briefly, politely and in English." for i in range(60))
+
+
+def ask(system, question):
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+def test_a_prefix_computed_in_one_slot_is_reused_in_another(engine, render):
+    """A's long prompt is computed in slot 0; B takes that slot (A's state goes to the cache);
+    while D holds slot 0, C (A's system prompt, another question) gets slot 1 and decodes only
+    what is new; its greedy answer is the one a cold scheduler gives."""
+    sched = Scheduler(engine, 2, cache=PromptCache(None))
+    a, c = render(ask(LONG_SYSTEM, "What is the capital of France?")), render(ask(LONG_SYSTEM, "Name a red fruit."))
+    b = render(ask("You are a poet. " * 30, "Write about the sea."))
+    d = render(ask("You are a chef. " * 30, "Describe bread."))
+    shared = common_prefix(a, c)
+    assert shared > 600
+    sched.generate(a, Sampling(max_tokens=4, **GREEDY)).result(300)
+    assert sched.slots[0].cached[:len(a)] == a
+    sched.generate(b, Sampling(max_tokens=4, **GREEDY)).result(300)  # slot 0 again: A's state is saved
+    assert sched.cache.stats.saved == 1 and sched.slots[0].cached[:len(b)] == b
+    before = sched.stats.prompt_tokens
+    busy = sched.generate(d, Sampling(max_tokens=40, ignore_eog=True, **GREEDY))  # takes slot 0
+    while sched.slots[0].req is None:
+        time.sleep(0.01)
+    r = sched.generate(c, Sampling(max_tokens=12, **GREEDY)).result(300)
+    rd = busy.result(300)
+    assert sched.slots[1].cached[:len(c)] == c  # C ran in slot 1
+    assert sched.cache.stats.hits == 1 and r.cached_tokens == shared
+    # only C's new tokens were decoded (and D's, less what slot 0 held of it)
+    assert sched.stats.prompt_tokens - before == (len(d) - rd.cached_tokens) + (len(c) - shared)
+    cold = Scheduler(engine, 1)
+    cold.forget_all()
+    assert cold.generate(c, Sampling(max_tokens=12, **GREEDY)).result(300).text == r.text
+    cold.forget_all()
+
+
+def test_at_its_limit_the_least_recently_used_state_goes(engine, render):
+    """A limit of about two states: three long prompts through one slot; the first one's state
+    goes when the third one's comes, and the cache never holds more than its limit."""
+    prompts = [render(ask(f"You are assistant number {i}. " * 40, "Hello.")) for i in range(4)]
+    probe = Scheduler(engine, 1, cache=PromptCache(None))
+    probe.forget_all()
+    for p in prompts[:2]:
+        probe.generate(p, Sampling(max_tokens=2, **GREEDY)).result(300)
+    size = next(iter(probe.cache.entries.values())).size
+    sched = Scheduler(engine, 1, cache=PromptCache(int(size * 2.5)))
+    sched.forget_all()
+    for p in prompts:
+        sched.generate(p, Sampling(max_tokens=2, **GREEDY)).result(300)
+    kept = [list(e.tokens[:len(p)]) for e in sched.cache.entries.values() for p in [prompts[0]]]
+    assert sched.cache.stats.saved == 3 and sched.cache.stats.evicted == 1
+    starts = {tuple(e.tokens[:20]) for e in sched.cache.entries.values()}
+    assert tuple(prompts[0][:20]) not in starts and tuple(prompts[1][:20]) in starts and tuple(prompts[2][:20]) in starts
+    assert sched.cache.size <= sched.cache.limit and kept
+
+
+# -- on disk, through the real bundle ------------------------------------------------------------
+
+SYSTEM_2000 = " ".join(f"Fact {i}: the archive room number {i} holds {i * 7} boxes of old letters." for i in range(110))
+
+
+def launch(bundle, cache, *args, system=SYSTEM_2000):
+    env = {**os.environ, "BUNDLE_CACHE_DIR": str(cache)}
+    r = subprocess.run([str(bundle), "--system", system, "-p", "What is the capital of France?", "-n", "8",
+                        "--temp", "0", "-v", *args], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next((x for x in r.stderr.splitlines() if x.startswith("system prompt:")), "")
+    return r.stdout, line, r.stderr
+
+
+def kv_files(cache):
+    folder = cache / "prompts"
+    return sorted(folder.glob("*.kv")) if folder.exists() else []
+
+
+def test_the_second_launch_reads_the_system_prompt_instead_of_decoding_it(built_bundle, bundle_copy, model, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    first, how1, err1 = launch(built_bundle, cache)
+    assert "decoded, saved" in how1, err1[-1500:]
+    n = int(how1.split()[2])
+    assert n >= 2000
+    second, how2, err2 = launch(built_bundle, cache)
+    assert "read from the per-user cache" in how2 and f" {n} tokens" in how2, err2[-1500:]
+    assert second == first
+    # the answer's own line: every system prompt token was found computed
+    assert f"({n} found computed)" in err2
+    (saved,) = kv_files(cache)
+    assert saved.read_bytes().startswith(MAGIC) and saved.stat().st_mode & 0o077 == 0
+
+    # another system prompt: decoded, and it replaces this bundle's file (one per bundle file)
+    _, how3, _ = launch(built_bundle, cache, system=SYSTEM_2000.replace("Fact 5:", "Fact five:"))
+    assert "decoded, saved" in how3
+    assert len(kv_files(cache)) == 1 and kv_files(cache)[0] != saved
+
+    # a damaged file is not believed: decoded again, replaced, same answer
+    (saved,) = kv_files(cache)
+    launch(built_bundle, cache)  # back to SYSTEM_2000
+    (saved,) = kv_files(cache)
+    data = bytearray(saved.read_bytes())
+    data[-100] ^= 0xFF
+    saved.write_bytes(bytes(data))
+    again, how4, _ = launch(built_bundle, cache)
+    assert "decoded, saved" in how4 and again == first
+    _, how5, _ = launch(built_bundle, cache)
+    assert "read from the per-user cache" in how5
+
+    # another bundle (a copy at another path, then rebuilt there: another table of contents)
+    _, how6, _ = launch(bundle_copy, cache)
+    assert "decoded, saved" in how6
+    r = run_bundle_cmd("build", model, "-o", bundle_copy, "--force", "--temp", "0.5")
+    assert r.returncode == 0, r.stderr
+    _, how7, _ = launch(bundle_copy, cache)
+    assert "decoded, saved" in how7
+    assert len(kv_files(cache)) == 2  # one per bundle file
+
+    # --no-prompt-cache: nothing read or written
+    _, how8, _ = launch(built_bundle, cache, "--no-prompt-cache")
+    assert "decoded" in how8 and "saved" not in how8
+
+
+def test_info_says_what_the_caches_keep_where(built_bundle, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    launch(built_bundle, cache)
+    env = {**os.environ, "BUNDLE_CACHE_DIR": str(cache)}
+    r = subprocess.run([str(built_bundle), "--info", "--json", "--cache-ram", "64"], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)["prompt_cache"]
+    assert info["ram_limit_bytes"] == 64 << 20
+    assert info["disk"]["enabled"] and info["disk"]["files"] == 1 and info["disk"]["this_bundle"] == 1
+    assert info["disk"]["folder"] == str(cache / "prompts") and info["disk"]["bytes"] > 1 << 20
+    bad = subprocess.run([str(built_bundle), "--info", "--cache-ram", "-5"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert bad.returncode == 2 and "cache_ram=-5" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
