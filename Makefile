@@ -101,6 +101,7 @@ demo-windows: stub-windows $(MODEL)
 	@echo "\$$ wine $(WIN_BUNDLE) -p \"$(QUESTION)\" --temp 0"
 	@mkdir -p build/wine-prefix; WINEDEBUG=-all WINEPREFIX=$(CURDIR)/build/wine-prefix $(WINE) wineboot -i \
 		</dev/null >/dev/null 2>&1; \
+		$(PY) -c "from buildsys.windows import add_wine_standins; add_wine_standins('build/wine-prefix')"; \
 		WINEDEBUG=-all WINEPREFIX=$(CURDIR)/build/wine-prefix $(WINE) $(WIN_BUNDLE) \
 		-p "$(QUESTION)" --temp 0 </dev/null 2>&1 | cat
 

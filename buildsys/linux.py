@@ -138,9 +138,12 @@ def ensure_stub_python(wheel: Path, target, runner: list[str] = ()) -> Path:
     """The portable CPython of the target's machine with the stub's Python side installed:
     PyInstaller (with the bootloader built here), the runtime's dependencies, llama_cpp's Python
     modules. Returns its interpreter."""
-    from buildsys import bootloader, python
+    from buildsys import bootloader, python, unwind
 
     prefix = python.build(cache_dir(), os.cpu_count() or 2, target.triple, list(runner))
+    # the unwinder Rust extensions (blake3) link, for glibc 2.17: PyInstaller finds it here, on the
+    # interpreter's library path, before the system's (buildsys/unwind.py)
+    shutil.copy2(unwind.build(cache_dir(), target.triple, log), prefix / "lib" / unwind.SONAME)
     import PyInstaller
 
     run = bootloader.build(cache_dir(), PyInstaller.__version__, target.triple)

@@ -32,7 +32,7 @@ NATIVE_NAME = "native-cpu.tar.zst"
 ZSTD_LEVEL = 19
 # What the stub's Python side is made of: installed from manylinux2014 (glibc 2.17) wheels into
 # the portable CPython (buildsys/python.py), at the versions this environment was tested with.
-STUB_REQUIREMENTS = ["pyinstaller", "jinja2", "zstandard", "starlette", "uvicorn"]
+STUB_REQUIREMENTS = ["pyinstaller", "jinja2", "zstandard", "blake3", "starlette", "uvicorn"]
 # Modules the runtime never imports; keeping them out keeps launch fast (docs/facts.md #8).
 # (ssl stays: uvicorn imports it at module level.)
 EXCLUDES = [

@@ -239,6 +239,26 @@ def ensure_wine(prefix: Path) -> dict:
     return env
 
 
+def add_wine_standins(prefix, cache: Path | None = None) -> None:
+    """System DLLs Windows has and Debian's wine 8 lacks, put into a wine prefix (tests, benchmarks
+    and the Windows demo; never into a bundle): bcryptprimitives.dll, whose ProcessPrng Rust's
+    standard library imports (the blake3 extension). Built once with MinGW, cached."""
+    from .stub import ROOT, cache_dir
+
+    system32 = Path(prefix) / "drive_c" / "windows" / "system32"
+    if not system32.is_dir() or (system32 / "bcryptprimitives.dll").exists():
+        return
+    source = ROOT / "buildsys" / "bcryptprimitives_standin.c"
+    key = hashlib.sha256(source.read_bytes() + toolchain_identity().encode()).hexdigest()[:12]
+    dll = (cache or cache_dir()) / f"bcryptprimitives-standin-{key}.dll"
+    if not dll.exists():
+        tmp = dll.with_suffix(".tmp")
+        subprocess.run([_tool("x86_64-w64-mingw32-gcc"), "-shared", "-O2", "-s", "-o", str(tmp), str(source),
+                        "-ladvapi32"], check=True)
+        tmp.replace(dll)
+    shutil.copyfile(dll, system32 / "bcryptprimitives.dll")
+
+
 def stop_wine(env: dict) -> None:
     """Stops the prefix's wine server and its background programs (services, winedevice):
     started persistent by ensure_wine, they would otherwise stay, taking CPU, after the build."""

@@ -16,6 +16,7 @@ from runtime.host.gpu.registry import KEYS as GPU_KEYS
 from runtime.host.gpu.registry import by_key
 from runtime.errors import UsageError as SettingsError
 from runtime.bundlefile import Manifest, ModelInfo, PayloadError, StubInfo, read_payload
+from runtime import digest
 from runtime.text import printable
 from runtime.launch.settings import Settings
 from runtime.prompts.template import PRESETS
@@ -211,7 +212,7 @@ def build(model, output, name, template, system, think, ctx, context_overflow, t
     summary = info.summary()
     summary["file"] = model_path.name if model_path is not None else base_ref.file
     if base_ref is not None:
-        summary["sha256"] = base_ref.sha256
+        summary.update(digest.to_json(base_ref.digest))
     manifest = Manifest(
         name=name or part_stem,
         built=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -304,8 +305,6 @@ def build(model, output, name, template, system, think, ctx, context_overflow, t
 
 def read_base(path: Path) -> tuple:
     """--base: (BaseRef, GGUFInfo) of a .gguf or of the model inside a bundle."""
-    import hashlib
-
     from runtime.bundlefile import MODEL_ENTRY
     from runtime.bundlefile.manifest import BaseRef
 
@@ -317,11 +316,8 @@ def read_base(path: Path) -> tuple:
         magic = f.read(4)
     if magic == b"GGUF":
         info = gguf.read_gguf(str(path))
-        digest = hashlib.sha256()
         with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-        return BaseRef(path.name, info.file_size, digest.hexdigest()), info
+            return BaseRef(path.name, info.file_size, digest.of_span(f, 0, info.file_size, digest.NEW)), info
     try:
         payload = read_payload(str(path))
     except PayloadError as exc:
@@ -331,7 +327,7 @@ def read_base(path: Path) -> tuple:
         raise BundleError(f"--base {path} carries no model inside it (its model is beside it, or it is an adapter "
                           "itself); pass the base model's .gguf")
     info = gguf.read_gguf(str(path), payload.payload_start + entry.offset, entry.size)
-    return BaseRef(path.name, entry.size, entry.sha256), info
+    return BaseRef(path.name, entry.size, entry.digest), info
 
 
 def read_adapter(spec: str, base) -> tuple:
@@ -435,7 +431,7 @@ def describe(path: str) -> dict:
         "regions": [r.to_json() for r in payload.regions.values()],
         "entries": [
             {"name": e.name, "offset": payload.payload_start + e.offset, "size": e.size,
-             "compression": e.compression, "sha256": e.sha256}
+             "compression": e.compression, **digest.to_json(e.digest)}
             for e in payload.entries.values()
         ],
     }
@@ -478,20 +474,25 @@ def format_description(d: dict) -> str:
         lines.append("entries:")
         for e in d["entries"]:
             lines.append(
-                f"  {e['name']:<34} {_human(e['size']):>10}  at {e['offset']:<10} {e['compression']:<5} sha256 {e['sha256']}"
+                f"  {e['name']:<34} {_human(e['size']):>10}  at {e['offset']:<10} {e['compression']:<5} {_digest_text(e)}"
             )
         parts = (d.get("model") or {}).get("parts") or []
         if parts:
             lines.append("model parts (beside the executable; copy them with it):")
             for part in parts:
-                lines.append(f"  {printable(part['file']):<34} {_human(part['size']):>10}  sha256 {part['sha256']}")
+                lines.append(f"  {printable(part['file']):<34} {_human(part['size']):>10}  {_digest_text(part)}")
         if d.get("regions"):
             lines.append("runtime (hashed too):")
             for r in d["regions"]:
-                lines.append(f"  {r['name']:<34} {_human(r['size']):>10}  at {r['offset']:<10}       sha256 {r['sha256']}")
+                lines.append(f"  {r['name']:<34} {_human(r['size']):>10}  at {r['offset']:<10}       {_digest_text(r)}")
     else:
         lines.append(f"template:    {'embedded Jinja template' if d['template'] else 'none (ChatML will be used)'}")
     return "\n".join(lines)
+
+
+def _digest_text(item: dict) -> str:
+    """'blake3 HEX' or 'sha256 HEX' of a part as its JSON has it."""
+    return next((f"{a} {item[a]}" for a in digest.ALGORITHMS if a in item), "")
 
 
 @cli.command()

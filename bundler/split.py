@@ -14,12 +14,13 @@ with llama.cpp's tools directly.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from runtime import digest
 
 from .errors import BundleError
 from .gguf import GGUFInfo, TensorInfo
@@ -125,7 +126,7 @@ def read_raw_kv(path: Path, info: GGUFInfo) -> tuple[bytes, int]:
 def write_parts(model: Path, info: GGUFInfo, folder: Path, stem: str, limit: int,
                 progress: Callable[[int], None] | None = None) -> list[tuple[Path, str, int, str]]:
     """Write the parts as temporary files in folder. Returns (temporary path, final name, size,
-    sha256) per part; the caller renames them into place once everything is written, and
+    digest) per part; the caller renames them into place once everything is written, and
     removes them on failure."""
     raw_kv, n_kv = read_raw_kv(model, info)
     alignment = info.metadata.get("general.alignment", 32)
@@ -137,11 +138,11 @@ def write_parts(model: Path, info: GGUFInfo, folder: Path, stem: str, limit: int
                 name = part_name(stem, i, len(parts))
                 tmp = folder / f".{name}.{os.getpid()}.tmp"
                 written.append((tmp, name, 0, ""))
-                digest = hashlib.sha256()
+                h = digest.hasher(digest.NEW)
                 with open(tmp, "wb") as out:
                     head = _header(info, raw_kv, n_kv, part, i, len(parts), alignment)
                     out.write(head)
-                    digest.update(head)
+                    h.update(head)
                     src.seek(info.data_offset + part.start)
                     left = part.data_size
                     while left:
@@ -149,7 +150,7 @@ def write_parts(model: Path, info: GGUFInfo, folder: Path, stem: str, limit: int
                         if not chunk:
                             raise BundleError(f"{model} ended early while splitting it; copy the model again")
                         out.write(chunk)
-                        digest.update(chunk)
+                        h.update(chunk)
                         left -= len(chunk)
                         if progress:
                             progress(len(chunk))
@@ -158,7 +159,7 @@ def write_parts(model: Path, info: GGUFInfo, folder: Path, stem: str, limit: int
                     size = out.tell()
                 if size > limit:  # the plan's bound is generous; this would be a bug
                     raise BundleError(f"part {name} came out at {size} bytes, over the limit {limit}; report it")
-                written[-1] = (tmp, name, size, digest.hexdigest())
+                written[-1] = (tmp, name, size, digest.make(digest.NEW, h.hexdigest()))
     except BaseException:
         for tmp, *_ in written:
             tmp.unlink(missing_ok=True)

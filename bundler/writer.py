@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from runtime import digest
 from runtime.host.gpu.registry import GPU_BACKENDS
 from runtime.bundlefile import Manifest, ModelPart, Region, StubInfo, MODEL_ENTRY, NATIVE_CPU_ENTRY, NotABundleError, PayloadError, PayloadWriter, align_up, PYI_COOKIE_SIZE, find_cookie, masked, pe_hash_mask, TAIL_PAD, make_tail, read_payload
 
@@ -166,7 +167,7 @@ def write_bundle(
             else:
                 model_entry = writer.add_file(MODEL_ENTRY, model, progress=progress)
                 manifest = dataclasses.replace(manifest, model=dataclasses.replace(manifest.model,
-                                                                                   sha256=model_entry.sha256))
+                                                                                   digest=model_entry.digest))
             # The tail's cookie reaches back from the payload's end, which depends on the TOC's
             # length, which holds the tail's hash: settle it in a few rounds (it moves by 64 KiB
             # steps, so it is stable at once unless the TOC crosses a boundary). A universal
@@ -212,13 +213,13 @@ def write_bundle(
         "path": str(output),
         "size": file_size,
         "model_offset": payload_start + model_entry.offset if model_entry else None,
-        "model_sha256": model_entry.sha256 if model_entry else None,
+        "model_digest": model_entry.digest if model_entry else None,
         "parts": [(name, size) for _, name, size, _ in parts or ()],
     }
 
 
 def _region(name: str, offset: int, data: bytes) -> Region:
-    return Region(name, offset, len(data), hashlib.sha256(data).hexdigest())
+    return Region(name, offset, len(data), digest.of_bytes(data))
 
 
 def runtime_regions(stub_bytes: bytes, archive_start: int, cookie_pos: int, payload_start: int) -> list[Region]:

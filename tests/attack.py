@@ -32,7 +32,7 @@ def read_toc(path: Path) -> dict:
         return json.loads(f.read(toc_size))
 
 
-def write_toc(path: Path, toc, raw: bytes | None = None) -> None:
+def write_toc(path: Path, toc, raw: bytes | None = None, version: int = P.FORMAT_VERSION) -> None:
     """Replace the TOC with toc (any JSON-able value, or raw bytes) and fix the header and the
     trailer so that their hash of it matches: the attack a hash alone does not stop."""
     start, payload_size, old_offset, _, file_size = locate(path)
@@ -45,7 +45,7 @@ def write_toc(path: Path, toc, raw: bytes | None = None) -> None:
         f.write(data)
         for magic, at in ((P.TRAILER_MAGIC, start + payload_size - P.HEADER_SIZE), (P.HEADER_MAGIC, start)):
             f.seek(at)
-            f.write(struct.pack(P.HEADER_FORMAT, magic, P.FORMAT_VERSION, 0, payload_size, file_size,
+            f.write(struct.pack(P.HEADER_FORMAT, magic, version, 0, payload_size, file_size,
                                 toc_offset, len(data), digest))
 
 
@@ -74,3 +74,33 @@ def cut_copy(src: Path, dest: Path, keep: int) -> Path:
 def copy(src: Path, dest: Path) -> Path:
     shutil.copy2(src, dest)
     return dest
+
+
+def as_sha256_bundle(path: Path) -> None:
+    """Rewrite a bundle as bundle build wrote it before BLAKE3 (format 1): every part's digest
+    SHA-256, under the key "sha256"."""
+    p = P.read_payload(str(path))
+    toc = read_toc(path)
+
+    def sha(offset: int, size: int) -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            f.seek(offset)
+            left = size
+            while left:
+                chunk = f.read(min(1 << 22, left))
+                h.update(chunk)
+                left -= len(chunk)
+        return h.hexdigest()
+
+    for e in toc["entries"]:
+        del e["blake3"]
+        e["sha256"] = sha(p.payload_start + e["offset"], e["size"])
+    for r in toc["regions"]:
+        del r["blake3"]
+        r["sha256"] = sha(r["offset"], r["size"])
+    model = toc["manifest"]["model"]
+    if model.pop("blake3", None):
+        model["sha256"] = next(e["sha256"] for e in toc["entries"] if e["name"] == "model.gguf")
+    toc["format"] = 1
+    write_toc(path, toc, version=1)

@@ -185,7 +185,7 @@ def test_killed_extraction_leaves_nothing_that_looks_complete(built_bundle, isol
     """A work folder from a launch killed mid-extraction is removed by the next launch."""
     from runtime.bundlefile import read_payload
 
-    sha = read_payload(str(built_bundle)).entries["native/cpu.tar.zst"].sha256
+    sha = read_payload(str(built_bundle)).entries["native/cpu.tar.zst"].digest.split(":")[1]
     native = isolated_user_dirs / "cache" / "bundle" / "native"
     stale = native / f".work-{sha[:24]}-99999"
     stale.mkdir(parents=True)

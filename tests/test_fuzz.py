@@ -13,6 +13,7 @@ from test_payload import write
 
 from bundler.gguf import GGUFError, read_gguf
 from runtime import bundlefile as P
+from runtime import digest
 
 CASES = int(os.environ.get("BUNDLE_FUZZ_CASES", "300"))
 SEED = int(os.environ.get("BUNDLE_FUZZ_SEED", "8"))
@@ -36,7 +37,7 @@ def _mutate_toc(rng, toc: dict):
     where = rng.randrange(5)
     if where == 0 and toc["entries"]:
         e = rng.choice(toc["entries"])
-        e[rng.choice(["name", "offset", "size", "sha256", "compression", "unpacked_size", "extra"])] = evil
+        e[rng.choice(["name", "offset", "size", "blake3", "sha256", "compression", "unpacked_size", "extra"])] = evil
     elif where == 1:
         m = toc.setdefault("manifest", {})
         m[rng.choice(["name", "settings", "model", "stub", "template", "template_name", "built"])] = evil
@@ -59,7 +60,7 @@ def _check(path):
         return "refused"
     p.verify()  # a payload that is read must also verify without crashing
     for e in p.entries.values():
-        assert e.name in P.KNOWN_ENTRIES and P.is_sha256_hex(e.sha256)
+        assert e.name in P.KNOWN_ENTRIES and digest.is_digest(e.digest)
         assert p.payload_start + e.offset + e.size <= p.file_size
     return "read"
 

@@ -269,8 +269,8 @@ def test_an_adapter_only_bundle_runs_on_the_base_beside_it(built_bundle, lora_bu
     r = run_exe(only, "-p", "hi")
     assert r.returncode == 1
     error = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert error == [f"error: this bundle is an adapter: it needs the model {built_bundle.name} (93.8 MiB, sha256 "
-                     f"{info['base']['sha256'][:12]}…), or a bundle of it, beside it (looked in {stick}); copy it "
+    assert error == [f"error: this bundle is an adapter: it needs the model {built_bundle.name} (93.8 MiB, blake3 "
+                     f"{info['base']['blake3'][:12]}…), or a bundle of it, beside it (looked in {stick}); copy it "
                      "there, or pass --base PATH"], r.stderr
 
     # a wrong base, named with --base: refused with the same facts

@@ -24,7 +24,7 @@ def test_extract_once_and_reuse(built_bundle, tmp_path):
 
 def test_waits_for_the_lock_and_says_so(built_bundle, tmp_path):
     payload = read_payload(str(built_bundle))
-    key = payload.entries[ENTRY].sha256[:24]
+    key = payload.entries[ENTRY].digest.split(":")[1][:24]
     (tmp_path / "native").mkdir()
     holder = open(tmp_path / "native" / f"{key}.lock", "a+b")
     fcntl.flock(holder.fileno(), fcntl.LOCK_EX)

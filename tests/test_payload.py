@@ -1,8 +1,8 @@
 """The payload format: writer -> reader round trips on synthetic files, and damage detection."""
 
-import hashlib
 import struct
 
+import blake3
 import pytest
 
 from runtime import bundlefile as P
@@ -51,7 +51,7 @@ def test_round_trip(tmp_path, tail_mode):
     for name, blob in data.items():
         e = p.entries[name]
         assert p.read_entry(name) == blob
-        assert e.sha256 == hashlib.sha256(blob).hexdigest()
+        assert e.digest == "blake3:" + blake3.blake3(blob).hexdigest()
         assert (p.payload_start + e.offset) % P.ENTRY_ALIGN == 0  # mmap-able GGUF
     assert p.verify() == []
     # The tail's cookie leads a PyInstaller bootloader to an archive: the stub's own, or the

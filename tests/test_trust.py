@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from attack import copy, cut_copy, flip, read_toc, write_toc
+from attack import as_sha256_bundle, copy, cut_copy, flip, read_toc, write_toc
 from conftest import QUESTION, run_bundle_cmd, run_exe
 
 from runtime import bundlefile as P
@@ -45,10 +45,17 @@ def _crafted(bundle_copy, mutate):
     return bundle_copy
 
 
+def _legacy(entry: dict, value: str) -> None:
+    entry.pop("blake3")
+    entry["sha256"] = value
+
+
 TOC_ATTACKS = {
     # the attack that deleted a home folder: a "hash" that is a path out of the cache
-    "sha256 path": lambda t: _entry(t, "native/cpu.tar.zst").update(sha256="../../..////" + "a" * 52),
-    "sha256 short": lambda t: _entry(t, "native/cpu.tar.zst").update(sha256="abc"),
+    "blake3 path": lambda t: _entry(t, "native/cpu.tar.zst").update(blake3="../../..////" + "a" * 52),
+    "blake3 short": lambda t: _entry(t, "native/cpu.tar.zst").update(blake3="abc"),
+    "sha256 path (a bundle from before)": lambda t: _legacy(_entry(t, "native/cpu.tar.zst"), "../../..////" + "a" * 52),
+    "no digest": lambda t: _entry(t, "native/cpu.tar.zst").pop("blake3"),
     "unknown entry": lambda t: _entry(t, "native/cpu.tar.zst").update(name="../../Documents"),
     "offset outside": lambda t: _entry(t, "model.gguf").update(offset=2**50),
     "negative size": lambda t: _entry(t, "model.gguf").update(size=-5),
@@ -88,7 +95,7 @@ def test_the_cache_never_removes_what_it_did_not_make(built_bundle, tmp_path, ca
 
     payload = P.read_payload(str(built_bundle))
     entry = payload.entries["native/cpu.tar.zst"]
-    key = entry.sha256[:24]
+    key = entry.digest.split(":")[1][:24]
     root = tmp_path / "native"
     root.mkdir(mode=0o700)
     (root / key).symlink_to(canary)
@@ -113,6 +120,25 @@ def test_flipped_weight_is_caught_at_first_launch(bundle_copy):
     assert r.returncode == 1 and r.stdout == ""
     line = one_error_line(r)
     assert "model.gguf" in line and "damaged" in line and "copy the file again" in line
+
+
+def test_a_sha256_bundle_from_before_still_verifies_and_flips_are_caught(bundle_copy, tmp_path):
+    """Bundles built before BLAKE3 (format 1, SHA-256 digests) are read, checked and run as before."""
+    as_sha256_bundle(bundle_copy)
+    info = json.loads(run_exe(bundle_copy, "--info", "--json").stdout)
+    assert info["format_version"] == 1 and all("sha256" in e for e in info["entries"].values())
+    assert info["first_launch_check"]["checked"] is True
+    assert run_bundle_cmd("verify", bundle_copy).returncode == 0
+    r = run_exe(bundle_copy, "-p", QUESTION, "--temp", "0")
+    assert r.returncode == 0 and "Paris" in r.stdout, r.stderr
+    damaged = copy(bundle_copy, tmp_path / "damaged")
+    p = P.read_payload(str(damaged))
+    flip(damaged, p.absolute_offset("model.gguf") + p.entries["model.gguf"].size - 1_000_000)
+    r = run_exe(damaged, "-p", QUESTION, "--temp", "0")
+    line = one_error_line(r)
+    assert r.returncode == 1 and "model.gguf" in line and "damaged" in line and "sha256" in line
+    r = run_bundle_cmd("verify", damaged)
+    assert r.returncode == 1 and "model.gguf" in r.stderr
 
 
 def test_first_launch_checks_later_launches_do_not(built_bundle, tmp_path):

@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from buildsys.windows import WINE_CANDIDATES, WINESERVER_CANDIDATES
+from buildsys.windows import WINE_CANDIDATES, WINESERVER_CANDIDATES, add_wine_standins
 
 
 def _first(paths: list[str]) -> str | None:
@@ -48,6 +48,7 @@ class Wine:
         null = subprocess.DEVNULL
         subprocess.run([WINESERVER, "-p"], env=self.env, stdin=null, stdout=null, stderr=null)
         subprocess.run([WINE, "wineboot", "-i"], env=self.env, stdin=null, stdout=null, stderr=null, timeout=600)
+        add_wine_standins(self.prefix)  # what Windows has and wine 8 lacks (bcryptprimitives.dll)
         # A Windows process that lives as long as the prefix is used: wine stops its own
         # background processes (services, explorer, plugplay) when the last program ends and
         # starts them again with the next one, which they then slow down by seconds and whose

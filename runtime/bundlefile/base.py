@@ -1,6 +1,6 @@
 """An adapter-only bundle's base (bundle build --lora A --base B): the file that holds the model it
 was built for, found at launch beside the bundle (or where --base says), and checked to be that
-model (size, then SHA-256: hashed once per file, remembered like the first-launch check)."""
+model (size, then its digest: hashed once per file, remembered like the first-launch check)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import stat
 from pathlib import Path
 
+from .. import digest
 from ..errors import PayloadError
 from ..text import printable
 from . import checks
@@ -39,8 +40,10 @@ def model_in(path: str, ref) -> int | None:
     except PayloadError:
         return None
     entry = payload.entries.get(MODEL_ENTRY)
-    if entry is None or entry.size != ref.size or entry.sha256 != ref.sha256:
+    if entry is None or entry.size != ref.size:
         return None
+    if digest.algorithm_of(entry.digest) == digest.algorithm_of(ref.digest) and entry.digest != ref.digest:
+        return None  # (hashed with another algorithm, it is hashed again with the reference's)
     return payload.payload_start + entry.offset
 
 
@@ -49,10 +52,10 @@ def find_base(payload, asked: str | None, cache_root: Path, say=lambda msg: None
     one line naming the file it needs (name, size, SHA-256 prefix) and where it looked."""
     ref = payload.manifest.base
     own = os.path.abspath(payload.path)
-    needs = f"{printable(ref.file)} ({_human(ref.size)}, sha256 {ref.sha256[:12]}…)"
+    needs = f"{printable(ref.file)} ({_human(ref.size)}, {digest.short(ref.digest)})"
     if asked:
         offset = model_in(asked, ref)
-        if offset is None or not checks.model_checked_once(asked, offset, ref.size, ref.sha256, cache_root, say):
+        if offset is None or not checks.model_checked_once(asked, offset, ref.size, ref.digest, cache_root, say):
             raise PayloadError(f"--base {printable(asked)} is not the model this adapter was built for: it needs "
                                f"{needs}, its bundle or its .gguf")
         return asked, offset
@@ -67,7 +70,7 @@ def find_base(payload, asked: str | None, cache_root: Path, say=lambda msg: None
         if os.path.abspath(path) == own:
             continue
         offset = model_in(path, ref)
-        if offset is not None and checks.model_checked_once(path, offset, ref.size, ref.sha256, cache_root, say):
+        if offset is not None and checks.model_checked_once(path, offset, ref.size, ref.digest, cache_root, say):
             return path, offset
     raise PayloadError(f"this bundle is an adapter: it needs the model {needs}, or a bundle of it, beside it "
                        f"(looked in {printable(folder)}); copy it there, or pass --base PATH")

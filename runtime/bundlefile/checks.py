@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from .. import digest
 from ..host import cachedir
 from ..errors import DamagedError
 from .layout import MODEL_ENTRY, NATIVE_CPU_ENTRY, RUNTIME_ENTRY, is_lora_entry
@@ -137,12 +138,12 @@ def check_once(payload: Payload, cache_root: Path, say=lambda msg: None) -> dict
     return {"checked": True, "seconds": seconds, "bytes": total}
 
 
-def model_checked_once(path: str, offset: int, size: int, sha256: str, cache_root: Path, say=lambda msg: None) -> bool:
-    """Whether the model at offset in path (size bytes) has this SHA-256: hashed the first time,
-    remembered (under the cache's MAC) per identity of that file, as check_once does. An adapter-
-    only bundle checks the base it found so."""
+def model_checked_once(path: str, offset: int, size: int, expected: str, cache_root: Path, say=lambda msg: None) -> bool:
+    """Whether the model at offset in path (size bytes) has this digest (runtime/digest.py): hashed
+    the first time, remembered (under the cache's MAC) per identity of that file, as check_once
+    does. An adapter-only bundle checks the base it found so."""
     st = os.stat(path)
-    ident = f"base:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{offset}:{size}:{sha256}"
+    ident = f"base:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{offset}:{size}:{expected}"
     name = hashlib.sha256(ident.encode()).hexdigest()[:32]
     try:
         with cachedir.Folder.open_root(cache_root) as root, root.sub("verified") as folder:
@@ -151,19 +152,13 @@ def model_checked_once(path: str, offset: int, size: int, sha256: str, cache_roo
     except OSError:
         pass
     progress = _Progress(size, say, bool(getattr(sys.stderr, "isatty", lambda: False)()))
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(offset)
-        left = size
-        while left:
-            chunk = f.read(min(1 << 22, left))
-            if not chunk:
-                return False
-            digest.update(chunk)
-            left -= len(chunk)
-            progress(len(chunk))
+    try:
+        with open(path, "rb") as f:
+            got = digest.of_span(f, offset, size, digest.algorithm_of(expected), progress)
+    except EOFError:
+        return False
     progress.end()
-    if digest.hexdigest() != sha256:
+    if got != expected:
         return False
     try:
         with cachedir.Folder.open_root(cache_root) as root, root.sub("verified") as folder:

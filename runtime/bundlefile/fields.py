@@ -4,9 +4,10 @@ a failure names the field."""
 
 from __future__ import annotations
 
+from .. import digest
 from ..text import is_sha256_hex
 
-__all__ = ["Invalid", "as_object", "is_sha256_hex", "sha256_field", "take"]
+__all__ = ["Invalid", "as_object", "digest_field", "is_sha256_hex", "sha256_field", "take"]
 
 class Invalid(Exception):
     def __init__(self, where: str, problem: str):
@@ -42,6 +43,20 @@ def as_object(value, where: str) -> dict:
     if not isinstance(value, dict):
         raise Invalid(where, f"expected an object, got {type(value).__name__}")
     return value
+
+
+def digest_field(data: dict, where: str, required=True) -> str | None:
+    """A part's digest, written under its algorithm's name: {"blake3": hex} (bundles built now)
+    or {"sha256": hex} (bundles from before); returned as "algorithm:hex" (runtime/digest.py)."""
+    for algorithm in digest.ALGORITHMS:
+        if algorithm in data:
+            value = take(data, algorithm, str, where, required=True)
+            if not digest.is_hex(value):
+                raise Invalid(f"{where}.{algorithm}", f"not a {algorithm} hex digest")
+            return digest.make(algorithm, value)
+    if required:
+        raise Invalid(where, "has no digest (blake3 or sha256)")
+    return None
 
 
 def sha256_field(data: dict, key: str, where: str, required=True):

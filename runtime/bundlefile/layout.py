@@ -58,9 +58,10 @@ import struct
 from dataclasses import dataclass
 
 from ..host.gpu.registry import GPU_BACKENDS
-from .fields import Invalid, as_object, sha256_field, take
+from .. import digest
+from .fields import Invalid, as_object, digest_field, take
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: parts hashed with BLAKE3 (1: SHA-256, still read)
 HEADER_MAGIC = b"BNDLHEAD"
 TRAILER_MAGIC = b"BNDLTAIL"
 HEADER_FORMAT = "<8sIIQQQQ16s"
@@ -181,7 +182,7 @@ class Entry:
     offset: int  # relative to payload start
     size: int  # stored bytes
     compression: str  # "none" or "zstd"
-    sha256: str  # of the stored bytes
+    digest: str  # of the stored bytes, "blake3:hex" or "sha256:hex" (runtime/digest.py)
     unpacked_size: int | None = None
 
     def to_json(self) -> dict:
@@ -190,7 +191,7 @@ class Entry:
             "offset": self.offset,
             "size": self.size,
             "compression": self.compression,
-            "sha256": self.sha256,
+            **digest.to_json(self.digest),
         }
         if self.unpacked_size is not None:
             data["unpacked_size"] = self.unpacked_size
@@ -204,7 +205,7 @@ class Entry:
             offset=take(data, "offset", int, where, required=True, lo=ENTRY_ALIGN, hi=MAX_BYTES),
             size=take(data, "size", int, where, required=True, lo=0, hi=MAX_BYTES),
             compression=take(data, "compression", str, where, default="none", choices=COMPRESSIONS),
-            sha256=sha256_field(data, "sha256", where),
+            digest=digest_field(data, where),
             unpacked_size=take(data, "unpacked_size", int, where, lo=0, hi=MAX_BYTES),
         )
 
@@ -222,10 +223,10 @@ class Region:
     name: str
     offset: int
     size: int
-    sha256: str
+    digest: str
 
     def to_json(self) -> dict:
-        return {"name": self.name, "offset": self.offset, "size": self.size, "sha256": self.sha256}
+        return {"name": self.name, "offset": self.offset, "size": self.size, **digest.to_json(self.digest)}
 
     @classmethod
     def from_json(cls, data, where: str = "region") -> "Region":
@@ -234,7 +235,7 @@ class Region:
             name=take(data, "name", str, where, required=True, choices=tuple(REGIONS)),
             offset=take(data, "offset", int, where, required=True, lo=0, hi=MAX_BYTES),
             size=take(data, "size", int, where, required=True, lo=0, hi=MAX_BYTES),
-            sha256=sha256_field(data, "sha256", where),
+            digest=digest_field(data, where),
         )
 
 

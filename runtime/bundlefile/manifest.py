@@ -8,7 +8,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .fields import Invalid, as_object, sha256_field, take
+from .. import digest
+from .fields import Invalid, as_object, digest_field, sha256_field, take
 from .layout import LORA_NAME, MAX_ADAPTERS, MAX_BYTES, STORED_TARGETS
 
 MAX_LAYERS = 4096
@@ -56,10 +57,10 @@ MAX_PARTS = 9999
 class ModelPart:
     file: str
     size: int
-    sha256: str
+    digest: str
 
     def to_json(self) -> dict:
-        return {"file": self.file, "size": self.size, "sha256": self.sha256}
+        return {"file": self.file, "size": self.size, **digest.to_json(self.digest)}
 
     @classmethod
     def from_json(cls, data, where: str) -> "ModelPart":
@@ -68,20 +69,20 @@ class ModelPart:
         if not _PART_NAME.match(name) or ".." in name:
             raise Invalid(f"{where}.file", "not a plain file name")
         return cls(name, take(data, "size", int, where, required=True, lo=1, hi=MAX_BYTES),
-                   sha256_field(data, "sha256", where))
+                   digest_field(data, where))
 
 
 @dataclass(frozen=True)
 class BaseRef:
     """The model an adapter-only bundle runs on: the file it was built against (a name to show;
-    it is found by its content), the model's size and SHA-256."""
+    it is found by its content), the model's size and digest."""
 
     file: str
     size: int
-    sha256: str
+    digest: str
 
     def to_json(self) -> dict:
-        return {"file": self.file, "size": self.size, "sha256": self.sha256}
+        return {"file": self.file, "size": self.size, **digest.to_json(self.digest)}
 
     @classmethod
     def from_json(cls, data, where: str) -> "BaseRef":
@@ -90,7 +91,7 @@ class BaseRef:
         if "/" in name or "\\" in name or "\0" in name:
             raise Invalid(f"{where}.file", "not a plain file name")
         return cls(name, take(data, "size", int, where, required=True, lo=1, hi=MAX_BYTES),
-                   sha256_field(data, "sha256", where))
+                   digest_field(data, where))
 
 
 @dataclass(frozen=True)
@@ -106,14 +107,16 @@ class ModelInfo:
     has_chat_template: bool = False
     file_size: int = 0
     file: str | None = None
-    sha256: str | None = None
+    digest: str | None = None  # of the model inside the file ("blake3:hex"; "sha256:hex" before)
     layout: Layout | None = None
     parts: tuple[ModelPart, ...] = ()  # empty: the model is inside the executable
 
     def to_json(self) -> dict:
         data = {k: getattr(self, k) for k in ("name", "architecture", "parameters", "size_label", "quantization",
                                               "context_length", "gguf_version", "tensors", "has_chat_template",
-                                              "file_size", "file", "sha256")}
+                                              "file_size", "file")}
+        if self.digest:
+            data.update(digest.to_json(self.digest))
         data["layout"] = self.layout.to_json() if self.layout else None
         if self.parts:
             data["parts"] = [p.to_json() for p in self.parts]
@@ -135,7 +138,7 @@ class ModelInfo:
             has_chat_template=take(data, "has_chat_template", bool, where, default=False),
             file_size=take(data, "file_size", int, where, default=0, lo=0, hi=MAX_BYTES),
             file=take(data, "file", str, where, max_len=4096),
-            sha256=sha256_field(data, "sha256", where, required=False),
+            digest=digest_field(data, where, required=False),
             layout=Layout.from_json(layout, f"{where}.layout") if layout is not None else None,
             parts=_parts(data.get("parts"), f"{where}.parts"),
         )

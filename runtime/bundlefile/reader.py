@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
+from .. import digest
 from ..errors import DamagedError, IncompleteError, NewerFormatError, NotABundleError, PayloadError
 from .exe import find_cookie, masked, pe_hash_mask, pe_signature, read_at, stub_end
 from .fields import Invalid, as_object, take
@@ -89,34 +90,38 @@ class Payload:
         return b"".join(self.open_entry(name))
 
     def check_parts(self, names=None, progress=None) -> list[str]:
-        """Hash the named entries and regions (all when None); a list of what does not match."""
+        """Hash the named entries and regions (all when None), each with its own algorithm
+        (BLAKE3, or SHA-256 in bundles from before); a list of what does not match."""
         problems = []
-        parts = [(e.name, self.payload_start + e.offset, e.size, e.sha256, f"{e.name} ({entry_kind(e.name).what})")
+        parts = [(e.name, self.payload_start + e.offset, e.size, e.digest, f"{e.name} ({entry_kind(e.name).what})")
                  for e in self.entries.values()]
-        parts += [(r.name, r.offset, r.size, r.sha256, REGIONS[r.name]) for r in self.regions.values()]
+        parts += [(r.name, r.offset, r.size, r.digest, REGIONS[r.name]) for r in self.regions.values()]
         mask = []
         if "bootloader" in self.regions:
             with open(self.source, "rb") as f:
                 mask = pe_hash_mask(f)
-        for name, offset, size, expected, label in parts:
-            if names is not None and name not in names:
-                continue
-            digest = hashlib.sha256()
-            at = offset
-            try:
-                for chunk in self._chunks(offset, size, label):
-                    if name == "bootloader" and mask:
-                        chunk = masked(chunk, at, mask)
-                    at += len(chunk)
-                    digest.update(chunk)
-                    if progress:
-                        progress(len(chunk))
-            except IncompleteError:
-                problems.append(f"{label}: cut short (expected {size} bytes at {offset})")
-                continue
-            if digest.hexdigest() != expected:
-                problems.append(f"{label}: damaged (bytes {offset}-{offset + size - 1}; sha256 "
-                                f"{digest.hexdigest()[:16]}…, expected {expected[:16]}…)")
+        with open(self.source, "rb") as f:
+            for name, offset, size, expected, label in parts:
+                if names is not None and name not in names:
+                    continue
+                algorithm = digest.algorithm_of(expected)
+                try:
+                    if name == "bootloader" and mask:  # a signed Windows program: its signature is not hashed
+                        h, at = digest.hasher(algorithm), offset
+                        for chunk in self._chunks(offset, size, label):
+                            h.update(masked(chunk, at, mask))
+                            at += len(chunk)
+                            if progress:
+                                progress(len(chunk))
+                        got = digest.make(algorithm, h.hexdigest())
+                    else:
+                        got = digest.of_span(f, offset, size, algorithm, progress)
+                except (IncompleteError, EOFError):
+                    problems.append(f"{label}: cut short (expected {size} bytes at {offset})")
+                    continue
+                if got != expected:
+                    problems.append(f"{label}: damaged (bytes {offset}-{offset + size - 1}; {digest.short(got)}, "
+                                    f"expected {digest.hex_of(expected)[:12]}…)")
         return problems
 
     def check_header(self) -> list[str]:
@@ -180,18 +185,16 @@ class Payload:
     def check_model_parts(self, progress=None) -> list[str]:
         problems = []
         for i, (path, part) in enumerate(zip(self.model_part_paths(), self.manifest.model.parts)):
-            digest = hashlib.sha256()
             try:
-                for chunk in file_chunks(path):
-                    digest.update(chunk)
-                    if progress:
-                        progress(len(chunk))
+                with open(path, "rb") as f:
+                    got = digest.of_span(f, 0, os.fstat(f.fileno()).st_size, digest.algorithm_of(part.digest),
+                                         progress)
             except OSError as exc:
                 problems.append(f"{self.part_label(i)}: cannot be read ({exc.strerror})")
                 continue
-            if digest.hexdigest() != part.sha256:
-                problems.append(f"{self.part_label(i)}: damaged (sha256 {digest.hexdigest()[:16]}…, "
-                                f"expected {part.sha256[:16]}…)")
+            if got != part.digest:
+                problems.append(f"{self.part_label(i)}: damaged ({digest.short(got)}, "
+                                f"expected {digest.hex_of(part.digest)[:12]}…)")
         return problems
 
     def model_parts_identity(self) -> str:

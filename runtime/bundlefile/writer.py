@@ -5,12 +5,12 @@ and the tail that ends a bundle."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import struct
 from typing import BinaryIO
 
+from .. import digest
 from .layout import (CHUNK, ENTRY_ALIGN, FORMAT_VERSION, HEADER_MAGIC, HEADER_SIZE, PYI_COOKIE_SIZE, TAIL_PAD,
                      TRAILER_MAGIC, Entry, align_up, pack_header)
 from .manifest import Manifest
@@ -55,27 +55,27 @@ class PayloadWriter:
 
     def add_stream(self, name: str, chunks, compression: str = "none", unpacked_size=None, progress=None) -> Entry:
         """Write chunks as one entry, hashing them on a second thread while they are written
-        (hashlib and file writes both release the GIL), so a build runs at copy speed."""
+        (BLAKE3 and file writes both release the GIL), so a build runs at copy speed."""
         return self._add_stream_at(name, self._seek_next(), chunks, compression, unpacked_size, progress)
 
     def _add_stream_at(self, name, offset, chunks, compression, unpacked_size, progress) -> Entry:
         from concurrent.futures import ThreadPoolExecutor
 
-        digest = hashlib.sha256()
+        h = digest.hasher(digest.NEW)
         size = 0
         with ThreadPoolExecutor(1) as hasher:
             hashed = None
             for chunk in chunks:
                 if hashed is not None:
                     hashed.result()
-                hashed = hasher.submit(digest.update, chunk)
+                hashed = hasher.submit(h.update, chunk)
                 self.f.write(chunk)
                 size += len(chunk)
                 if progress:
                     progress(len(chunk))
             if hashed is not None:
                 hashed.result()
-        entry = Entry(name, offset, size, compression, digest.hexdigest(), unpacked_size)
+        entry = Entry(name, offset, size, compression, digest.make(digest.NEW, h.hexdigest()), unpacked_size)
         self.entries.append(entry)
         self.pos = offset + size
         return entry
@@ -91,15 +91,15 @@ class PayloadWriter:
         offset = self._seek_next()
         self.f.flush()
         before = os.stat(path)
-        digest = hashlib.sha256()
+        hashed: list = []
         failed: list = []
 
-        def hash_source():
+        def hash_source():  # mapped, not read: blake3 takes the pages straight from the page cache
             try:
-                for chunk in file_chunks(path):
-                    digest.update(chunk)
-            except OSError as exc:
-                failed.append(exc)
+                with open(path, "rb") as src_file:
+                    hashed.append(digest.of_span(src_file, 0, before.st_size, digest.NEW))
+            except (OSError, EOFError) as exc:
+                failed.append(exc if isinstance(exc, OSError) else OSError(errno.EIO, f"{path} shrank while read"))
 
         hasher = threading.Thread(target=hash_source, daemon=True)
         hasher.start()
@@ -128,7 +128,7 @@ class PayloadWriter:
         after = os.stat(path)
         if copied != before.st_size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             raise OSError(errno.EIO, f"{path} changed while it was being copied")
-        entry = Entry(name, offset, copied, compression, digest.hexdigest(), unpacked_size)
+        entry = Entry(name, offset, copied, compression, hashed[0], unpacked_size)
         self.entries.append(entry)
         self.pos = offset + copied
         return entry

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ..errors import RuntimeFailure
-from ..text import is_sha256_hex
+from .. import digest
 from . import cachedir
 
 COMPLETE_MARKER = ".complete"
@@ -140,8 +140,9 @@ def _noexec(path: Path) -> bool:
 class _HashingReader:
     """A file-like view of one payload entry that hashes what is read through it."""
 
-    def __init__(self, f, size: int):
-        self.f, self.left, self.digest = f, size, hashlib.sha256()
+    def __init__(self, f, size: int, algorithm: str):
+        self.f, self.left, self.algorithm = f, size, algorithm
+        self.digest = digest.hasher(algorithm)
 
     def read(self, n: int = -1) -> bytes:
         if n < 0 or n > self.left:
@@ -200,10 +201,10 @@ def extract_entry(payload, name: str, root: Path | None = None, say=lambda msg: 
     if entry is None:
         raise RuntimeFailure(f"{payload.path} carries no {name} (its table of contents does not list it): it was "
                              "not made by bundle build, or is damaged; build or copy it again")
-    if not is_sha256_hex(entry.sha256):  # read_payload checked it; never build a path from less
+    if not digest.is_digest(entry.digest):  # read_payload checked it; never build a path from less
         raise RuntimeFailure(f"{payload.path}: the table of contents is damaged; copy the file again")
     root = root or usable_cache_root()
-    key = entry.sha256[:24]
+    key = digest.hex_of(entry.digest)[:24]
     try:
         with cachedir.Folder.open_root(root) as top, top.sub("native") as natives:
             for code, (_, real) in _opened.items():
@@ -247,7 +248,7 @@ def _intact(folder: cachedir.Folder, entry) -> bool:
     try:
         record = json.loads(folder.read_own(COMPLETE_MARKER) or b"null")
         files, seen = record["files"], record["seen"]
-        if record["sha256"] != entry.sha256 or not isinstance(files, dict) or not isinstance(seen, dict):
+        if record["digest"] != entry.digest or not isinstance(files, dict) or not isinstance(seen, dict):
             return False
     except (ValueError, KeyError, TypeError):
         return False  # no record, an older runtime's, or a damaged one
@@ -278,11 +279,11 @@ def _intact(folder: cachedir.Folder, entry) -> bool:
 
 
 def _hash_file(folder: cachedir.Folder, name: str) -> str:
-    digest = hashlib.sha256()
+    h = hashlib.sha256()
     with os.fdopen(folder.open(name, os.O_RDONLY), "rb") as f:
         while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _unpack_locked(payload, entry, natives: cachedir.Folder, key: str) -> cachedir.Folder:
@@ -296,7 +297,7 @@ def _unpack_locked(payload, entry, natives: cachedir.Folder, key: str) -> cached
     try:
         with natives.sub(work_name, create=False) as work:
             files = _unpack(payload, entry, work)
-            record = {"sha256": entry.sha256, "files": files, "seen": {}}
+            record = {"digest": entry.digest, "files": files, "seen": {}}
             for fname, want in files.items():
                 if "link" not in want:
                     st = work.lstat(fname)
@@ -337,7 +338,7 @@ def _unpack(payload, entry, work: cachedir.Folder) -> dict:
     limit = (entry.unpacked_size if entry.unpacked_size is not None else UNRECORDED_LIMIT) + MAX_MEMBERS * 1024
     with open(payload.source, "rb") as f:
         f.seek(payload.payload_start + entry.offset)
-        raw = _HashingReader(f, entry.size)
+        raw = _HashingReader(f, entry.size, digest.algorithm_of(entry.digest))
         try:
             if entry.compression == "none":  # a plain tar (bench/gpu_check.sh packs one where zstd is missing)
                 with tarfile.open(fileobj=_Bounded(raw, limit), mode="r|") as tar:
@@ -351,7 +352,7 @@ def _unpack(payload, entry, work: cachedir.Folder) -> dict:
                 f"{payload.path}: the runtime libraries inside it are damaged; copy the file again"
             ) from None
         raw.read()  # hash any tail the tar reader did not need
-        if raw.digest.hexdigest() != entry.sha256:
+        if digest.make(raw.algorithm, raw.digest.hexdigest()) != entry.digest:
             raise RuntimeFailure(
                 f"{payload.path}: the runtime libraries inside it are damaged; copy the file again"
             )
@@ -382,15 +383,15 @@ def _extract_flat(tar: tarfile.TarFile, work: cachedir.Folder, unpacked_size: in
             if budget < 0:
                 raise tarfile.TarError("the entry unpacks to more than its recorded size")
             src = tar.extractfile(m)
-            digest, size = hashlib.sha256(), 0
+            h, size = hashlib.sha256(), 0
             with os.fdopen(work.open(m.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755), "wb") as out:
                 while chunk := src.read(1 << 20):
                     size += len(chunk)
                     if size > m.size:
                         raise tarfile.TarError(f"{m.name!r} is longer than its header says")
-                    digest.update(chunk)
+                    h.update(chunk)
                     out.write(chunk)
-            files[m.name] = {"size": size, "sha256": digest.hexdigest()}
+            files[m.name] = {"size": size, "sha256": h.hexdigest()}
         else:
             raise tarfile.TarError(f"unexpected member type in {m.name!r}")
     return files

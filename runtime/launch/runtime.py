@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from .. import __version__
+from .. import __version__, digest
 from ..bundlefile import MODEL_ENTRY, NATIVE_CPU_ENTRY, read_payload
 from ..bundlefile.layout import lora_entry
 from ..errors import RuntimeFailure, UsageError
@@ -355,7 +355,7 @@ class Runtime:
             "cache_dir": str(self.cache),
             "unpacked_in": _unpacked_in(),
             "first_launch_check": self.check,
-            "entries": {n: {"size": e.size, "sha256": e.sha256} for n, e in self.payload.entries.items()},
+            "entries": {n: {"size": e.size, **digest.to_json(e.digest)} for n, e in self.payload.entries.items()},
         }
 
 
