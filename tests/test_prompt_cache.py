@@ -68,29 +68,31 @@ def ask(system, question):
 
 
 def test_a_prefix_computed_in_one_slot_is_reused_in_another(engine, render):
-    """A's long prompt is computed in slot 0; B takes that slot (A's state goes to the cache);
-    while D holds slot 0, C (A's system prompt, another question) gets slot 1 and decodes only
-    what is new; its greedy answer is the one a cold scheduler gives."""
+    """A's long prompt is computed in slot 0. B and D, two long answers, then fill both slots (D
+    takes slot 0: A's state goes to the cache first). C (A's system prompt, another question)
+    waits, takes the slot B leaves, and decodes only what is new there; its greedy answer is the
+    one a cold scheduler gives."""
     sched = Scheduler(engine, 2, cache=PromptCache(None))
+    sched.forget_all()
     a, c = render(ask(LONG_SYSTEM, "What is the capital of France?")), render(ask(LONG_SYSTEM, "Name a red fruit."))
     b = render(ask("You are a poet. " * 30, "Write about the sea."))
     d = render(ask("You are a chef. " * 30, "Describe bread."))
     shared = common_prefix(a, c)
     assert shared > 600
     sched.generate(a, Sampling(max_tokens=4, **GREEDY)).result(300)
-    assert sched.slots[0].cached[:len(a)] == a
-    sched.generate(b, Sampling(max_tokens=4, **GREEDY)).result(300)  # slot 0 again: A's state is saved
-    assert sched.cache.stats.saved == 1 and sched.slots[0].cached[:len(b)] == b
+    assert sched.slots[0].cached[:len(a)] == a and not sched.slots[1].cached
     before = sched.stats.prompt_tokens
-    busy = sched.generate(d, Sampling(max_tokens=40, ignore_eog=True, **GREEDY))  # takes slot 0
-    while sched.slots[0].req is None:
+    long_answer = Sampling(max_tokens=40, ignore_eog=True, **GREEDY)
+    fb = sched.generate(b, long_answer)  # the empty slot 1
+    while sched.slots[1].req is None:
         time.sleep(0.01)
-    r = sched.generate(c, Sampling(max_tokens=12, **GREEDY)).result(300)
-    rd = busy.result(300)
-    assert sched.slots[1].cached[:len(c)] == c  # C ran in slot 1
-    assert sched.cache.stats.hits == 1 and r.cached_tokens == shared
-    # only C's new tokens were decoded (and D's, less what slot 0 held of it)
-    assert sched.stats.prompt_tokens - before == (len(d) - rd.cached_tokens) + (len(c) - shared)
+    fd = sched.generate(d, long_answer)  # slot 0: A's state is saved first
+    fc = sched.generate(c, Sampling(max_tokens=12, **GREEDY))
+    rb, rd, r = fb.result(300), fd.result(300), fc.result(300)
+    assert sched.cache.stats.saved >= 1 and sched.cache.stats.hits == 1 and r.cached_tokens == shared
+    assert sched.slots[1].cached[:len(c)] == c  # C ran where B had been
+    # only what is new was decoded: B's and D's prompts (less what their slots held) and C's question
+    assert sched.stats.prompt_tokens - before == (len(b) - rb.cached_tokens) + (len(d) - rd.cached_tokens) + (len(c) - shared)
     cold = Scheduler(engine, 1)
     cold.forget_all()
     assert cold.generate(c, Sampling(max_tokens=12, **GREEDY)).result(300).text == r.text
@@ -110,11 +112,42 @@ def test_at_its_limit_the_least_recently_used_state_goes(engine, render):
     sched.forget_all()
     for p in prompts:
         sched.generate(p, Sampling(max_tokens=2, **GREEDY)).result(300)
-    kept = [list(e.tokens[:len(p)]) for e in sched.cache.entries.values() for p in [prompts[0]]]
     assert sched.cache.stats.saved == 3 and sched.cache.stats.evicted == 1
     starts = {tuple(e.tokens[:20]) for e in sched.cache.entries.values()}
     assert tuple(prompts[0][:20]) not in starts and tuple(prompts[1][:20]) in starts and tuple(prompts[2][:20]) in starts
-    assert sched.cache.size <= sched.cache.limit and kept
+    assert sched.cache.size <= sched.cache.limit
+
+
+def test_the_server_reuses_a_prefix_from_the_cache_and_says_so(built_bundle, tmp_path_factory):
+    """Through the real server with one slot: A, then B (A's state goes to the memory cache), then
+    C sharing A's long system prompt: C's prompt tokens found computed are reported in its usage
+    and in /metrics, and only the rest was decoded."""
+    from test_server import served
+
+    def metrics(server):
+        status, body = server.request("GET", "/metrics")
+        text = body.decode() if isinstance(body, bytes) else str(body)
+        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                if line and not line.startswith("#")}
+
+    with served(built_bundle, tmp_path_factory, "--parallel", "1", "-c", "2048") as server:
+        client = server.client()
+
+        def chat(system, question):
+            return client.chat.completions.create(model="demo", messages=ask(system, question), temperature=0,
+                                                  max_tokens=4)
+
+        a = chat(LONG_SYSTEM, "What is the capital of France?")
+        chat("You are a poet. " * 30, "Write about the sea.")
+        before = metrics(server)
+        c = chat(LONG_SYSTEM, "Name a red fruit.")
+        after = metrics(server)
+    cached = c.usage.prompt_tokens_details.cached_tokens
+    assert cached > 600 and a.usage.prompt_tokens_details.cached_tokens < 50
+    assert after["bundle_prompt_cache_hits_total"] - before["bundle_prompt_cache_hits_total"] == 1
+    assert after["bundle_prompt_cache_reused_tokens_total"] - before["bundle_prompt_cache_reused_tokens_total"] == cached
+    assert after["bundle_prompt_tokens_total"] - before["bundle_prompt_tokens_total"] == c.usage.prompt_tokens - cached
+    assert after["bundle_prompt_cache_entries"] >= 1 and after["bundle_prompt_cache_bytes"] > 0
 
 
 # -- on disk, through the real bundle ------------------------------------------------------------

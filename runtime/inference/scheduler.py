@@ -108,14 +108,17 @@ def kept_after_gap(cached: list[int], tokens: list[int], keep: int) -> tuple[int
 def choose_slot(free: list, busy: list[int], tokens: list[int], fills: bool = False, lora: tuple = ()):
     """(slot, cached tokens it keeps) for a prompt: a free slot holding a long prefix of it (the
     next turn of a conversation) first; else the one keeping the busy slots in fewest runs; then
-    the longest cached prefix, then the lowest id. fills: the requests waiting (this one
+    the longest cached prefix, then the one holding least, then the lowest id. fills: the requests waiting (this one
     included) will take every free slot, so every slot ends up busy whichever each takes: the
     longest cached prefix first. A cache computed with other LoRA scales than lora keeps nothing
     (an adapter changes the keys and values themselves)."""
     best, best_score, keep = None, None, 0
     for s in free:
         k = common_prefix(s.cached, tokens, len(tokens) - 1) if getattr(s, "lora", ()) == lora else 0
-        score = (fills or k >= LONG_PREFIX, k if fills else 0, -runs(busy + [s.seq]), k, -s.seq)
+        # a prefix shorter than SHIFT_MIN (the template's first tokens) is worth nothing: then the
+        # slot holding the least is taken, so another conversation's cache is not thrown away
+        worth = k if k >= SHIFT_MIN else 0
+        score = (fills or k >= LONG_PREFIX, k if fills else 0, -runs(busy + [s.seq]), worth, -len(s.cached), -s.seq)
         if best_score is None or score > best_score:
             best, best_score, keep = s, score, k
     return best, keep
