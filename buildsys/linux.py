@@ -141,9 +141,6 @@ def ensure_stub_python(wheel: Path, target, runner: list[str] = ()) -> Path:
     from buildsys import bootloader, python, unwind
 
     prefix = python.build(cache_dir(), os.cpu_count() or 2, target.triple, list(runner))
-    # the unwinder Rust extensions (blake3) link, for glibc 2.17: PyInstaller finds it here, on the
-    # interpreter's library path, before the system's (buildsys/unwind.py)
-    shutil.copy2(unwind.build(cache_dir(), target.triple, log), prefix / "lib" / unwind.SONAME)
     import PyInstaller
 
     run = bootloader.build(cache_dir(), PyInstaller.__version__, target.triple)
@@ -155,6 +152,7 @@ def ensure_stub_python(wheel: Path, target, runner: list[str] = ()) -> Path:
     digest = hashlib.sha256("\n".join([*pins, platform, wheel.name, str(wheel.stat().st_size),
                                        hashlib.sha256(run.read_bytes()).hexdigest()]).encode()).hexdigest()
     if marker.exists() and marker.read_text() == digest:
+        unwind.install(site, prefix / "lib", cache_dir(), target.triple, log)  # (buildsys/unwind.py)
         return prefix / "bin" / "python3.11"
     log("stub Python: installing " + ", ".join(wanted) + f" ({platform} wheels)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,6 +170,9 @@ def ensure_stub_python(wheel: Path, target, runner: list[str] = ()) -> Path:
     shutil.copy2(run, site / "PyInstaller" / "bootloader" / bootloader.PLATFORM_DIRS[target.machine] / "run")
     if runner:  # PyInstaller's --strip runs this machine's strip: strip the wheels' libraries here
         python.strip(site, target.machine)
+    # Rust extensions (blake3) need libgcc_s's unwinder: one of their own, for glibc 2.17, under a
+    # name of its own (buildsys/unwind.py); PyInstaller finds it on the interpreter's library path
+    unwind.install(site, prefix / "lib", cache_dir(), target.triple, log)
     marker.write_text(digest)
     return prefix / "bin" / "python3.11"
 

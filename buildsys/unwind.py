@@ -1,25 +1,31 @@
-"""libgcc_s.so.1 for glibc 2.17, made from LLVM's libunwind (the copy inside zig).
+"""An unwinder for glibc 2.17 under a name of its own, made from LLVM's libunwind (the copy
+inside zig), for the stub's Rust extension modules.
 
 Extension modules written in Rust (the `blake3` wheel) link libgcc_s.so.1 for its unwinder
 (`_Unwind_*`, versioned GCC_3.0 / GCC_3.3 / GCC_4.2.0). manylinux counts that library as part
 of the system, and PyInstaller would copy this machine's, which needs a newer glibc than the
-stub's floor. So the stub carries this one instead: the same symbols under the same versions,
-built with zig against glibc 2.17 for the stub's machine, needing nothing but glibc. It also
-exports __gcc_personality_v0, which glibc looks up (with _Unwind_ForcedUnwind, _Unwind_GetCFA
-and _Unwind_Resume) when pthread_cancel or pthread_exit unwinds a thread.
+stub's floor. A stand-in named libgcc_s.so.1 would be worse: once in the process it would be the
+libgcc_s of every library loaded later (a GPU driver, Mesa's LLVM), which need far more of
+libgcc_s than an unwinder (measured: lavapipe no longer loaded). So the unwinder is built as
+libgcc_b.so.1 (the same symbols under the same versions, needing nothing but glibc), and the
+extension's dynamic string "libgcc_s.so.1" (its DT_NEEDED and its version requirement's file)
+is rewritten to that name, same length, in place: the system's libgcc_s stays the one everything
+else finds. It also exports __gcc_personality_v0, as libgcc_s does.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
 
 from buildsys import zig
 
-SONAME = "libgcc_s.so.1"
+SYSTEM_NAME = b"libgcc_s.so.1"
+SONAME = "libgcc_b.so.1"  # the same length as SYSTEM_NAME: the rename is done in place
 VERSIONS = """\
 GCC_3.0 {
   global:
@@ -47,10 +53,10 @@ def build(cache: Path, triple: str, log=print) -> Path:
     exe = zig.zig_exe()
     src = exe.parent / "lib" / "libunwind"
     key = hashlib.sha256("\n".join([*zig.identity(triple), VERSIONS, repr(SOURCES)]).encode()).hexdigest()[:12]
-    out = cache / f"libgcc_s-{triple}-{key}" / SONAME
+    out = cache / f"unwinder-{triple}-{key}" / SONAME
     if out.exists():
         return out
-    log(f"libgcc_s.so.1 for {triple}: building it from zig's libunwind")
+    log(f"{SONAME} (an unwinder) for {triple}: building it from zig's libunwind")
     common = ["-target", triple, "-fPIC", "-O2", "-funwind-tables", "-D_LIBUNWIND_IS_NATIVE_ONLY",
               "-D_LIBUNWIND_DISABLE_VISIBILITY_ANNOTATIONS", f"-I{src / 'include'}"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,3 +77,52 @@ def build(cache: Path, triple: str, log=print) -> Path:
         shutil.copy2(lib, tmp_out)
         tmp_out.replace(out)
     return out
+
+
+def dynstr_span(data: bytes) -> tuple[int, int] | None:
+    """(offset, size) of an ELF64 little-endian file's .dynstr section, or None."""
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    names_at = sections[shstrndx][4]
+    for name, _type, _flags, _addr, offset, size in sections:
+        end = data.index(b"\0", names_at + name)
+        if data[names_at + name:end] == b".dynstr":
+            return offset, size
+    return None
+
+
+def use_own_unwinder(path: Path) -> bool:
+    """Make an extension module need SONAME instead of libgcc_s.so.1 (its dynamic string table
+    rewritten in place). True when it did need libgcc_s.so.1."""
+    data = bytearray(path.read_bytes())
+    span = dynstr_span(bytes(data))
+    if span is None:
+        return False
+    offset, size = span
+    table = bytes(data[offset:offset + size])
+    old, new = b"\0" + SYSTEM_NAME + b"\0", b"\0" + SONAME.encode() + b"\0"
+    if old not in table:
+        return False
+    data[offset:offset + size] = table.replace(old, new)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(bytes(data))
+    tmp.chmod(path.stat().st_mode)
+    tmp.replace(path)
+    return True
+
+
+def install(site: Path, libdir: Path, cache: Path, triple: str, log=print) -> list[str]:
+    """Every extension module under site that needs libgcc_s.so.1 made to need this unwinder, and
+    the unwinder put in libdir (the interpreter's library path, where PyInstaller finds it).
+    Returns the modules changed now (none when they were changed before)."""
+    changed = [str(p.relative_to(site)) for p in sorted(site.rglob("*.so")) if use_own_unwinder(p)]
+    needs = changed or [p for p in site.rglob("*.so") if SONAME.encode() in p.read_bytes()[:1 << 20]]
+    stale = libdir / SYSTEM_NAME.decode()
+    if stale.exists() and not stale.is_symlink():  # a stand-in from before, under the system's name
+        stale.unlink()
+    if needs:
+        shutil.copy2(build(cache, triple, log), libdir / SONAME)
+    return changed

@@ -130,7 +130,12 @@ def test_litellm_tool_result_round_trip(server):
     r = _litellm(server, tools=[WEATHER], messages=[
         ask, {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 degrees."}])
-    assert r.choices[0].message.content and r.choices[0].finish_reason in ("stop", "length")
+    # The demo model may answer or call the tool again (greedy, it is borderline between the two, and
+    # a prompt whose start was computed by an earlier request can tip it); either way the turn was
+    # taken with the call and its result in the prompt (their rendering is checked exactly in
+    # test_agent_apis.py).
+    m = r.choices[0].message
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls") and (m.content or m.tool_calls)
 
 
 # --- Anthropic's SDK (the Messages API) -----------------------------------------------------------

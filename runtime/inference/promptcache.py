@@ -37,6 +37,10 @@ from ..host import cachedir
 # would discard at least this many of its tokens (the next turn of the same conversation
 # discards one or two: the end of the last answer, which the template writes again).
 SAVE_MIN = 64
+# A cached state is copied into a slot only when it spares at least this many more tokens than
+# the slot already holds (a copy of the whole state for the template's first few tokens costs more
+# than it saves).
+RESTORE_MIN = 32
 
 
 def common_prefix(a, b, limit: int | None = None) -> int:

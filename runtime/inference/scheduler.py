@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import RuntimeFailure
-from .promptcache import SAVE_MIN, PromptCache, common_prefix, read_state, write_state
+from .promptcache import RESTORE_MIN, SAVE_MIN, PromptCache, common_prefix, read_state, write_state
 from .sampling import Result, Sampling, TextOut, TokenLogprob, token_logprobs
 
 # A cached prefix this long is worth more than a contiguous run of busy slots: decoding it again
@@ -108,17 +108,14 @@ def kept_after_gap(cached: list[int], tokens: list[int], keep: int) -> tuple[int
 def choose_slot(free: list, busy: list[int], tokens: list[int], fills: bool = False, lora: tuple = ()):
     """(slot, cached tokens it keeps) for a prompt: a free slot holding a long prefix of it (the
     next turn of a conversation) first; else the one keeping the busy slots in fewest runs; then
-    the longest cached prefix, then the one holding least, then the lowest id. fills: the requests waiting (this one
+    the longest cached prefix, then the lowest id. fills: the requests waiting (this one
     included) will take every free slot, so every slot ends up busy whichever each takes: the
     longest cached prefix first. A cache computed with other LoRA scales than lora keeps nothing
     (an adapter changes the keys and values themselves)."""
     best, best_score, keep = None, None, 0
     for s in free:
         k = common_prefix(s.cached, tokens, len(tokens) - 1) if getattr(s, "lora", ()) == lora else 0
-        # a prefix shorter than SHIFT_MIN (the template's first tokens) is worth nothing: then the
-        # slot holding the least is taken, so another conversation's cache is not thrown away
-        worth = k if k >= SHIFT_MIN else 0
-        score = (fills or k >= LONG_PREFIX, k if fills else 0, -runs(busy + [s.seq]), worth, -len(s.cached), -s.seq)
+        score = (fills or k >= LONG_PREFIX, k if fills else 0, -runs(busy + [s.seq]), k, -s.seq)
         if best_score is None or score > best_score:
             best, best_score, keep = s, score, k
     return best, keep
@@ -293,7 +290,7 @@ class Scheduler:
             best, keep = choose_slot(free, [s.seq for s in self.slots if s.req is not None], req.tokens, fills,
                                      req.lora)
             entry, k = self.cache.best(req.tokens, req.lora) if self.cache is not None else (None, 0)
-            if entry is not None and k > keep:
+            if entry is not None and k >= keep + RESTORE_MIN:
                 self._save(best, 0)
                 if self._restore(best, entry):
                     self.cache.use(entry, k)
