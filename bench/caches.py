@@ -6,8 +6,8 @@
                            same synthetic model built now (BLAKE3) and rewritten as a bundle from
                            before (SHA-256, format 1); their ratio is check_blake3_vs_sha256
     build_vs_cp_large      `bundle build` / `cp` of the same synthetic .gguf (--large-mib); and
-                           _sync_large: / `cp && sync` (a build fsyncs before it renames; cp leaves
-                           the data in the page cache, so on a fast disk plain cp looks twice as fast)
+                           _sync_large: / `cp && sync` (neither the build nor cp waits for the disk;
+                           this says what waiting for it would cost)
     second_vs_first_launch launch -> first answer byte with a system prompt of about 2,000 tokens:
                            the second launch (its state read from the per-user cache) / the first
                            launch (an empty prompt cache: it decodes the system prompt and saves it)

@@ -195,8 +195,9 @@ def write_bundle(
             writer.finish(toc, file_size)
             f.seek(payload_end)
             f.write(tail)
-            f.flush()
-            os.fsync(f.fileno())
+            # No fsync, as cp, compilers and PyInstaller do not: the bundle is rebuilt from its
+            # inputs, and checks itself at launch (a file cut short by a power loss is named as
+            # such). The rename alone keeps a half-written file from ever taking the name.
         os.chmod(tmp, 0o755)
         for part_tmp, name, *_ in parts or ():
             os.replace(part_tmp, folder / name)
