@@ -93,9 +93,9 @@ def oneshot_rate(bundle: Path, threads: int, env) -> float:
     return float(re.search(r"generated, ([0-9.]+) tok/s", r.stderr).group(1))
 
 
-def llama_bench(tool: Path, model: Path, threads: int) -> dict:
+def llama_bench(tool: Path, model: Path, threads: int, extra=()) -> dict:
     out = subprocess.run([str(tool), "-m", str(model), "-p", "512", "-n", "128", "-r", "1", "-t", str(threads),
-                          "-o", "json"], check=True, capture_output=True, text=True).stdout
+                          "-o", "json", *extra], check=True, capture_output=True, text=True).stdout
     rows = json.loads(out)
     res = {}
     for row in rows:

@@ -26,14 +26,14 @@ from buildsys.console import log  # noqa: E402
 from buildsys.stub import LLAMA_CPP_PYTHON, cache_dir, run_with_progress  # noqa: E402
 from buildsys.cache import fetch_sdist  # noqa: E402
 
-TOOLS = ("llama-bench", "llama-server")
+TOOLS = ("llama-bench", "llama-server", "ggml-rpc-server")
 # Without ggml's AMX code: on a Sapphire Rapids VM, this source built with -march=native by
 # Debian's GCC 12 crashes in ggml_backend_amx_mul_mat at the first decode (llama-server and
 # llama-bench alike; SIGSEGV, seen 2026-12-04). -march=native defines __AMX_INT8__ and friends,
 # and ggml compiles its AMX path only under them; -U takes them back whatever the -march.
 NO_AMX = "-U__AMX_INT8__ -U__AMX_TILE__ -U__AMX_BF16__"
 CMAKE_FLAGS = [
-    "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF",
+    "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DGGML_RPC=ON",
     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
     f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}",
 ]
@@ -95,7 +95,7 @@ def ensure_tools() -> dict[str, Path]:
         log("reference: configuring llama.cpp (-march=native)")
         subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja" if shutil.which("ninja") else "Unix Makefiles",
                         *CMAKE_FLAGS], check=True, stdout=subprocess.DEVNULL)
-        log("reference: compiling llama-bench and llama-server (about 6 minutes on 2 cores)")
+        log("reference: compiling llama-bench, llama-server and ggml-rpc-server (about 6 minutes on 2 cores)")
         t0 = time.time()
         run_with_progress(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *TOOLS],
                           dict(os.environ), folder / "build.log")

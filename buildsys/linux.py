@@ -31,7 +31,7 @@ from pathlib import Path
 import targets
 from runtime.host.gpu.registry import GPU_BACKENDS
 
-from . import qemu, zig
+from . import qemu, rpc, zig
 from .cache import fetch_sdist
 from .console import log
 from .elf import check_portable
@@ -107,8 +107,10 @@ def native_files(wheel: Path) -> dict[str, bytes]:
     return out
 
 
-def inputs_digest(wheel: Path, python: Path, runner: list[str] = ()) -> str:
+def inputs_digest(wheel: Path, python: Path, runner: list[str] = (), rpc_lib: Path | None = None) -> str:
     h = hashlib.sha256()
+    if rpc_lib:
+        h.update(hashlib.sha256(rpc_lib.read_bytes()).digest())
     h.update(str(python).encode())
     h.update((stub_site(python.parents[1], runner) / ".bundle-stub-env").read_bytes())
     sources_digest(h)
@@ -246,6 +248,7 @@ def build(args) -> int:
     with ThreadPoolExecutor(1) as pool:
         cpython = pool.submit(portable_python.build, cache_dir(), os.cpu_count() or 2, target.triple, runner)
         wheel = ensure_wheel(LLAMA_CPP_PYTHON, CPU_FLAGS, target.triple)
+        rpc_lib = rpc.ensure_library(cache_dir(), LLAMA_CPP_PYTHON, log, run_with_progress, target.triple)
         cpython.result()
     if not cross:  # the tests and the builder on this machine use the same llama_cpp
         ensure_installed(wheel)
@@ -253,7 +256,7 @@ def build(args) -> int:
     web_vendor = ensure_web_vendor()
     python = ensure_stub_python(wheel, target, runner)
     meta_path = out_dir / "stub.json"
-    digest = inputs_digest(wheel, python, runner)
+    digest = inputs_digest(wheel, python, runner, rpc_lib)
     if not args.force and meta_path.exists() and (out_dir / target.stub_name).exists() and (out_dir / NATIVE_NAME).exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("inputs") == digest:
@@ -262,7 +265,7 @@ def build(args) -> int:
             return 0
 
     t0 = time.time()
-    files = native_files(wheel)
+    files = {**native_files(wheel), rpc.LIBRARY: rpc_lib.read_bytes()}  # ggml's RPC, beside the CPU back end
     native = pack_native(files, out_dir / NATIVE_NAME)
     check_variants(target, native)
     log(f"native libraries: {len(files)} files, {native['unpacked_size'] / 2**20:.1f} MiB -> "
@@ -283,6 +286,7 @@ def build(args) -> int:
     version = subprocess.run([*runner, str(python), "-c", "import platform; print(platform.python_version())"],
                              capture_output=True, text=True, check=True, env=python_env(python.parents[1])).stdout.strip()
     meta = stub_meta(target.name, stub, CPU_FLAGS, version, native, digest, glibc_min=glibc)
+    meta.setdefault("backends", {})["rpc"] = {"protocol": rpc.protocol(rpc_lib)}  # --rpc-worker / --rpc
     for b in GPU_BACKENDS:  # a stale GPU blob would not match this stub's record
         (out_dir / b.stub_file).unlink(missing_ok=True)
     write_meta(meta_path, meta)

@@ -21,6 +21,10 @@ class ModelLoadError(RuntimeFailure):
     """llama.cpp could not load the model or make a context for it."""
 
 
+class LostWorkerError(RuntimeFailure):
+    """--rpc: a worker the model runs on died or was cut off; nothing more can be computed."""
+
+
 class ContextOverflowError(RuntimeFailure):
     """A prompt (or an embedding input) longer than the context."""
 

@@ -156,7 +156,7 @@ def _parts(value, where: str) -> tuple[ModelPart, ...]:
 
 
 MAX_BACKEND_FACTS = 16
-_VERSION_KEYS = ("version_min",)  # a back end's facts that are versions: [13, 0]
+_VERSION_KEYS = ("version_min", "protocol")  # a back end's facts that are versions: [13, 0]; RPC's [7, 0, 0]
 
 
 def _backend_facts(value, where: str) -> dict[str, dict]:

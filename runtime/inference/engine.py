@@ -72,7 +72,7 @@ class Engine:
     generates nothing itself: runtime.inference.scheduler owns it and runs every answer."""
 
     def __init__(self, C, model_path: str, offset: int, ctx: int, threads: int, gpu_layers: int = 0,
-                 n_seq: int = 1, devices: list[int] | None = None, adapters=()):
+                 n_seq: int = 1, devices: list[int] | None = None, adapters=(), tensor_split=None):
         """devices: the ggml devices to offload to (runtime/host/gpu/choice.py); [] keeps everything on
         the CPU even where a GPU back end is loaded (llama.cpp would otherwise still use it for
         large batches); None lets llama.cpp use every GPU device ggml has."""
@@ -83,6 +83,10 @@ class Engine:
         if devices is not None:
             self._devices = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)  # NULL-terminated
             params.devices = ctypes.cast(self._devices, ctypes.c_void_p)
+        if tensor_split:  # each device's share of the offloaded layers, in the order of devices
+            n = max(C.llama_max_devices(), len(tensor_split))
+            self._split = (ctypes.c_float * n)(*tensor_split)
+            params.tensor_split = ctypes.cast(self._split, ctypes.POINTER(ctypes.c_float))
         params.use_mmap = True
         t0 = time.perf_counter()
         if isinstance(model_path, (list, tuple)):

@@ -185,6 +185,7 @@ class Scheduler:
         self.stats = Counters()
         self.lock = threading.Condition()
         self.lora = tuple(getattr(engine, "lora", ()))  # the adapters' scales of requests that name none
+        self.broken: BaseException | None = None  # break_down's reason: nothing more can run
         self.engine.clear()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
@@ -198,6 +199,10 @@ class Scheduler:
                  on_logprobs=None) -> Future:
         """Queue a generation; the Future gives its Result. A prompt that can never fit the
         context is refused here (ContextOverflowError), before it waits for a slot."""
+        if self.broken is not None:  # ended like a running request would be (break_down)
+            future: Future = Future()
+            future.set_exception(self.broken)
+            return future
         self.engine.check_fits(len(tokens))
         req = GenRequest(list(tokens), sampling, on_text, cancel or CancelFlag(), on_logprobs=on_logprobs)
         with self.lock:
@@ -221,6 +226,9 @@ class Scheduler:
 
     def _submit_job(self, fn) -> Future:
         future: Future = Future()
+        if self.broken is not None:
+            future.set_exception(self.broken)
+            return future
         with self.lock:
             self.jobs.append((fn, future))
             self.lock.notify()
@@ -237,6 +245,23 @@ class Scheduler:
                 slot.cached = []
 
         self._submit_job(clear).result()
+
+    def break_down(self, exc: BaseException) -> None:
+        """The engine can compute nothing more (--rpc: a worker was lost, and the engine's thread
+        waits inside ggml for it): every request, queued or running, and every later one ends
+        with exc. Called from another thread; the engine itself is not touched."""
+        with self.lock:
+            self.broken = exc
+            waiting, jobs = list(self.waiting), list(self.jobs)
+            self.waiting.clear()
+            self.jobs.clear()
+            running = [s.req for s in self.slots if s.req is not None]
+        for req in waiting + running:
+            if not req.future.done():
+                req.future.set_exception(exc)
+        for _, future in jobs:
+            if not future.done():
+                future.set_exception(exc)
 
     def pending(self) -> int:
         return len(self.waiting)
@@ -543,7 +568,7 @@ class Scheduler:
         if r.finish_reason == "cancelled":
             self.stats.cancelled += 1
         self.stats.finished += 1
-        if not req.future.cancelled():
+        if not req.future.done():  # cancelled, or ended by break_down
             req.future.set_result(r)
 
     def _fail(self, slot: _Slot, exc: BaseException) -> None:

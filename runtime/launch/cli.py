@@ -72,6 +72,17 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     w.add_argument("--no-browser", action="store_true", help="do not open the web chat in a browser")
     w.add_argument("--allow-origin", action="append", metavar="ORIGIN",
                    help="let the web page at ORIGIN (e.g. http://localhost:3000) use the API (repeatable)")
+    r = p.add_argument_group("across machines (ggml RPC: for a model too big for one machine)")
+    r.add_argument("--rpc-worker", action="store_true", dest="rpc_worker",
+                   help="lend this machine's CPU or GPU to a coordinator (--host, --port: where to listen; "
+                        "default 127.0.0.1:50052)")
+    r.add_argument("--rpc", metavar="HOST:PORT[,...]",
+                   help="run the model across these workers and this machine")
+    r.add_argument("--rpc-key", dest="rpc_key", metavar="KEY",
+                   help="the key coordinator and workers share (or BUNDLE_RPC_KEY); required off loopback")
+    r.add_argument("-ts", "--tensor-split", dest="tensor_split", metavar="SHARES",
+                   help="with --rpc: each machine's share of the layers, this one first (e.g. 1,3); default: "
+                        "by free memory")
     g = p.add_argument_group("generation")
     g.add_argument("-n", "--max-tokens", type=int, dest="max_tokens", help="most tokens to generate (-1: no limit)")
     g.add_argument("--temp", type=float, help="temperature (0: greedy)")

@@ -33,7 +33,11 @@ def run(argv) -> int:
     path = self_path()
     if args.verify:
         return modes.verify(path)
+    if args.rpc_worker and args.rpc:
+        raise UsageError("--rpc-worker lends this machine to a coordinator; --rpc makes it one: choose one")
     rt = Runtime(path, args)
+    if args.rpc_worker and not args.info:
+        return modes.rpc_worker(rt)
     _say_if_wine_could_be_native(rt)
     if args.info:
         data = rt.info()

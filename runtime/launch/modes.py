@@ -10,7 +10,7 @@ import threading
 import time
 
 from ..bundlefile import read_payload
-from ..errors import RuntimeFailure
+from ..errors import RuntimeFailure, UsageError
 from ..host.console import say, write_out
 from ..inference.scheduler import CancelFlag, Scheduler, benchmark
 from ..prompts import fitting, reasoning
@@ -201,7 +201,10 @@ def serve(rt, open_page: bool, move_if_busy: bool = False) -> int:
     default one is held (another bundle, llama-server, a dev server); a port asked for fails."""
     engine = rt.load_model(n_seq=rt.parallel())
     say(rt.banner())
-    server, url = start_server(rt, rt.scheduler(engine), fallback_ports=10 if move_if_busy else 0)
+    scheduler = rt.scheduler(engine)
+    if rt.workers is not None:
+        rt.on_worker_lost = lambda message: _lost_worker(scheduler, message)
+    server, url = start_server(rt, scheduler, fallback_ports=10 if move_if_busy else 0)
     say(f"web chat and OpenAI-compatible API: {url}  (API base {url}v1; Ctrl-C stops)")
     if rt.settings.host not in ("127.0.0.1", "localhost", "::1"):
         say(f"note: listening on {rt.settings.host}, reachable from other machines"
@@ -213,6 +216,41 @@ def serve(rt, open_page: bool, move_if_busy: bool = False) -> int:
             say(f"(no display here, so no browser was opened: open {url} in one)")
     server.serve_forever()
     return 0
+
+
+def _lost_worker(scheduler, message: str) -> None:
+    """--rpc --server: the server stays up to say so (/health, and each request's error)."""
+    from ..errors import LostWorkerError
+
+    say(f"error: {message}; requests fail until this server is restarted with the worker running")
+    scheduler.break_down(LostWorkerError(f"{message}; restart the worker, then this server"))
+
+
+def rpc_worker(rt) -> int:
+    """--rpc-worker: lend this machine's back end (the GPU this bundle would use here, else the
+    CPU) to coordinators, behind the key's handshake (runtime/host/rpc.py)."""
+    from ..host import rpc
+
+    host = rt.args.host or "127.0.0.1"
+    port = rt.args.port if rt.args.port is not None else rpc.DEFAULT_PORT
+    key = rpc.key_from(rt.args.rpc_key)
+    if not key and not rpc.is_loopback(host):
+        raise UsageError(f"--rpc-worker on {host} needs a key: anyone who reaches this port could use this machine; "
+                         f"pass --rpc-key KEY (or set {rpc.KEY_ENV}), the same on the coordinator")
+    rt.load_libraries()
+    lib, protocol = rt.rpc_library()
+    if rt.backend.devices:
+        devices = list(rt.backend.devices)
+    else:
+        devices = [lib.cpu_device()]
+    lines = []
+    for d in devices:
+        free, total = lib.memory(d)
+        n = rt.threads()
+        kind = rt.backend.name if rt.backend.devices else f"CPU, {n} thread{'s' if n > 1 else ''}"
+        lines.append(f"{lib.describe(d)} ({kind}; {free / 2**30:.1f} of {total / 2**30:.1f} GiB free)")
+    return rpc.serve_worker(lib, rpc.Offer(devices, lines), host, port, key, rt.threads(), rt.cache, protocol,
+                            say, say)
 
 
 def chat_with_server(rt, open_page: bool = False) -> int:

@@ -53,6 +53,9 @@ class Runtime:
         self.engine = None
         self.variant = None
         self.backend = None
+        self.workers = None  # --rpc: the other machines the model runs across (runtime/host/rpc.py)
+        self.split = None  # their plan: layers per device, tensor_split
+        self.on_worker_lost = None  # the server's: end the requests, stay up; else one line and exit 1
 
     def threads(self) -> int:
         if getattr(self, "_threads", None) is None:
@@ -109,6 +112,8 @@ class Runtime:
         bindings.load_backends(self.libdir, os.environ.get("BUNDLE_CPU_VARIANT") or None)
         self.variant = bindings.loaded_cpu_variant()
         self.choose_backend()
+        if getattr(self.args, "rpc", None):
+            self.connect_workers()
         self.libs_seconds = time.perf_counter() - t0
 
     def choose_backend(self) -> None:
@@ -126,6 +131,69 @@ class Runtime:
             say(f"running on the CPU: {self.backend.reason}")
         if self.backend.note:
             say(f"note: {self.backend.note}")
+
+    def rpc_library(self):
+        from ..host import rpc
+        from ..host.bindings import GGML_LIB
+
+        protocol = self.manifest.stub.needs("rpc").get("protocol")
+        lib = rpc.Library(self.libdir, GGML_LIB)
+        if not protocol:
+            raise RuntimeFailure("this bundle does not record its RPC protocol version; rebuild it with a current stub")
+        return lib, tuple(protocol)
+
+    def connect_workers(self) -> None:
+        """--rpc: link to every worker (handshake first), then plan the layers across this
+        machine and them: by free memory, or --tensor-split."""
+        from ..host import rpc
+
+        lib, protocol = self.rpc_library()
+        key = rpc.key_from(getattr(self.args, "rpc_key", None))
+        addresses = [a for a in self.args.rpc.split(",") if a.strip()]
+        if not addresses:
+            raise UsageError("--rpc takes HOST:PORT[,HOST:PORT...]")
+        split = rpc.parse_split(getattr(self.args, "tensor_split", None))
+        layout = self.manifest.model.layout
+        if layout is None:
+            raise RuntimeFailure("this bundle does not record its model's layers, so they cannot be spread; rebuild it")
+        self.workers = rpc.Workers(lib, addresses, key, protocol, self._worker_lost, say)
+        self.workers.connect()
+        local = list(self.backend.devices or [])
+        local_free = [lib.memory(d)[0] for d in local]
+        cpu_free = lib.memory(lib.cpu_device())[0]
+        gpu_layers, shares, per_device, cpu_layers = rpc.plan_layers(
+            layout.n_layer, cpu_free, local, local_free, self.workers.workers, split)
+        at = len(local)
+        for w in self.workers.workers:
+            w.layers = sum(per_device[at:at + len(w.devices)])
+            at += len(w.devices)
+        self.split = {"shares": shares, "local_layers": (sum(per_device[:len(local)]) if local else cpu_layers),
+                      "local_device": self.backend.device or "CPU"}
+        self.backend.devices = local + self.workers.all_devices()
+        self.backend.gpu_layers = gpu_layers
+
+    def _worker_lost(self, message: str) -> None:
+        if self.on_worker_lost is not None:
+            self.on_worker_lost(message)
+            return
+        try:
+            sys.stdout.flush()  # what was answered so far
+        except (OSError, ValueError):
+            pass
+        say(f"\nerror: {message}; the model cannot run without it: start the worker again, then this")
+        os._exit(1)  # the engine's thread waits inside ggml for a reply that will never come
+
+    def rpc_info(self) -> dict | None:
+        if self.workers is None:
+            return None
+        return {
+            "machines": 1 + len(self.workers.workers),
+            "local": {"device": self.split["local_device"], "layers": self.split["local_layers"]},
+            "workers": [{"address": w.address, "layers": w.layers,
+                         "devices": [{"free": f, "total": t} for f, t in w.memory]} for w in self.workers.workers],
+            "tensor_split": self.split["shares"],
+            "lost": self.workers.lost,
+        }
 
     KV_BUDGET = 1 << 30  # the KV caches of all slots together, when --parallel is not given
 
@@ -169,9 +237,10 @@ class Runtime:
         # every packed adapter, loaded; each applies at its scale (0: the base's computation exactly)
         adapters = [(self.source, self.payload.absolute_offset(lora_entry(name)), name) for name in self.adapter_scales]
         try:
+            split = self.split["shares"] if self.split else None
             self.engine = choice.load(self.backend, self.settings, lambda gpu_layers, devices: Engine(
                 self.C, source, offset, self.settings.ctx, self.threads(), gpu_layers, n_seq, devices,
-                adapters=adapters), say=say)
+                adapters=adapters, tensor_split=split if devices else None), say=say)
         except ModelLoadError as exc:
             # Name the damage if there is any: a hash check costs a read of the model, only on failure.
             problems = [p for p in self.payload.verify() if p.startswith((MODEL_ENTRY, "model part"))]
@@ -300,11 +369,17 @@ class Runtime:
             printable(" ".join(x for x in (m.size_label, m.quantization) if x)),
             self.backend.describe() if self.backend else f"CPU ({self.variant or 'unknown variant'})",
             f"{self.threads()} threads",
+            self._across() if self.workers else "",
             f"ctx {e.n_ctx if e else self.settings.ctx}",
             f"{e.n_seq} slots" if e and e.n_seq > 1 else "",
             f"template {self.template_label()}",
         ]
         return " · ".join(p for p in parts if p)
+
+    def _across(self) -> str:
+        ws = self.workers.workers
+        return (f"across {1 + len(ws)} machines: this one {self.split['local_layers']} layers, "
+                + ", ".join(f"{printable(w.address)} {w.layers}" for w in ws))
 
     def server_info(self) -> dict:
         return {
@@ -313,6 +388,7 @@ class Runtime:
                          for i, a in enumerate(self.manifest.adapters)],
             "model": self.manifest.model.to_json(),
             "backend": {**self.backend.to_json(), "threads": self.threads()},
+            "rpc": self.rpc_info(),
             "created": int(time.time()),
         }
 
@@ -344,6 +420,7 @@ class Runtime:
             "settings": self.settings.to_manifest(),
             "backend": {**self.backend.to_json(), "libraries": str(libraries.real_path(self.libdir))},
             "threads": self.threads(),
+            "rpc": self.rpc_info(),
             "context": self.settings.ctx,
             "parallel": self.parallel(),
             "prompt_cache": self.prompt_cache_info(),

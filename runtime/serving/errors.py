@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
-from ..errors import ContextOverflowError, ModelLoadError, RuntimeFailure, TemplateError
+from ..errors import ContextOverflowError, LostWorkerError, ModelLoadError, RuntimeFailure, TemplateError
 from ..prompts.reasoning import ReasoningError
 from ..prompts.tools import ToolError
 
@@ -43,6 +43,7 @@ STATUS_OF: tuple[tuple[type, int, str, str], ...] = (
     (ToolError, 400, "invalid_value", "invalid_request_error"),
     (ReasoningError, 400, "invalid_value", "invalid_request_error"),
     (ModelLoadError, 500, "model_error", "server_error"),
+    (LostWorkerError, 503, "worker_lost", "server_error"),
     (RuntimeFailure, 500, "generation_failed", "server_error"),
 )
 

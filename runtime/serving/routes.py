@@ -168,6 +168,10 @@ async def lora_adapters(request: Request):
 
 async def health(request: Request):
     scheduler = state_of(request).scheduler
+    broken = getattr(scheduler, "broken", None)
+    if broken is not None:  # --rpc: a worker was lost; the model cannot run any more
+        return JSONResponse({"status": "error", "error": {"message": str(broken), "type": "worker_lost"}},
+                            status_code=503)
     s = scheduler.stats
     busy = scheduler.busy_slots()
     return JSONResponse({"status": "ok", "queued": scheduler.pending(),
