@@ -153,6 +153,7 @@ bench: stub stub-windows stub-aarch64 reference $(MODEL)
 	$(PY) -m bench.universal
 	$(PY) -m bench.lora
 	$(PY) -m bench.caches
+	$(PY) -m bench.rpc
 
 # Decode and prompt speed of the Windows bundle under wine against the Linux bundle (wine is not Windows).
 bench-windows: stub stub-windows $(MODEL)

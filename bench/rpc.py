@@ -8,6 +8,7 @@ process and one worker on loopback, side by side in one run, alternating:
     native_rpc        llama.cpp's own rpc-server and llama-bench --rpc, the same layers on the
                       worker (-ngl: the bundle's split puts 16 of the 31 there, the output included)
     bundle_alone      the bundle without a worker
+handshake_ms      one connection's handshake with the worker's front (median of 20)
 Ratios: bundle_rpc / native_rpc (what the handshake's link and the runtime cost against
 llama.cpp's own), bundle_rpc / bundle_alone (what the network hop costs on one machine; across
 two real machines add the network's round trips). Each ggml RPC link here is loopback TCP on
@@ -35,6 +36,7 @@ from bench.__main__ import BUNDLE, DEFAULT_MODEL, err, llama_bench, run_json  # 
 from bench.native import ensure_tools  # noqa: E402
 
 KEY = "bench key, loopback only"
+PROTOCOL = tuple(json.loads((ROOT / "stubs" / "linux-x86_64" / "stub.json").read_text())["backends"]["rpc"]["protocol"])
 
 
 def _start(cmd, pattern: str, env=None) -> tuple[subprocess.Popen, int]:
@@ -82,6 +84,23 @@ def wait_listening(port: int) -> None:
     raise RuntimeError(f"rpc-server did not listen on {port}")
 
 
+def handshake_ms(port: int, n: int = 20) -> float:
+    """A connection's cost: connect, the handshake with the worker's front (HMAC both ways, two
+    round trips), close; the median of n, in milliseconds."""
+    import socket
+
+    from runtime.host import rpc
+
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            rpc.coordinator_handshake(s, KEY.encode(), PROTOCOL, "the worker")
+        times.append((time.perf_counter() - t0) * 1000)
+        time.sleep(0.05)  # the worker's front lets the last link go
+    return statistics.median(times)
+
+
 def free_port() -> int:
     import socket
 
@@ -114,6 +133,7 @@ def measure(model: Path, rounds: int, threads: int) -> dict:
                                   r"listening on 127\.0\.0\.1:(\d+)", env)
             try:
                 r, _ = run_json(bench + ["--rpc", f"127.0.0.1:{port}", "--rpc-key", KEY, "--tensor-split", "1,1"], env)
+                add("handshake_ms", handshake_ms(port))
             finally:
                 _stop(worker)
             add("rpc_decode_tps", r["decode_tps"])
@@ -149,6 +169,7 @@ def format_table(r: dict) -> str:
         rows.append(f"  {kind:6}  bundle --rpc {r[f'rpc_{kind}_tps']:8.1f}   llama.cpp rpc {r[f'native_rpc_{kind}_tps']:8.1f}"
                     f"   ratio {r[f'rpc_vs_native_rpc_{kind}']:.2f}   bundle alone {r[f'alone_{kind}_tps']:8.1f}"
                     f"   ratio {r[f'rpc_vs_alone_{kind}']:.2f}  tok/s")
+    rows.append(f"  a connection's handshake (connect, prove the key both ways, close): {r['handshake_ms']:.2f} ms")
     return "\n".join(rows)
 
 

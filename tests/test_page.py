@@ -233,11 +233,13 @@ def test_attach_a_text_file_and_a_pdf(csp_page, tmp_path):
     pg.click("#new-chat")
     set_temperature(pg, 0)
     pdf = tmp_path / "letter.pdf"
-    pdf.write_bytes(make_pdf("The password is Marmalade."))
-    answer = _ask_with(pg, [str(pdf)], "What is the password in the file? Answer in one word.")
-    assert "marmalade" in answer.lower()
+    # (the demo model answers this one alike on every CPU variant; "The password is Marmalade."
+    # flipped to "a word" on some)
+    pdf.write_bytes(make_pdf("The cat is called Biscuit."))
+    answer = _ask_with(pg, [str(pdf)], "What is the cat called? Answer in one word.")
+    assert "biscuit" in answer.lower()
     sent = json.loads(pg.bodies[-1])["messages"][-1]["content"]
-    assert "The password is Marmalade." in sent[0]["text"] and "letter.pdf" in sent[0]["text"]
+    assert "The cat is called Biscuit." in sent[0]["text"] and "letter.pdf" in sent[0]["text"]
     pg.reload()  # the conversation keeps its attachment
     pg.locator(".msg.user .chip").filter(has_text="letter.pdf").wait_for()
 

@@ -12,6 +12,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -275,3 +276,74 @@ def test_layer_plan_mirrors_llama_cpp():
     assert gpu_layers == 31 and cpu == 0 and per_device == [16, 14]
     with pytest.raises(rpc.UsageError):
         rpc.plan_layers(30, 8 << 30, [], [], [w1, w2], [1, 1])
+
+
+# -- across network namespaces: every worker behind its own veth pair --------------------------------
+
+NETNS_HELPER = r'''
+import json, os, subprocess, sys, time
+exe, key, question = sys.argv[1], sys.argv[2], sys.argv[3]
+out = {}
+def ip(*a):
+    subprocess.run(["ip", *a], check=True)
+ip("link", "set", "lo", "up")
+own = os.readlink("/proc/self/ns/net")
+workers = []
+for i in (1, 2):
+    p = subprocess.Popen(["unshare", "--net", "--", "sh", "-c",
+                          f"read _; ip link set lo up; ip addr add 10.9.{i}.2/24 dev w{i}; ip link set w{i} up; "
+                          f"exec '{exe}' --rpc-worker --host 10.9.{i}.2 --port 50052 --rpc-key '{key}'"],
+                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while os.readlink(f"/proc/{p.pid}/ns/net") == own:  # until the worker's namespace exists
+        time.sleep(0.01)
+    ip("link", "add", f"c{i}", "type", "veth", "peer", "name", f"w{i}", "netns", str(p.pid))
+    ip("addr", "add", f"10.9.{i}.1/24", "dev", f"c{i}")
+    ip("link", "set", f"c{i}", "up")
+    p.stdin.write("\n")
+    p.stdin.flush()
+    workers.append(p)
+for p in workers:
+    while "listening on" not in (line := p.stderr.readline()):
+        assert line, "a worker did not start"
+at = "10.9.1.2:50052,10.9.2.2:50052"
+r = subprocess.run([exe, "-p", question, "--temp", "0", "-n", "24", "--rpc", at, "--rpc-key", key],
+                   capture_output=True, text=True, stdin=subprocess.DEVNULL)
+out["answer"] = [r.returncode, r.stdout, r.stderr]
+r = subprocess.run([exe, "--info", "--json", "--rpc", at, "--rpc-key", key], capture_output=True, text=True,
+                   stdin=subprocess.DEVNULL)
+out["info"] = [r.returncode, r.stdout, r.stderr]
+# a worker cut off (its link down, the process alive) mid-answer
+p = subprocess.Popen([exe, "-p", "Write a very long story about the sea.", "--temp", "0", "-n", "4000",
+                      "--ignore-eos", "--rpc", at, "--rpc-key", key], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                     stdin=subprocess.DEVNULL)
+p.stdout.read(20)
+ip("link", "set", "c2", "down")
+t0 = time.time()
+_, err = p.communicate(timeout=60)
+out["cut"] = [p.returncode, time.time() - t0, err.decode()]
+for w in workers:
+    w.kill()
+print(json.dumps(out))
+'''
+
+
+def test_workers_in_network_namespaces_of_their_own(built_bundle, tmp_path):
+    if subprocess.run(["unshare", "--user", "--map-root-user", "--net", "true"], capture_output=True).returncode:
+        pytest.skip("this kernel does not let an unprivileged user make namespaces (the loopback tests above still run)")
+    alone = ask(built_bundle)
+    r = subprocess.run(["unshare", "--user", "--map-root-user", "--net", sys.executable, "-c", NETNS_HELPER,
+                        str(built_bundle), KEY, QUESTION], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, BUNDLE_CACHE_DIR=str(tmp_path / "ns-cache")))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    rc, stdout, stderr = out["answer"]
+    assert rc == 0 and stdout == alone.stdout, stderr[-2000:]
+    assert "across 3 machines" in stderr
+    rc, stdout, stderr = out["info"]
+    info = json.loads(stdout)["rpc"]
+    assert [w["address"] for w in info["workers"]] == ["10.9.1.2:50052", "10.9.2.2:50052"]
+    assert all(w["layers"] > 0 for w in info["workers"])
+    rc, seconds, stderr = out["cut"]
+    assert rc == 1 and "lost the worker at 10.9.2.2:50052" in stderr, stderr[-2000:]
+    assert seconds < 20, seconds  # TCP_USER_TIMEOUT (10 s) and keepalive bound a silent peer
+    print(f"a worker cut off mid-answer: the answer ended {seconds:.1f} s after its link went down")

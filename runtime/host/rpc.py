@@ -282,7 +282,7 @@ def serve_worker(lib: Library, offer: Offer, host: str, port: int, key: bytes, t
         raise UsageError(f"--rpc-worker on {host} needs a key: anyone who reaches this port could use this machine. "
                          f"Pass --rpc-key KEY (or set {KEY_ENV}), the same on the coordinator")
     try:
-        front = socket.create_server((host, port), reuse_port=False)
+        front = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as exc:
         raise RuntimeFailure(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
     private = Path(tempfile.mkdtemp(prefix="bundle-rpc-"))  # 0700: only this user reaches ggml's socket
@@ -403,22 +403,26 @@ class Worker:
     endpoint: bytes = b""  # what ggml calls it ("fd:N": this process's Unix socket to the link)
     devices: list = field(default_factory=list)
     memory: list = field(default_factory=list)  # (free, total) per device
-    names: list = field(default_factory=list)
     layers: int = 0
+    listener: socket.socket | None = None  # the Unix socket ggml connects to for this worker
 
 
 class Workers:
     """The coordinator's links to its workers: each worker a private Unix socket that ggml
     connects to, each connection carried to the worker over an authenticated TCP link."""
 
-    def __init__(self, lib: Library, addresses: list[str], key: bytes, protocol, on_lost, log):
-        self.lib, self.key, self.protocol, self.on_lost, self.log = lib, key, protocol, on_lost, log
-        self.private = Path(tempfile.mkdtemp(prefix="bundle-rpc-"))
+    def __init__(self, lib: Library, addresses: list[str], key: bytes, protocol, on_lost):
+        self.lib, self.key, self.protocol, self.on_lost = lib, key, protocol, on_lost
         self.lost: str | None = None
-        self.workers: list[Worker] = []
-        for i, text in enumerate(addresses):
-            host, port = parse_endpoint(text)
-            self.workers.append(Worker(text.strip(), host, port))
+        self.workers = [Worker(text.strip(), *parse_endpoint(text)) for text in addresses]
+        self.private = Path(tempfile.mkdtemp(prefix="bundle-rpc-"))  # 0700: only this user's ggml connects
+        import atexit
+
+        atexit.register(self.remove)
+
+    def remove(self) -> None:
+        """The private folder of the Unix sockets (at exit; a lost worker's os._exit calls it)."""
+        shutil.rmtree(self.private, ignore_errors=True)
 
     def connect(self) -> None:
         """Check every worker (handshake: a wrong key or version is named here, before ggml),
@@ -431,7 +435,7 @@ class Workers:
             listener.listen(4)
             threading.Thread(target=self._accept, args=(w, listener), daemon=True, name=f"rpc-{w.address}").start()
             w.endpoint = f"fd:{listener.fileno()}".encode()
-            w._listener = listener
+            w.listener = listener
             reg = self.lib.lib.ggml_backend_rpc_add_server(w.endpoint)
             if not reg:
                 raise RuntimeFailure(f"the worker at {w.address} offers no device")

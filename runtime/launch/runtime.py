@@ -156,7 +156,7 @@ class Runtime:
         layout = self.manifest.model.layout
         if layout is None:
             raise RuntimeFailure("this bundle does not record its model's layers, so they cannot be spread; rebuild it")
-        self.workers = rpc.Workers(lib, addresses, key, protocol, self._worker_lost, say)
+        self.workers = rpc.Workers(lib, addresses, key, protocol, self._worker_lost)
         self.workers.connect()
         local = list(self.backend.devices or [])
         local_free = [lib.memory(d)[0] for d in local]
@@ -181,6 +181,7 @@ class Runtime:
         except (OSError, ValueError):
             pass
         say(f"\nerror: {message}; the model cannot run without it: start the worker again, then this")
+        self.workers.remove()
         os._exit(1)  # the engine's thread waits inside ggml for a reply that will never come
 
     def rpc_info(self) -> dict | None:
