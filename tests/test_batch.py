@@ -202,8 +202,14 @@ def test_slot_choice_keeps_busy_slots_in_one_run():
     free = [s for s in slots if s.seq not in (0, 1, 3)]
     prompt = header + [5000] * 20
     assert choose_slot(free, [0, 1, 3], prompt)[0].seq == 2  # fills the gap: one run
-    slots[6].cached = header + [6000] * 20  # the start of this very prompt, but short
-    assert choose_slot(free, [0, 1, 3], header + [6000] * 20 + [7])[0].seq == 2
+    slots[6].cached = header + [6000] * 20  # the start of this very prompt, but short of it by 20
+    assert choose_slot(free, [0, 1, 3], header + [6000] * 20 + [7] * 20)[0].seq == 2
+    # all of it but the last token (the same question again): its first token after one step
+    # beats the micro-batch (COVER_GAP; llama-server's slot choice by similarity does the same)
+    slot, keep = choose_slot(free, [0, 1, 3], header + [6000] * 20 + [7])
+    assert slot.seq == 6 and keep == 50
+    slots[5].cached = header + [6000] * 10  # covering less of it: the one holding most wins
+    assert choose_slot(free, [0, 1, 3], header + [6000] * 20 + [7])[0].seq == 6
     slots[6].cached = header + [6000] * LONG_PREFIX  # a conversation's earlier turns
     slot, keep = choose_slot(free, [0, 1, 3], header + [6000] * LONG_PREFIX + [7])
     assert slot.seq == 6 and keep == 30 + LONG_PREFIX

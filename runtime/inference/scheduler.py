@@ -43,6 +43,14 @@ from .sampling import Result, Sampling, TextOut, TokenLogprob, token_logprobs
 # would cost more than the extra micro-batch each step of one answer costs (measured on the demo
 # model: a step's extra graph computation ~ 10 ms; 256 prompt tokens ~ 0.2 s).
 LONG_PREFIX = 256
+# A free slot whose cache holds all of a prompt but its last COVER_GAP tokens (and three quarters
+# of it at least: the same request again, a short next turn) is taken even at the cost of a
+# micro-batch, the one holding most of it first: its first token then comes
+# after one step instead of a whole prompt's computation, as llama-server's slot choice by
+# similarity gives it. (When the slots of a wave are taken back in the same places, they stay in
+# one run anyway.)
+COVER_GAP = 16
+BURST_SECONDS = 0.002  # what the engine waits, woken from idle, for the rest of a burst of requests
 
 
 class CancelFlag:
@@ -107,7 +115,7 @@ def kept_after_gap(cached: list[int], tokens: list[int], keep: int) -> tuple[int
 
 def choose_slot(free: list, busy: list[int], tokens: list[int], fills: bool = False, lora: tuple = ()):
     """(slot, cached tokens it keeps) for a prompt: a free slot holding a long prefix of it (the
-    next turn of a conversation) first; else the one keeping the busy slots in fewest runs; then
+    next turn of a conversation) or nearly all of it (COVER_GAP) first; else the one keeping the busy slots in fewest runs; then
     the longest cached prefix, then the lowest id. fills: the requests waiting (this one
     included) will take every free slot, so every slot ends up busy whichever each takes: the
     longest cached prefix first. A cache computed with other LoRA scales than lora keeps nothing
@@ -115,7 +123,8 @@ def choose_slot(free: list, busy: list[int], tokens: list[int], fills: bool = Fa
     best, best_score, keep = None, None, 0
     for s in free:
         k = common_prefix(s.cached, tokens, len(tokens) - 1) if getattr(s, "lora", ()) == lora else 0
-        score = (fills or k >= LONG_PREFIX, k if fills else 0, -runs(busy + [s.seq]), k, -s.seq)
+        covers = len(tokens) - k <= min(COVER_GAP, len(tokens) // 4)
+        score = (fills or k >= LONG_PREFIX or covers, k if fills or covers else 0, -runs(busy + [s.seq]), k, -s.seq)
         if best_score is None or score > best_score:
             best, best_score, keep = s, score, k
     return best, keep
@@ -273,8 +282,15 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self.lock:
+                idle = False
                 while not self.waiting and not self.jobs and not self.busy_slots():
+                    idle = True
                     self.lock.wait()
+                if idle and self.waiting and len(self.slots) > 1:
+                    # Woken from idle by a request: the others of a burst (clients started
+                    # together) arrive within a millisecond or two; admitted now, they would wait
+                    # for the first one's whole step. A short pause lets them share it.
+                    self.lock.wait(BURST_SECONDS)
                 jobs = list(self.jobs)
                 self.jobs.clear()
             for fn, future in jobs:
