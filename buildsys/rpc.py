@@ -15,17 +15,11 @@ its own authenticated TCP front before either end; ggml never listens on the net
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import shutil
-import subprocess
-import tarfile
-import tempfile
-import time
 from pathlib import Path
 
-from . import zig
-from .cache import apply_patches, fetch_sdist
+from . import ggml, zig
+from .cache import apply_patches
 from .python import STRIP
 
 LIBRARY = "libggml-rpc.so"
@@ -109,29 +103,10 @@ def ensure_library(cache: Path, llama_version: str, log, run_with_progress, trip
     if lib.exists() and (folder / PROTOCOL_FILE).exists():
         log(f"RPC back end: cached ({lib})")
         return lib
-    folder.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".work-", dir=folder))
-    t0 = time.time()
-    try:
-        sdist = fetch_sdist(f"llama-cpp-python=={llama_version}", work, "llama_cpp_python-*.tar.gz")
-        with tarfile.open(sdist) as tar:
-            tar.extractall(work, filter="data")
-        src = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    def prepare(src: Path, work: Path) -> list[str]:
         apply_patches(src, PATCHES, "buildsys/rpc.py")
         (folder / PROTOCOL_FILE).write_text(".".join(map(str, read_protocol(src))))
-        build = work / "build"
-        log("RPC back end: configuring")
-        subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja" if shutil.which("ninja") else "Unix Makefiles",
-                        *FLAGS, *zig.cmake_args(zig.tools_folder(cache, triple), triple)],
-                       check=True, stdout=subprocess.DEVNULL)
-        log("RPC back end: compiling")
-        run_with_progress(["cmake", "--build", str(build), "--target", "ggml-rpc", "-j", str(os.cpu_count() or 2)],
-                          dict(os.environ), folder / "build.log")
-        built = next(build.glob("bin/libggml-rpc.so"))
-        machine = triple.split("-")[0]
-        subprocess.run([STRIP.get(machine, "strip"), "--strip-unneeded", str(built)], check=True)
-        os.replace(built, lib)
-        log(f"RPC back end: built in {time.time() - t0:.0f} s ({lib.stat().st_size / 2**10:.0f} KiB)")
-        return lib
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        return []
+
+    return ggml.build_library(cache, folder, lib, llama_version, triple, FLAGS, "ggml-rpc", "RPC back end", log,
+                              run_with_progress, prepare, strip=STRIP.get(triple.split("-")[0], "strip"))

@@ -12,16 +12,11 @@ shipped: it comes with every GPU driver, and the runtime finds it before it load
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
-import tarfile
-import tempfile
-import time
 from pathlib import Path
 
-from . import zig
-from .cache import fetch_sdist
+from . import ggml, zig
 
 DEBIAN_PACKAGES = ["glslc", "libvulkan-dev", "spirv-headers"]
 FLAGS = ["-DGGML_VULKAN=ON", "-DGGML_BACKEND_DL=ON", "-DGGML_NATIVE=OFF", "-DGGML_OPENMP=OFF",
@@ -108,29 +103,13 @@ def ensure_backend(cache: Path, llama_version: str, log, run_with_progress, trip
     if lib.exists():
         log(f"Vulkan back end: cached ({lib})")
         return lib
-    folder.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".work-", dir=folder))
-    t0 = time.time()
-    try:
-        sdist = fetch_sdist(f"llama-cpp-python=={llama_version}", work, "llama_cpp_python-*.tar.gz")
-        with tarfile.open(sdist) as tar:
-            tar.extractall(work, filter="data")
-        src = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
+
+    def prepare(src: Path, work: Path) -> list[str]:
         if "VK_EXT_layer_settings" not in (SYSTEM_INCLUDE / "vulkan" / "vulkan_core.h").read_text(errors="replace"):
             adapt_source(src)
-        build = work / "build"
-        inc = include_dir(work)
-        log("Vulkan back end: configuring")
-        subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja" if shutil.which("ninja") else "Unix Makefiles",
-                        *FLAGS, *zig.cmake_args(zig.tools_folder(cache, triple), triple), f"-DVulkan_INCLUDE_DIR={inc}",
-                        f"-DVulkan_LIBRARY={loader}", f"-DVulkan_GLSLC_EXECUTABLE={shutil.which('glslc')}"],
-                       check=True, stdout=subprocess.DEVNULL)
-        log("Vulkan back end: generating and compiling the shaders, then the back end (a few minutes)")
-        run_with_progress(["cmake", "--build", str(build), "--target", "ggml-vulkan", "-j", str(os.cpu_count() or 2)],
-                          dict(os.environ), folder / "build.log")
-        built = next(build.glob("bin/libggml-vulkan.so"))
-        os.replace(built, lib)
-        log(f"Vulkan back end: built in {time.time() - t0:.0f} s ({lib.stat().st_size / 2**20:.1f} MiB)")
-        return lib
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        return [f"-DVulkan_INCLUDE_DIR={include_dir(work)}", f"-DVulkan_LIBRARY={loader}",
+                f"-DVulkan_GLSLC_EXECUTABLE={shutil.which('glslc')}"]
+
+    return ggml.build_library(cache, folder, lib, llama_version, triple, FLAGS, "ggml-vulkan", "Vulkan back end", log,
+                              run_with_progress, prepare,
+                              compiling="generating and compiling the shaders, then the back end (a few minutes)")

@@ -106,6 +106,24 @@ def bundle_copy(built_bundle, tmp_path) -> Path:
     return dest
 
 
+def wait_for_line(stream, pattern: str, seen: list, seconds: float = 60):
+    """Read stream's lines (into seen) until one matches pattern: the match, or None when the
+    stream ends or seconds pass first (a started process saying where it listens)."""
+    import re
+    import time
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        line = stream.readline()
+        if not line:
+            return None
+        seen.append(line)
+        m = re.search(pattern, line)
+        if m:
+            return m
+    return None
+
+
 def run_exe(exe: Path, *args, input=None, timeout=120, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(exe), *map(str, args)], input=input, capture_output=True, text=True, timeout=timeout,

@@ -17,7 +17,7 @@ import threading
 import time
 
 import pytest
-from conftest import QUESTION, run_exe
+from conftest import QUESTION, run_exe, wait_for_line
 
 from runtime.host import rpc
 
@@ -32,17 +32,8 @@ class Worker:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
         self.lines: list[str] = []
-        self.port = None
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-            if m:
-                self.port = int(m.group(1))
-                break
+        m = wait_for_line(self.proc.stderr, r"listening on 127\.0\.0\.1:(\d+)", self.lines)
+        self.port = int(m.group(1)) if m else None
         assert self.port, "".join(self.lines)
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -169,13 +160,9 @@ def test_a_server_that_loses_a_worker_stays_up_and_says_so(built_bundle, workers
                              "--rpc-key", KEY], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
-        port, lines = None, []
-        deadline = time.time() + 90
-        while time.time() < deadline and port is None:
-            line = proc.stderr.readline()
-            lines.append(line)
-            m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
-            port = int(m.group(1)) if m else None
+        lines: list[str] = []
+        m = wait_for_line(proc.stderr, r"http://127\.0\.0\.1:(\d+)/", lines, seconds=90)
+        port = int(m.group(1)) if m else None
         assert port, "".join(lines)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         conn.request("POST", "/v1/chat/completions", json.dumps({

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QUESTION
+from conftest import QUESTION, wait_for_line
 
 openai = pytest.importorskip("openai")
 
@@ -25,16 +25,9 @@ class Server:
                                      text=True, env=env)
         self.url = None
         self.lines = []
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            m = re.search(r"(http://127\.0\.0\.1:(\d+)/)", line)
-            if m:
-                self.url, self.port = m.group(1), int(m.group(2))
-                break
+        m = wait_for_line(self.proc.stderr, r"(http://127\.0\.0\.1:(\d+)/)", self.lines)
+        if m:
+            self.url, self.port = m.group(1), int(m.group(2))
         assert self.url, "".join(self.lines)
 
     def client(self, **kw):

@@ -334,6 +334,7 @@ def serve_worker(lib: Library, offer: Offer, host: str, port: int, key: bytes, t
                 if host_ in leaving and not present.get(host_):
                     leaving.discard(host_)
                     log(f"rpc worker: coordinator {host_} disconnected")
+                    trim_tensor_cache(tensors)  # once it is gone, not at each of ggml's reconnections
 
         threading.Timer(3.0, gone).start()
 
@@ -365,7 +366,6 @@ def serve_worker(lib: Library, offer: Offer, host: str, port: int, key: bytes, t
             conn.close()
             if held:
                 busy.release()
-                trim_tensor_cache(tensors)
 
     try:
         while True:
