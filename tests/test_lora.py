@@ -233,9 +233,10 @@ def test_two_clients_with_different_scales_at_once_each_get_their_solo_text(lora
 
     solo = {s: _chat(lora_server, [{"id": 0, "scale": s}]) for s in (1, 0)}
     assert solo[1] != solo[0]
-    # One client per scale: two clients with the same scale share a decode, where (probably) llama.cpp's
-    # LoRA matrix products take another kernel than alone and a long greedy answer can drift
-    # from the solo one (seen 2 runs in 4, before and after this stop's scheduler changes).
+    # One client per scale: two clients with the same scale share a decode, whose two rows
+    # meet the adapter's F32 matrices in llamafile's sgemm (ggml-cpu takes it from two rows on,
+    # its vector products for one), so a long greedy answer can part from the solo one (seen 2
+    # runs in 4; the README says so).
     with ThreadPoolExecutor(2) as pool:
         got = list(pool.map(lambda s: (s, _chat(lora_server, [{"id": 0, "scale": s}])), [1, 0]))
     assert all(text == solo[s] for s, text in got), got
