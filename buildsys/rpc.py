@@ -1,15 +1,15 @@
-"""ggml's RPC back end (libggml-rpc.so), built from the same llama.cpp source and toolchain as the
-CPU libraries and carried beside them in native-cpu.tar.zst: `--rpc-worker` serves this machine's
-back ends through it, `--rpc HOST:PORT` loads a model across workers with it
-(runtime/host/rpc.py).
+"""ggml's RPC back end (libggml-rpc.so on Linux, ggml-rpc.dll on Windows), built from the same
+llama.cpp source and toolchain as the CPU libraries and carried beside them in native-cpu.tar.zst:
+`--rpc-worker` serves this machine's back ends through it, `--rpc HOST:PORT` loads a model across
+workers with it (runtime/host/rpc.py).
 
 ggml's RPC server has no authentication, and its sockets are TCP only: bound to loopback, any
-local user could still reach it. So the source is changed in three places (each checked, see
-cache.apply_patches): an endpoint whose host is "fd" names a listening Unix socket the caller
-made in a private folder (0700) — the worker's ggml server accepts on it, the coordinator's ggml
-client connects to where it listens, each time it (re)connects —, and TCP_NODELAY is not
-required of such a socket. The runtime puts
-its own authenticated TCP front before either end; ggml never listens on the network.
+local user could still reach it. So the source is changed in four places (each checked, see
+cache.apply_patches): an endpoint "bundlehook<address>:<n>" names a function of the caller's that
+returns a connected socket. The worker's ggml server asks it for each connection instead of
+accepting one; the coordinator's ggml client asks it instead of connecting. The runtime hands
+ggml one end of a socket pair and carries the other over its own authenticated TCP link, so
+ggml has no socket that anyone else can reach, on any system.
 """
 
 from __future__ import annotations
@@ -29,50 +29,55 @@ FLAGS = ["-DGGML_RPC=ON", "-DGGML_RPC_RDMA=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML
          "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
 
 _TRANSPORT = "ggml/src/ggml-rpc/transport.cpp"
-_FD_SERVER = """socket_ptr socket_t::create_server(const char * host, int port) {
-"""
-_FD_CLIENT = """socket_ptr socket_t::connect(const char * host, int port) {
-"""
-_FD_LISTEN = """#ifndef _WIN32
-    if (strcmp(host, "fd") == 0) {  // bundle: the caller's listening Unix socket (buildsys/rpc.py)
-        return socket_ptr(new socket_t(std::make_unique<impl>((sockfd_t) port)));
-    }
-#endif
-"""
-_FD_CONNECT = """#ifndef _WIN32
-    if (strcmp(host, "fd") == 0) {  // bundle: connect to where the caller's Unix socket listens
-        struct sockaddr_un where;
-        socklen_t len = sizeof(where);
-        if (getsockname(port, (struct sockaddr *) &where, &len) < 0 || where.sun_family != AF_UNIX) {
-            return nullptr;
-        }
-        auto unix_fd = socket(AF_UNIX, SOCK_STREAM, 0);
-        if (unix_fd < 0) {
-            return nullptr;
-        }
-        if (::connect(unix_fd, (struct sockaddr *) &where, len) < 0) {
-            close(unix_fd);
-            return nullptr;
-        }
-        return socket_ptr(new socket_t(std::make_unique<impl>(unix_fd)));
-    }
-#endif
-"""
-_ACCEPT_NODELAY = """    if (!set_no_delay(client_socket_fd)) {
-        GGML_LOG_ERROR("Failed to set TCP_NODELAY\\n");
+# An endpoint whose host is "bundlehook" + a hex address names a function of the caller's,
+# long long hook(int n), that returns a connected socket (or -1): the coordinator's ggml client
+# calls it instead of connecting (n: the worker's index), the worker's ggml server instead of
+# accepting (it blocks until the caller has a connection that proved the key).
+_HOOKS = """static bool is_valid_fd(sockfd_t sockfd) {"""
+_HOOKS_NEW = """typedef long long (*bundle_hook_t)(int);  // bundle: the caller's sockets (buildsys/rpc.py)
+static bundle_hook_t bundle_hook(const char * host) {
+    if (strncmp(host, "bundlehook", 10) != 0) {
         return nullptr;
     }
-    return socket_ptr(new socket_t(std::make_unique<impl>(client_socket_fd)));"""
-_ACCEPT_ANY = """    if (!set_no_delay(client_socket_fd) && errno != EOPNOTSUPP) {  // bundle: a Unix socket has no Nagle
-        GGML_LOG_ERROR("Failed to set TCP_NODELAY\\n");
-        return nullptr;
+    return (bundle_hook_t) (uintptr_t) strtoull(host + 10, nullptr, 16);
+}
+static bundle_hook_t bundle_accept_hook = nullptr;
+static int bundle_accept_arg = 0;
+
+""" + _HOOKS
+_ACCEPT = """socket_ptr socket_t::accept() {
+"""
+_ACCEPT_NEW = _ACCEPT + """    if (bundle_accept_hook) {  // bundle: the caller hands over each connection
+        long long fd = bundle_accept_hook(bundle_accept_arg);
+        if (fd < 0) {
+            return nullptr;
+        }
+        return socket_ptr(new socket_t(std::make_unique<impl>((sockfd_t) fd)));
     }
-    return socket_ptr(new socket_t(std::make_unique<impl>(client_socket_fd)));"""
+"""
+_SERVER = """socket_ptr socket_t::create_server(const char * host, int port) {
+"""
+_SERVER_NEW = _SERVER + """    if (bundle_hook_t hook = bundle_hook(host)) {  // bundle: no socket of ggml's own
+        bundle_accept_hook = hook;
+        bundle_accept_arg = port;
+        return socket_ptr(new socket_t(std::make_unique<impl>((sockfd_t) -1)));
+    }
+"""
+_CLIENT = """socket_ptr socket_t::connect(const char * host, int port) {
+"""
+_CLIENT_NEW = _CLIENT + """    if (bundle_hook_t hook = bundle_hook(host)) {  // bundle: the caller's connection to worker `port`
+        long long fd = hook(port);
+        if (fd < 0) {
+            return nullptr;
+        }
+        return socket_ptr(new socket_t(std::make_unique<impl>((sockfd_t) fd)));
+    }
+"""
 PATCHES = [
-    (_TRANSPORT, _FD_SERVER, _FD_SERVER + _FD_LISTEN),
-    (_TRANSPORT, _FD_CLIENT, _FD_CLIENT + _FD_CONNECT),
-    (_TRANSPORT, _ACCEPT_NODELAY, _ACCEPT_ANY),
-    (_TRANSPORT, "#include <cstring>\n", "#include <cstring>\n#include <cerrno>\n#ifndef _WIN32\n#include <sys/un.h>\n#endif\n"),
+    (_TRANSPORT, _HOOKS, _HOOKS_NEW),
+    (_TRANSPORT, _ACCEPT, _ACCEPT_NEW),
+    (_TRANSPORT, _SERVER, _SERVER_NEW),
+    (_TRANSPORT, _CLIENT, _CLIENT_NEW),
 ]
 
 
@@ -90,23 +95,46 @@ def protocol(lib: Path) -> list[int]:
     return [int(x) for x in (lib.parent / PROTOCOL_FILE).read_text().split(".")]
 
 
+def library_name(triple: str) -> str:
+    return "ggml-rpc.dll" if "mingw" in triple else LIBRARY
+
+
 def cache_key(llama_version: str, triple: str = zig.TRIPLE) -> str:
-    ident = [llama_version, *sorted(FLAGS), *zig.identity(triple), repr(PATCHES), "stripped"]
+    tools = [windows_toolchain()] if "mingw" in triple else zig.identity(triple)
+    ident = [llama_version, *sorted(FLAGS), *tools, repr(PATCHES), "stripped"]
     return hashlib.sha256(" ".join(ident).encode()).hexdigest()[:12]
 
 
+def windows_toolchain() -> str:
+    from . import windows
+
+    return windows.toolchain_identity()
+
+
 def ensure_library(cache: Path, llama_version: str, log, run_with_progress, triple: str = zig.TRIPLE) -> Path:
-    """libggml-rpc.so for triple's machine, compiled once per llama.cpp version, flags, toolchain
-    and changes (cached under cache/ggml-rpc-VERSION-KEY/; a minute or two the first time)."""
+    """The RPC library for triple's machine (zig for Linux, MinGW for Windows), compiled once per
+    llama.cpp version, flags, toolchain and changes (cached under cache/ggml-rpc-VERSION-KEY/; a
+    minute or two the first time)."""
     folder = cache / f"ggml-rpc-{llama_version}-{cache_key(llama_version, triple)}"
-    lib = folder / LIBRARY
+    lib = folder / library_name(triple)
     if lib.exists() and (folder / PROTOCOL_FILE).exists():
         log(f"RPC back end: cached ({lib})")
         return lib
+    windows = "mingw" in triple
+
     def prepare(src: Path, work: Path) -> list[str]:
         apply_patches(src, PATCHES, "buildsys/rpc.py")
         (folder / PROTOCOL_FILE).write_text(".".join(map(str, read_protocol(src))))
+        if windows:
+            from .windows import toolchain_file
+
+            return [f"-DCMAKE_TOOLCHAIN_FILE={toolchain_file(work)}"]
         return []
 
+    if windows:
+        from .windows import STRIP as MINGW_STRIP, tool
+
+        return ggml.build_library(cache, folder, lib, llama_version, triple, FLAGS, "ggml-rpc", "RPC back end (Windows)",
+                                  log, run_with_progress, prepare, strip=tool(MINGW_STRIP), zig_toolchain=False)
     return ggml.build_library(cache, folder, lib, llama_version, triple, FLAGS, "ggml-rpc", "RPC back end", log,
                               run_with_progress, prepare, strip=STRIP.get(triple.split("-")[0], "strip"))

@@ -31,6 +31,7 @@ import time
 import zipfile
 from pathlib import Path
 
+from . import rpc
 from .cache import apply_patches, fetch_sdist, publish
 from .console import log
 
@@ -80,7 +81,7 @@ PATCHES = [
 RECIPE = "1"
 
 
-def _tool(name: str) -> str:
+def tool(name: str) -> str:
     path = shutil.which(name)
     if not path:
         sys.exit(f"{name} is needed for the Windows stub; install Debian's g++-mingw-w64-x86-64-posix "
@@ -103,7 +104,7 @@ def wineserver_binary() -> str:
 
 
 def toolchain_identity() -> str:
-    out = subprocess.run([_tool(CXX), "--version"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([tool(CXX), "--version"], capture_output=True, text=True, check=True).stdout
     return out.splitlines()[0].strip()
 
 
@@ -111,14 +112,14 @@ def toolchain_identity() -> str:
 # llama.cpp, cross-compiled
 
 
-def _toolchain_file(folder: Path) -> Path:
+def toolchain_file(folder: Path) -> Path:
     path = folder / "mingw-toolchain.cmake"
     path.write_text("\n".join([
         "set(CMAKE_SYSTEM_NAME Windows)",
         "set(CMAKE_SYSTEM_PROCESSOR x86_64)",
-        f"set(CMAKE_C_COMPILER {_tool(CC)})",
-        f"set(CMAKE_CXX_COMPILER {_tool(CXX)})",
-        f"set(CMAKE_RC_COMPILER {_tool(MINGW + '-windres')})",
+        f"set(CMAKE_C_COMPILER {tool(CC)})",
+        f"set(CMAKE_CXX_COMPILER {tool(CXX)})",
+        f"set(CMAKE_RC_COMPILER {tool(MINGW + '-windres')})",
         f"set(CMAKE_FIND_ROOT_PATH /usr/{MINGW})",
         "set(CMAKE_FIND_ROOT_PATH_MODE_PROGRAM NEVER)",
         "set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)",
@@ -132,7 +133,7 @@ def mingw_runtime_dlls() -> dict[str, Path]:
     """Where MinGW's own DLLs lie (asked of the compiler, not assumed)."""
     out = {}
     for name in MINGW_RUNTIME:
-        found = subprocess.run([_tool(CXX), f"-print-file-name={name}"], capture_output=True, text=True,
+        found = subprocess.run([tool(CXX), f"-print-file-name={name}"], capture_output=True, text=True,
                                check=True).stdout.strip()
         path = Path(found)
         if not path.is_absolute() or not path.exists():
@@ -145,7 +146,7 @@ def mingw_runtime_dlls() -> dict[str, Path]:
 
 
 def dll_imports(path: Path) -> set[str]:
-    out = subprocess.run([_tool(OBJDUMP), "-p", str(path)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([tool(OBJDUMP), "-p", str(path)], capture_output=True, text=True, check=True).stdout
     return {m.lower() for m in re.findall(r"DLL Name: (\S+)", out)}
 
 
@@ -183,7 +184,7 @@ def ensure_llama(cache: Path, version: str, jobs: int, run_with_progress) -> Pat
         logfile = work / "build.log"
         with open(logfile, "w") as out:
             rc = subprocess.run(["cmake", "-S", str(src), "-B", str(build), *gen, *FLAGS,
-                                 f"-DCMAKE_TOOLCHAIN_FILE={_toolchain_file(work)}"],
+                                 f"-DCMAKE_TOOLCHAIN_FILE={toolchain_file(work)}"],
                                 stdout=out, stderr=subprocess.STDOUT).returncode
         if rc != 0:
             sys.exit(logfile.read_text(errors="replace")[-3000:] + "\nconfiguring llama.cpp for Windows failed")
@@ -198,7 +199,7 @@ def ensure_llama(cache: Path, version: str, jobs: int, run_with_progress) -> Pat
         for name, path in mingw_runtime_dlls().items():
             shutil.copy2(path, out / name)
         for dll in out.glob("*.dll"):
-            subprocess.run([_tool(STRIP), "--strip-unneeded", str(dll)], check=True)
+            subprocess.run([tool(STRIP), "--strip-unneeded", str(dll)], check=True)
         if not (out / "libllama.dll").exists() or not (out / "ggml.dll").exists():
             sys.exit(f"the MinGW build made no libllama.dll/ggml.dll; see {logfile}")
         check_imports(sorted(out.glob("*.dll")))
@@ -253,7 +254,7 @@ def add_wine_standins(prefix, cache: Path | None = None) -> None:
     dll = (cache or cache_dir()) / f"bcryptprimitives-standin-{key}.dll"
     if not dll.exists():
         tmp = dll.with_suffix(".tmp")
-        subprocess.run([_tool("x86_64-w64-mingw32-gcc"), "-shared", "-O2", "-s", "-o", str(tmp), str(source),
+        subprocess.run([tool("x86_64-w64-mingw32-gcc"), "-shared", "-O2", "-s", "-o", str(tmp), str(source),
                         "-ladvapi32"], check=True)
         tmp.replace(dll)
     shutil.copyfile(dll, system32 / "bcryptprimitives.dll")
@@ -429,6 +430,7 @@ def build(args) -> int:
     cache = cache_dir()
     t0 = time.time()
     libs = ensure_llama(cache, LLAMA_CPP_PYTHON, os.cpu_count() or 2, run_with_progress)
+    rpc_lib = rpc.ensure_library(cache, LLAMA_CPP_PYTHON, log, run_with_progress, TARGET.triple)
     web_vendor = ensure_web_vendor()
     pydir = ensure_python(cache)
     pins = stub_requirements()
@@ -437,6 +439,7 @@ def build(args) -> int:
     h = hashlib.sha256()
     h.update(site_digest.encode())
     h.update(libs.name.encode())
+    h.update(hashlib.sha256(rpc_lib.read_bytes()).digest())
     h.update(json.dumps(WEB_VENDOR, sort_keys=True).encode())
     sources_digest(h)
     digest = h.hexdigest()
@@ -446,7 +449,8 @@ def build(args) -> int:
         if json.loads(meta_path.read_text()).get("inputs") == digest:
             log(f"Windows stub up to date: {out_dir / stub_name}")
             return 0
-    files = native_files(libs)
+    files = {**native_files(libs), rpc_lib.name: rpc_lib.read_bytes()}  # ggml's RPC, beside the CPU back end
+    check_imports(sorted(libs.glob("*.dll")) + [rpc_lib])
     if "msvcrt.dll" not in dll_imports(libs / "libllama.dll"):
         # runtime/inference/engine.py hands libllama a FILE* from msvcrt.dll: both must share that C runtime
         sys.exit(f"{libs / 'libllama.dll'} does not use msvcrt.dll (a UCRT toolchain?); runtime/inference/engine.py must "
@@ -466,6 +470,7 @@ def build(args) -> int:
         stop_wine(env)
     meta = stub_meta(TARGET.name, stub, FLAGS, version, native, digest,
                      toolchain=toolchain_identity(), windows_min=WINDOWS_MIN)
+    meta.setdefault("backends", {})["rpc"] = {"protocol": rpc.protocol(rpc_lib)}  # --rpc-worker / --rpc
     write_meta(meta_path, meta)
     log(f"Windows stub: {stub} ({stub.stat().st_size / 2**20:.1f} MiB) in {time.time() - t0:.0f} s")
     return 0

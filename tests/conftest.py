@@ -97,6 +97,33 @@ def built_bundle(tmp_path_factory, model, stub) -> Path:
     return out
 
 
+# The Windows bundle's folder and name: spaces and letters outside ASCII (and outside most code pages).
+WIN_FOLDER = "My Models Ünïcode 模型"
+WIN_NAME = "SmolLM2 démo"
+
+
+@pytest.fixture(scope="session")
+def win_stub() -> Path:
+    import targets
+
+    stub = ROOT / "stubs" / "windows-x86_64" / targets.by_name("windows-x86_64").stub_name
+    if not stub.exists():
+        pytest.fail("the Windows stub is missing: run `make stub-windows` (python build.py --target windows-x86_64)")
+    return stub
+
+
+@pytest.fixture(scope="session")
+def win_bundle(tmp_path_factory, model, win_stub) -> Path:
+    """The demo model's Windows bundle (model.exe), built with the real `bundle build`."""
+    out = tmp_path_factory.mktemp("windist") / WIN_FOLDER / WIN_NAME
+    r = run_bundle_cmd("build", model, "--target", "windows-x86_64", "-o", out)
+    assert r.returncode == 0, r.stderr
+    exe = out.with_name(WIN_NAME + ".exe")
+    assert exe.is_file(), r.stderr  # the .exe name is added for Windows
+    assert "needs Windows" in r.stderr
+    return exe
+
+
 @pytest.fixture
 def bundle_copy(built_bundle, tmp_path) -> Path:
     """A private copy of the bundle a test may damage."""

@@ -82,8 +82,9 @@ def test_two_workers_give_the_bundles_own_answer_and_info_shows_the_layers(built
     assert across.returncode == 0, across.stderr[-3000:]
     assert across.stdout == alone.stdout
     assert "across 3 machines" in across.stderr
-    # llama.cpp's own log: a model buffer on each worker (ggml names them by its Unix endpoint)
-    assert len(set(re.findall(r"(RPC0\[fd:\d+\]) model buffer size", across.stderr))) == 2, across.stderr[-3000:]
+    # llama.cpp's own log: a model buffer on each worker (ggml names them by their endpoint)
+    buffers = re.findall(r"(RPC\d*\[bundlehook[0-9a-f]+:\d+\]) model buffer size", across.stderr)
+    assert len(set(buffers)) == 2, across.stderr[-3000:]
     for w in (a, b):
         assert "coordinator 127.0.0.1 connected" in w.log(), w.log()
     info = run_exe(built_bundle, "--info", "--json", "--rpc", f"{a.address},{b.address}", "--rpc-key", KEY)
@@ -125,6 +126,40 @@ def test_without_the_key_with_a_wrong_key_and_without_the_handshake_nothing_reac
     # and the worker still serves the one who holds the key
     ok = ask(built_bundle, "--rpc", w.address, "--rpc-key", KEY)
     assert ok.returncode == 0 and "Paris" in ok.stdout, ok.stderr[-2000:]
+
+
+def listening(pgid: int) -> list[str]:
+    """Every socket the processes of group pgid listen on: "tcp PORT", "unix PATH"."""
+    inodes = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        inodes |= {int(x[8:-1]) for x in links if x.startswith("socket:[")}
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in open(f"/proc/net/{table}").read().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and int(f[9]) in inodes:
+                found.append(f"tcp {int(f[1].rsplit(':', 1)[1], 16)}")
+    for line in open("/proc/net/unix").read().splitlines()[1:]:
+        f = line.split()
+        if int(f[3], 16) & 0x10000 and int(f[6]) in inodes:  # __SO_ACCEPTCON: listening
+            found.append(f"unix {f[7] if len(f) > 7 else '(unnamed)'}")
+    return found
+
+
+def test_a_worker_listens_on_its_front_and_nothing_else(built_bundle, workers):
+    """ggml's server has no socket of its own (not even a Unix one another local user could
+    try): its connections are handed to it. Before and after a coordinator came."""
+    w = workers()
+    assert listening(w.proc.pid) == [f"tcp {w.port}"]
+    ok = ask(built_bundle, "--rpc", w.address, "--rpc-key", KEY)
+    assert ok.returncode == 0 and "Paris" in ok.stdout, ok.stderr[-2000:]
+    assert listening(w.proc.pid) == [f"tcp {w.port}"]
 
 
 def test_a_worker_off_loopback_needs_a_key(built_bundle):
@@ -334,3 +369,30 @@ def test_workers_in_network_namespaces_of_their_own(built_bundle, tmp_path):
     assert rc == 1 and "lost the worker at 10.9.2.2:50052" in stderr, stderr[-2000:]
     assert seconds < 20, seconds  # TCP_USER_TIMEOUT (10 s) and keepalive bound a silent peer
     print(f"a worker cut off mid-answer: the answer ended {seconds:.1f} s after its link went down")
+
+
+# -- Windows: the same back end, built by MinGW, behind the same handshake ----------------------------
+
+@pytest.mark.windows
+def test_a_windows_worker_serves_a_linux_coordinator_and_the_other_way_round(built_bundle, win_bundle, wine,
+                                                                             workers):
+    alone = ask(built_bundle)
+    proc = wine.popen(win_bundle, "--rpc-worker", "--port", "0", "--rpc-key", KEY)
+    try:
+        lines: list[str] = []
+        m = wait_for_line(proc.stderr, r"listening on 127\.0\.0\.1:(\d+)", lines, seconds=180)
+        assert m, "".join(lines)
+        at = f"127.0.0.1:{m.group(1)}"
+        across = ask(built_bundle, "--rpc", at, "--rpc-key", KEY)
+        assert across.returncode == 0 and "across 2 machines" in across.stderr, across.stderr[-3000:]
+        assert across.stdout == alone.stdout
+        wrong = ask(built_bundle, "--rpc", at, "--rpc-key", "not the key", timeout=60)
+        assert wrong.returncode == 1 and "refused: wrong key" in wrong.stderr, wrong.stderr
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    w = workers()  # a Linux worker, the Windows bundle its coordinator
+    r = wine.run(win_bundle, "-p", QUESTION, "--temp", "0", "-n", "24", "--rpc", w.address, "--rpc-key", KEY)
+    assert r.returncode == 0 and "across 2 machines" in r.stderr, r.stderr[-3000:]
+    assert r.stdout.replace("\r\n", "\n") == alone.stdout
+    assert "coordinator 127.0.0.1 connected" in w.log(), w.log()

@@ -21,34 +21,14 @@ from pathlib import Path
 import pytest
 
 import targets
-from conftest import QUESTION, ROOT, run_bundle_cmd
+from conftest import QUESTION, ROOT, WIN_NAME, run_bundle_cmd
 from wine import NATIVE
 
 pytestmark = pytest.mark.windows
 TARGET = targets.by_name("windows-x86_64")
 STUB_DIR = ROOT / "stubs" / TARGET.name
 STUB = STUB_DIR / TARGET.stub_name
-# A folder and a name with spaces and letters outside ASCII (and outside most code pages).
-FOLDER = "My Models Ünïcode 模型"
-NAME = "SmolLM2 démo"
-
-
-@pytest.fixture(scope="session")
-def win_stub() -> Path:
-    if not STUB.exists():
-        pytest.fail("the Windows stub is missing: run `make stub-windows` (python build.py --target windows-x86_64)")
-    return STUB
-
-
-@pytest.fixture(scope="session")
-def win_bundle(tmp_path_factory, model, win_stub) -> Path:
-    out = tmp_path_factory.mktemp("windist") / FOLDER / NAME
-    r = run_bundle_cmd("build", model, "--target", "windows-x86_64", "-o", out)
-    assert r.returncode == 0, r.stderr
-    exe = out.with_name(NAME + ".exe")
-    assert exe.is_file(), r.stderr  # the .exe name is added for Windows
-    assert "needs Windows" in r.stderr
-    return exe
+NAME = WIN_NAME  # (the bundle's name: spaces and letters outside ASCII, conftest.win_bundle)
 
 
 def test_default_output_is_dist_model_exe(tmp_path, model, win_stub):

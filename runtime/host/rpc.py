@@ -2,11 +2,11 @@
 handshake on a shared key. `--rpc-worker` serves this machine's back end; `--rpc HOST:PORT,...`
 loads a model across the workers and this machine.
 
-ggml's RPC server has no authentication (llama.cpp: never expose it). Here ggml never touches
-the network: the worker's ggml server accepts only on a Unix socket in a private folder (0700),
-and the coordinator's ggml client connects only to Unix sockets of its own process (the
-library's "fd:N" endpoints, buildsys/rpc.py). Between the two runs this module's TCP link, which
-opens with a handshake before a single byte is passed on:
+ggml's RPC server has no authentication (llama.cpp: never expose it). Here ggml has no socket
+that anyone else can reach: its server asks this module for each connection and its client asks
+for each link (the library's "bundlehook" endpoints, buildsys/rpc.py), and gets one end of a
+socket pair whose other end this process holds. Between the two machines runs this module's TCP
+link, which opens with a handshake before a single byte is passed on:
 
     worker      -> coordinator   HELLO = MAGIC, ggml protocol (3 bytes), keyed (1), nonce_w (32)
     coordinator -> worker        MAGIC, ggml protocol (3), nonce_c (32),
@@ -31,19 +31,20 @@ import ctypes
 import hashlib
 import hmac
 import os
+import queue
 import secrets
 import shutil
 import socket
 import struct
-import tempfile
 import threading
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import RuntimeFailure, UsageError
 
-LIBRARY = "libggml-rpc.so"
+LIBRARY = "ggml-rpc.dll" if os.name == "nt" else "libggml-rpc.so"
 MAGIC = b"bundle-rpc\x01"
 NONCE = 32
 MAC = 32
@@ -168,8 +169,53 @@ def tune_link(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3), ("TCP_USER_TIMEOUT", 10000)):
-        if hasattr(socket, name):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+        if hasattr(socket, name):  # (Windows has no TCP_USER_TIMEOUT: there keepalive alone bounds it)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+            except OSError:
+                pass
+
+
+def socket_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected sockets of this process: (ours, ggml's). A Unix socket pair where there is
+    one; on Windows a loopback TCP pair whose ends are checked to be each other (another
+    program could connect to the short-lived listener first: CPython 3.11's socketpair does not
+    check that, CVE-2024-3219), without Nagle's delay (ggml sends a message in several writes)."""
+    if hasattr(socket, "AF_UNIX"):
+        return socket.socketpair()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        for _ in range(8):
+            client = socket.create_connection(listener.getsockname())
+            ours, _addr = listener.accept()
+            if ours.getpeername() == client.getsockname() and ours.getsockname() == client.getpeername():
+                for s in (ours, client):
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return ours, client
+            ours.close()
+            client.close()
+    raise OSError("could not make a private socket pair on loopback")
+
+
+class Hook:
+    """A function of ours that ggml calls for a socket (the "bundlehook" endpoints of
+    buildsys/rpc.py): make(n) returns ggml's end of a socket_pair; ggml owns it from then on.
+    on_error(n, exc): make failed (ggml then gets -1: the worker's server stops, the
+    coordinator's ggml aborts, so make keeps that for what cannot be helped)."""
+
+    TYPE = ctypes.CFUNCTYPE(ctypes.c_longlong, ctypes.c_int)
+
+    def __init__(self, make, on_error):
+        def call(n: int) -> int:
+            try:
+                return make(n).detach()
+            except Exception as exc:  # an exception must not cross into C (ctypes would return 0: stdin)
+                on_error(n, exc)
+                return -1
+
+        self._c = self.TYPE(call)  # kept: ggml holds its address
+
+    def endpoint(self, n: int) -> bytes:
+        return b"bundlehook%x:%d" % (ctypes.cast(self._c, ctypes.c_void_p).value, n)
 
 
 def _pump(src: socket.socket, dst: socket.socket, done) -> None:
@@ -216,11 +262,16 @@ class Library:
     def __init__(self, libdir: Path, ggml_lib: str):
         path = libdir / LIBRARY
         if not path.exists():
-            raise RuntimeFailure("this bundle's runtime carries no RPC back end (it was built before --rpc, or for "
-                                 "Windows, which has none yet); rebuild it with a current stub")
-        self.ggml = ggml = ctypes.CDLL(str(libdir / ggml_lib))
+            raise RuntimeFailure("this bundle's runtime carries no RPC back end (it was built before --rpc); "
+                                 "rebuild it with a current stub")
+        # ggml's functions: on Linux libggml finds them all (its dependencies' symbols are
+        # global); a Windows DLL exports only its own, and ggml-base.dll holds the devices'.
+        found = [ctypes.CDLL(str(libdir / ggml_lib))]
+        if os.name == "nt":
+            found.append(ctypes.CDLL(str(libdir / "ggml-base.dll")))
         self.lib = lib = ctypes.CDLL(str(path))
         vp, sz = ctypes.c_void_p, ctypes.c_size_t
+        self.ggml = ggml = types.SimpleNamespace()
         for name, res, args in (
             ("ggml_backend_dev_memory", None, [vp, ctypes.POINTER(sz), ctypes.POINTER(sz)]),
             ("ggml_backend_dev_description", ctypes.c_char_p, [vp]),
@@ -229,8 +280,9 @@ class Library:
             ("ggml_backend_reg_dev_count", sz, [vp]),
             ("ggml_backend_reg_dev_get", vp, [vp, sz]),
         ):
-            f = getattr(ggml, name)
+            f = next(getattr(d, name) for d in found if hasattr(d, name))
             f.restype, f.argtypes = res, args
+            setattr(ggml, name, f)
         lib.ggml_backend_rpc_add_server.restype = vp
         lib.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
         lib.ggml_backend_rpc_start_server.restype = None
@@ -285,22 +337,21 @@ def serve_worker(lib: Library, offer: Offer, host: str, port: int, key: bytes, t
         front = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as exc:
         raise RuntimeFailure(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
-    private = Path(tempfile.mkdtemp(prefix="bundle-rpc-"))  # 0700: only this user reaches ggml's socket
-    ggml_path = private / "ggml.sock"
-    inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    inner.bind(str(ggml_path))
-    inner.listen(4)
+    handoff: queue.Queue = queue.Queue()  # ggml's ends of the connections that proved the key
+
+    def failed(_n, exc):
+        log(f"rpc worker: {exc}")
+
+    hook = Hook(lambda _n: handoff.get(), failed)
     tensors = cache / TENSOR_CACHE
     tensors.mkdir(mode=0o700, exist_ok=True)
     trim_tensor_cache(tensors)
-    # ggml's server prints its own banner (with the private endpoint) on stdout: this mode's
-    # words go to stderr, ggml's to nowhere.
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
+    # ggml's server prints its own banner and a line per connection on stdout: this mode's words
+    # go to stderr, ggml's to nowhere.
+    quiet_stdout()
     array = (ctypes.c_void_p * len(offer.devices))(*offer.devices)
     server = threading.Thread(target=lib.lib.ggml_backend_rpc_start_server, daemon=True, name="ggml-rpc",
-                              args=(f"fd:{inner.fileno()}".encode(), str(tensors).encode(), threads,
-                                    len(offer.devices), array))
+                              args=(hook.endpoint(0), str(tensors).encode(), threads, len(offer.devices), array))
     server.start()
     bound = front.getsockname()
     say(f"rpc worker: serving {'; '.join(offer.lines)}")
@@ -355,9 +406,9 @@ def serve_worker(lib: Library, offer: Offer, host: str, port: int, key: bytes, t
             arrived(host_)
             try:
                 tune_link(conn)
-                ggml = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                ggml.connect(str(ggml_path))
-                _bridge(conn, ggml)
+                ours, theirs = socket_pair()
+                handoff.put(theirs)  # ggml serves it once done with the one before
+                _bridge(conn, ours)
             finally:
                 departed(host_)
         except (HandshakeError, OSError) as exc:
@@ -367,12 +418,30 @@ def serve_worker(lib: Library, offer: Offer, host: str, port: int, key: bytes, t
             if held:
                 busy.release()
 
-    try:
-        while True:
+    front.settimeout(0.5)  # (Windows delivers Ctrl+C only between calls, not inside a blocking accept)
+    while True:
+        try:
             conn, addr = front.accept()
-            threading.Thread(target=session, args=(conn, f"{addr[0]}:{addr[1]}"), daemon=True).start()
-    finally:
-        shutil.rmtree(private, ignore_errors=True)
+        except socket.timeout:
+            continue
+        conn.settimeout(None)
+        threading.Thread(target=session, args=(conn, f"{addr[0]}:{addr[1]}"), daemon=True).start()
+
+
+def quiet_stdout() -> None:
+    """Standard output to nowhere, for the C runtime ggml prints with as well as Python's (on
+    Windows the MinGW libraries use msvcrt.dll, whose descriptors are its own)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    if os.name == "nt":
+        try:
+            crt = ctypes.CDLL("msvcrt")
+            crt.fflush(None)
+            nul = crt._open(b"NUL", 1)  # O_WRONLY
+            if nul >= 0:
+                crt._dup2(nul, 1)
+        except (OSError, AttributeError):
+            pass
 
 
 def _bridge(a: socket.socket, b: socket.socket) -> None:
@@ -400,29 +469,23 @@ class Worker:
     address: str  # HOST:PORT as given
     host: str
     port: int
-    endpoint: bytes = b""  # what ggml calls it ("fd:N": this process's Unix socket to the link)
+    endpoint: bytes = b""  # what ggml calls it (a "bundlehook" endpoint: this process's link to it)
     devices: list = field(default_factory=list)
     memory: list = field(default_factory=list)  # (free, total) per device
     layers: int = 0
-    listener: socket.socket | None = None  # the Unix socket ggml connects to for this worker
 
 
 class Workers:
-    """The coordinator's links to its workers: each worker a private Unix socket that ggml
-    connects to, each connection carried to the worker over an authenticated TCP link."""
+    """The coordinator's links to its workers: whenever ggml (re)connects to one, it gets one end
+    of a socket pair whose other end is carried to the worker over an authenticated TCP link."""
 
     def __init__(self, lib: Library, addresses: list[str], key: bytes, protocol, on_lost):
         self.lib, self.key, self.protocol, self.on_lost = lib, key, protocol, on_lost
         self.lost: str | None = None
         self.workers = [Worker(text.strip(), *parse_endpoint(text)) for text in addresses]
-        self.private = Path(tempfile.mkdtemp(prefix="bundle-rpc-"))  # 0700: only this user's ggml connects
-        import atexit
-
-        atexit.register(self.remove)
-
-    def remove(self) -> None:
-        """The private folder of the Unix sockets (at exit; a lost worker's os._exit calls it)."""
-        shutil.rmtree(self.private, ignore_errors=True)
+        self._unanswered: list[socket.socket] = []  # our ends of links to a lost worker, kept open
+        self.hook = Hook(self._open, lambda n, exc: self._lose(self.workers[n], f"could not link to the worker at "
+                                                                                f"{self.workers[n].address} ({exc})"))
 
     def connect(self) -> None:
         """Check every worker (handshake: a wrong key or version is named here, before ggml),
@@ -430,12 +493,7 @@ class Workers:
         for w in self.workers:
             self._link(w).close()
         for i, w in enumerate(self.workers):
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(str(self.private / f"worker{i}.sock"))
-            listener.listen(4)
-            threading.Thread(target=self._accept, args=(w, listener), daemon=True, name=f"rpc-{w.address}").start()
-            w.endpoint = f"fd:{listener.fileno()}".encode()
-            w.listener = listener
+            w.endpoint = self.hook.endpoint(i)
             reg = self.lib.lib.ggml_backend_rpc_add_server(w.endpoint)
             if not reg:
                 raise RuntimeFailure(f"the worker at {w.address} offers no device")
@@ -462,18 +520,18 @@ class Workers:
         tune_link(sock)
         return sock
 
-    def _accept(self, w: Worker, listener: socket.socket) -> None:
-        while True:
-            try:
-                inner, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                outer = self._link(w)
-            except RuntimeFailure as exc:
-                self._lose(w, str(exc))
-                continue  # inner stays open and unanswered: ggml waits rather than aborts
-            threading.Thread(target=self._carry, args=(w, inner, outer), daemon=True).start()
+    def _open(self, n: int) -> socket.socket:
+        """ggml's end of a new link to worker n (ggml asks whenever it (re)connects)."""
+        w = self.workers[n]
+        ours, theirs = socket_pair()
+        try:
+            outer = self._link(w)
+        except RuntimeFailure as exc:
+            self._lose(w, str(exc))
+            self._unanswered.append(ours)  # open and unanswered: ggml waits rather than aborts
+            return theirs
+        threading.Thread(target=self._carry, args=(w, ours, outer), daemon=True, name=f"rpc-{w.address}").start()
+        return theirs
 
     def _carry(self, w: Worker, inner: socket.socket, outer: socket.socket) -> None:
         ended = {}

@@ -181,7 +181,6 @@ class Runtime:
         except (OSError, ValueError):
             pass
         say(f"\nerror: {message}; the model cannot run without it: start the worker again, then this")
-        self.workers.remove()
         os._exit(1)  # the engine's thread waits inside ggml for a reply that will never come
 
     def rpc_info(self) -> dict | None:
