@@ -204,12 +204,33 @@ def test_slot_choice_keeps_busy_slots_in_one_run():
     assert choose_slot(free, [0, 1, 3], prompt)[0].seq == 2  # fills the gap: one run
     slots[6].cached = header + [6000] * 20  # the start of this very prompt, but short of it by 20
     assert choose_slot(free, [0, 1, 3], header + [6000] * 20 + [7] * 20)[0].seq == 2
-    # all of it but the last token (the same question again): its first token after one step
-    # beats the micro-batch (COVER_GAP; llama-server's slot choice by similarity does the same)
-    slot, keep = choose_slot(free, [0, 1, 3], header + [6000] * 20 + [7])
+    # all of it but the last token (the same question again) is not worth a micro-batch more at
+    # every step of every answer: the gap is filled (COVER_GAP)
+    assert choose_slot(free, [0, 1, 3], header + [6000] * 20 + [7])[0].seq == 2
+    # ... but where it adds no run, its first token after one step beats a prompt's computation
+    # (llama-server's slot choice by similarity does the same)
+    slot, keep = choose_slot(free, [0, 1, 2, 3, 4, 5], header + [6000] * 20 + [7])
     assert slot.seq == 6 and keep == 50
-    slots[5].cached = header + [6000] * 10  # covering less of it: the one holding most wins
-    assert choose_slot(free, [0, 1, 3], header + [6000] * 20 + [7])[0].seq == 6
+    slot, keep = choose_slot(free, [], header + [6000] * 20 + [7])  # the first of a burst
+    assert slot.seq == 6 and keep == 50
+    slots[7].cached = header + [6000] * 10  # covering less of it: the one holding most wins
+    assert choose_slot([slots[6], slots[7]], [0, 1, 2, 3, 4, 5], header + [6000] * 20 + [7])[0].seq == 6
+    # A burst of questions asked before, arriving in another order: the first took slot 4; the
+    # one cached in slot 2 still goes there, because the one cached in slot 3 waits beside it
+    from runtime.inference.scheduler import expected_slots
+
+    burst = [_Slot(i) for i in range(8)]
+    for s in burst:
+        s.cached = header + [2000 + s.seq] * 20
+    open_ = [s for s in burst if s.seq != 4]
+    asked = {i: header + [2000 + i] * 20 + [9] for i in range(8)}
+    assert choose_slot(open_, [4], asked[2])[0].seq != 2  # alone, it would rather not split the run
+    waiting = [(asked[3], ())]
+    slot, keep = choose_slot(open_, [4], asked[2], expected=expected_slots(open_, waiting))
+    assert slot.seq == 2 and keep == 50
+    # a newcomer that holds nothing leaves the slot another waiting request holds to it
+    assert choose_slot(open_, [4], [1] * 40)[0].seq == 3
+    assert choose_slot(open_, [4], [1] * 40, expected=expected_slots(open_, waiting))[0].seq == 2
     slots[6].cached = header + [6000] * LONG_PREFIX  # a conversation's earlier turns
     slot, keep = choose_slot(free, [0, 1, 3], header + [6000] * LONG_PREFIX + [7])
     assert slot.seq == 6 and keep == 30 + LONG_PREFIX
@@ -219,3 +240,33 @@ def test_slot_choice_keeps_busy_slots_in_one_run():
     slots[6].cached = header + [6000] * 20
     slot, keep = choose_slot(free, [0, 1, 3], header + [6000] * 20 + [7], fills=True)
     assert slot.seq == 6 and keep == 50
+
+
+def test_a_cache_away_from_the_busy_slots_is_copied_beside_them(batched):
+    """The same question again while slot 0 is busy: the slot holding it (2) would split the run,
+    so it goes to slot 1 with slot 2's cache copied in, decoding one token of its prompt; its
+    greedy answer is the one a cold scheduler gives, and the busy slot's answer is unchanged."""
+    e, _, prompt = batched
+    sched = Scheduler(e, 3)
+    sched.forget_all()
+    q, x, y, z = (prompt(p) for p in (PROMPTS[3], PROMPTS[1], PROMPTS[2], PROMPTS[4]))
+    long_answer = Sampling(temp=0, repeat_penalty=1.0, max_tokens=60, ignore_eog=True)
+    fx, fy = sched.generate(x, long_answer), sched.generate(y, long_answer)
+    while sum(s.req is not None for s in sched.slots) < 2:
+        time.sleep(0.01)
+    first = sched.generate(q, Sampling(temp=0, repeat_penalty=1.0, max_tokens=16)).result(300)
+    fx.result(300), fy.result(300)
+    assert sched.slots[2].cached[:len(q)] == q  # q was computed in the last slot
+    fz = sched.generate(z, long_answer)
+    while sched.slots[0].req is None or len(sched.slots[0].cached) <= len(z):  # z's prompt decoded, in slot 0
+        time.sleep(0.01)
+    before = sched.stats.prompt_tokens
+    again = sched.generate(q, Sampling(temp=0, repeat_penalty=1.0, max_tokens=16)).result(300)
+    assert sched.stats.prompt_tokens - before == 1 and again.cached_tokens == len(q) - 1
+    assert sched.slots[1].cached[:len(q)] == q and again.text == first.text
+    rz = fz.result(300)
+    cold = Scheduler(e, 1)
+    cold.forget_all()
+    assert cold.generate(z, long_answer).result(300).text == rz.text
+    cold.forget_all()
+    sched.forget_all()

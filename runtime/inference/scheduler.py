@@ -44,11 +44,16 @@ from .sampling import Result, Sampling, TextOut, TokenLogprob, token_logprobs
 # model: a step's extra graph computation ~ 10 ms; 256 prompt tokens ~ 0.2 s).
 LONG_PREFIX = 256
 # A free slot whose cache holds all of a prompt but its last COVER_GAP tokens (and three quarters
-# of it at least: the same request again, a short next turn) is taken even at the cost of a
-# micro-batch, the one holding most of it first: its first token then comes
+# of it at least: the same request again, a short next turn) is taken, the one holding most of it
+# first, when it keeps the busy slots in as few runs as any other: its first token then comes
 # after one step instead of a whole prompt's computation, as llama-server's slot choice by
-# similarity gives it. (When the slots of a wave are taken back in the same places, they stay in
-# one run anyway.)
+# similarity gives it. Not at the cost of a micro-batch (an extra graph computation at every
+# step of the answer, and of every answer decoded beside it): then the slot beside the busy ones
+# is taken, and the covering slot's cache copied into it (llama_memory_seq_cp: a copy of that
+# slot's buffer, done by llama.cpp before the next decode) rather than computed again. Requests
+# that come back together settle into one run: the first takes its slot, the others the slots
+# beside it (expected_slots: those the others waiting will take count as busy), where they are
+# found the next time.
 COVER_GAP = 16
 BURST_SECONDS = 0.002  # what the engine waits, woken from idle, for the rest of a burst of requests
 
@@ -113,18 +118,44 @@ def kept_after_gap(cached: list[int], tokens: list[int], keep: int) -> tuple[int
     return (best_b, best_m) if best_m >= SHIFT_MIN else (0, 0)
 
 
-def choose_slot(free: list, busy: list[int], tokens: list[int], fills: bool = False, lora: tuple = ()):
+def covers(slot, tokens: list[int], lora: tuple = ()) -> int:
+    """The cached tokens slot keeps of a prompt when it holds all of it but its last few
+    (COVER_GAP), else 0."""
+    k = common_prefix(slot.cached, tokens, len(tokens) - 1) if getattr(slot, "lora", ()) == lora else 0
+    return k if k and len(tokens) - k <= min(COVER_GAP, len(tokens) // 4) else 0
+
+
+def expected_slots(free: list, others: list) -> list[int]:
+    """The free slots that requests waiting beside this one will take because they hold their
+    prompts (a burst of questions asked before): counted as busy when this one chooses, so that
+    a burst settles where it was last time whatever order its requests came in."""
+    taken: list[int] = []
+    for tokens, lora in others:
+        best = max(((covers(s, tokens, lora), s.seq) for s in free if s.seq not in taken), default=(0, 0))
+        if best[0]:
+            taken.append(best[1])
+    return taken
+
+
+def choose_slot(free: list, busy: list[int], tokens: list[int], fills: bool = False, lora: tuple = (),
+                expected: list[int] = ()):
     """(slot, cached tokens it keeps) for a prompt: a free slot holding a long prefix of it (the
-    next turn of a conversation) or nearly all of it (COVER_GAP) first; else the one keeping the busy slots in fewest runs; then
+    next turn of a conversation) first, or nearly all of it (COVER_GAP) where that adds no run;
+    else the one keeping the busy slots in fewest runs (with those the other waiting requests are
+    expected to take: expected_slots); then
     the longest cached prefix, then the lowest id. fills: the requests waiting (this one
     included) will take every free slot, so every slot ends up busy whichever each takes: the
     longest cached prefix first. A cache computed with other LoRA scales than lora keeps nothing
     (an adapter changes the keys and values themselves)."""
     best, best_score, keep = None, None, 0
+    after = [x for x in expected if x not in busy]
+    fewest = min((runs(busy + after + [s.seq]) for s in free if s.seq not in after), default=0)
     for s in free:
         k = common_prefix(s.cached, tokens, len(tokens) - 1) if getattr(s, "lora", ()) == lora else 0
-        covers = len(tokens) - k <= min(COVER_GAP, len(tokens) // 4)
-        score = (fills or k >= LONG_PREFIX or covers, k if fills or covers else 0, -runs(busy + [s.seq]), k, -s.seq)
+        n_runs = runs(busy + [x for x in after if x != s.seq] + [s.seq])
+        near_all = covers(s, tokens, lora) > 0 and n_runs <= fewest
+        score = (fills or k >= LONG_PREFIX or near_all, k if fills or near_all else 0, s.seq not in after, -n_runs,
+                 k, -s.seq)
         if best_score is None or score > best_score:
             best, best_score, keep = s, score, k
     return best, keep
@@ -328,10 +359,20 @@ class Scheduler:
                     return
                 fills = len(self.waiting) >= len(free)
                 self.waiting.popleft()
+                others = [(r.tokens, r.lora) for r in list(self.waiting)[:len(free) - 1] if not r.cancel.is_set()]
             best, keep = choose_slot(free, [s.seq for s in self.slots if s.req is not None], req.tokens, fills,
-                                     req.lora)
+                                     req.lora, expected_slots(free, others) if others and not fills else [])
+            donor = max(free, key=lambda s: (covers(s, req.tokens, req.lora), -abs(s.seq - best.seq)))
+            moved = covers(donor, req.tokens, req.lora) if donor is not best else 0
             entry, k = self.cache.best(req.tokens, req.lora) if self.cache is not None else (None, 0)
-            if entry is not None and k >= keep + RESTORE_MIN:
+            if moved > keep:
+                # Another free slot holds nearly all of it, but away from the busy ones: its
+                # cache is copied here (a memory copy of that slot's buffer, at the next decode)
+                # rather than computed again, and the run stays whole.
+                self._save(best, 0)
+                self.C.llama_memory_seq_cp(self.engine.memory, donor.seq, best.seq, -1, -1)
+                best.cached, best.lora, keep = list(donor.cached), donor.lora, moved
+            elif entry is not None and k >= keep + RESTORE_MIN:
                 self._save(best, 0)
                 if self._restore(best, entry):
                     self.cache.use(entry, k)
