@@ -95,20 +95,23 @@ def protocol(lib: Path) -> list[int]:
     return [int(x) for x in (lib.parent / PROTOCOL_FILE).read_text().split(".")]
 
 
+def for_windows(triple: str) -> bool:
+    return "mingw" in triple
+
+
 def library_name(triple: str) -> str:
-    return "ggml-rpc.dll" if "mingw" in triple else LIBRARY
+    return "ggml-rpc.dll" if for_windows(triple) else LIBRARY
 
 
 def cache_key(llama_version: str, triple: str = zig.TRIPLE) -> str:
-    tools = [windows_toolchain()] if "mingw" in triple else zig.identity(triple)
+    if for_windows(triple):
+        from . import windows
+
+        tools = [windows.toolchain_identity()]
+    else:
+        tools = zig.identity(triple)
     ident = [llama_version, *sorted(FLAGS), *tools, repr(PATCHES), "stripped"]
     return hashlib.sha256(" ".join(ident).encode()).hexdigest()[:12]
-
-
-def windows_toolchain() -> str:
-    from . import windows
-
-    return windows.toolchain_identity()
 
 
 def ensure_library(cache: Path, llama_version: str, log, run_with_progress, triple: str = zig.TRIPLE) -> Path:
@@ -120,21 +123,19 @@ def ensure_library(cache: Path, llama_version: str, log, run_with_progress, trip
     if lib.exists() and (folder / PROTOCOL_FILE).exists():
         log(f"RPC back end: cached ({lib})")
         return lib
-    windows = "mingw" in triple
+    windows = for_windows(triple)
+    if windows:
+        from . import windows as mingw
+
+        strip = mingw.tool(mingw.STRIP)
+    else:
+        strip = STRIP.get(triple.split("-")[0], "strip")
 
     def prepare(src: Path, work: Path) -> list[str]:
         apply_patches(src, PATCHES, "buildsys/rpc.py")
         (folder / PROTOCOL_FILE).write_text(".".join(map(str, read_protocol(src))))
-        if windows:
-            from .windows import toolchain_file
+        return [f"-DCMAKE_TOOLCHAIN_FILE={mingw.toolchain_file(work)}"] if windows else []
 
-            return [f"-DCMAKE_TOOLCHAIN_FILE={toolchain_file(work)}"]
-        return []
-
-    if windows:
-        from .windows import STRIP as MINGW_STRIP, tool
-
-        return ggml.build_library(cache, folder, lib, llama_version, triple, FLAGS, "ggml-rpc", "RPC back end (Windows)",
-                                  log, run_with_progress, prepare, strip=tool(MINGW_STRIP), zig_toolchain=False)
-    return ggml.build_library(cache, folder, lib, llama_version, triple, FLAGS, "ggml-rpc", "RPC back end", log,
-                              run_with_progress, prepare, strip=STRIP.get(triple.split("-")[0], "strip"))
+    return ggml.build_library(cache, folder, lib, llama_version, triple, FLAGS, "ggml-rpc",
+                              "RPC back end (Windows)" if windows else "RPC back end", log, run_with_progress,
+                              prepare, strip=strip, zig_toolchain=not windows)

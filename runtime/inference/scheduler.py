@@ -28,6 +28,7 @@ Other work (embeddings) runs between two steps.
 from __future__ import annotations
 
 import collections
+import itertools
 import random
 import threading
 import time
@@ -118,11 +119,20 @@ def kept_after_gap(cached: list[int], tokens: list[int], keep: int) -> tuple[int
     return (best_b, best_m) if best_m >= SHIFT_MIN else (0, 0)
 
 
+def cached_prefix(slot, tokens: list[int], lora: tuple = ()) -> int:
+    """The tokens of a prompt slot's cache keeps (none computed under other LoRA scales)."""
+    return common_prefix(slot.cached, tokens, len(tokens) - 1) if getattr(slot, "lora", ()) == lora else 0
+
+
+def nearly_all(k: int, tokens: list[int]) -> bool:
+    """k cached tokens are all of the prompt but its last few (COVER_GAP)."""
+    return k > 0 and len(tokens) - k <= min(COVER_GAP, len(tokens) // 4)
+
+
 def covers(slot, tokens: list[int], lora: tuple = ()) -> int:
-    """The cached tokens slot keeps of a prompt when it holds all of it but its last few
-    (COVER_GAP), else 0."""
-    k = common_prefix(slot.cached, tokens, len(tokens) - 1) if getattr(slot, "lora", ()) == lora else 0
-    return k if k and len(tokens) - k <= min(COVER_GAP, len(tokens) // 4) else 0
+    """The cached tokens slot keeps of a prompt when it holds nearly all of it, else 0."""
+    k = cached_prefix(slot, tokens, lora)
+    return k if nearly_all(k, tokens) else 0
 
 
 def expected_slots(free: list, others: list) -> list[int]:
@@ -151,9 +161,9 @@ def choose_slot(free: list, busy: list[int], tokens: list[int], fills: bool = Fa
     after = [x for x in expected if x not in busy]
     fewest = min((runs(busy + after + [s.seq]) for s in free if s.seq not in after), default=0)
     for s in free:
-        k = common_prefix(s.cached, tokens, len(tokens) - 1) if getattr(s, "lora", ()) == lora else 0
+        k = cached_prefix(s, tokens, lora)
         n_runs = runs(busy + [x for x in after if x != s.seq] + [s.seq])
-        near_all = covers(s, tokens, lora) > 0 and n_runs <= fewest
+        near_all = nearly_all(k, tokens) and n_runs <= fewest
         score = (fills or k >= LONG_PREFIX or near_all, k if fills or near_all else 0, s.seq not in after, -n_runs,
                  k, -s.seq)
         if best_score is None or score > best_score:
@@ -359,7 +369,8 @@ class Scheduler:
                     return
                 fills = len(self.waiting) >= len(free)
                 self.waiting.popleft()
-                others = [(r.tokens, r.lora) for r in list(self.waiting)[:len(free) - 1] if not r.cancel.is_set()]
+                others = [(r.tokens, r.lora) for r in itertools.islice(self.waiting, len(free) - 1)
+                          if not r.cancel.is_set()]
             best, keep = choose_slot(free, [s.seq for s in self.slots if s.req is not None], req.tokens, fills,
                                      req.lora, expected_slots(free, others) if others and not fills else [])
             donor = max(free, key=lambda s: (covers(s, req.tokens, req.lora), -abs(s.seq - best.seq)))
