@@ -270,3 +270,29 @@ def test_a_cache_away_from_the_busy_slots_is_copied_beside_them(batched):
     assert cold.generate(z, long_answer).result(300).text == rz.text
     cold.forget_all()
     sched.forget_all()
+
+
+def test_requests_arriving_one_after_another_share_the_first_step(batched, monkeypatch):
+    """Clients started together reach the engine milliseconds apart (each request is parsed and
+    its template rendered first): the engine, woken from idle, waits while they keep coming
+    (BURST_SECONDS at a time, BURST_MOST_SECONDS in all), so all four prompts go into the first
+    decode and every answer takes one token per step: as many steps as tokens, not one more.
+    The times are scaled up tenfold here (gaps of 12 ms, waits of 20 ms): a busy test machine
+    can delay a thread by a few milliseconds, never the rule."""
+    import runtime.inference.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "BURST_SECONDS", 0.02)
+    monkeypatch.setattr(scheduler_module, "BURST_MOST_SECONDS", 0.12)
+    e, sched, prompt = batched
+    tokens = [prompt(p) for p in PROMPTS[:4]]
+    n = 8
+    for _ in range(2):  # the second time, each prompt is found in a slot's cache
+        while sched.busy_slots() or sched.pending():
+            time.sleep(0.01)
+        before = sched.stats.steps
+        futures = []
+        for t in tokens:
+            futures.append(sched.generate(t, Sampling(temp=0, repeat_penalty=1.0, max_tokens=n, ignore_eog=True)))
+            time.sleep(0.012)  # 36 ms from the first to the last: more than one wait
+        assert all(f.result(300).completion_tokens == n for f in futures)
+        assert sched.stats.steps - before == n

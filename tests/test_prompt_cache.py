@@ -101,6 +101,26 @@ def test_a_prefix_computed_in_one_slot_is_reused_in_another(engine, render):
     cold.forget_all()
 
 
+def test_a_short_conversation_comes_back_from_the_cache(engine, render):
+    """A short question (no system prompt: a slot's cache shares the template's first tokens with
+    any other) is answered, another takes its only slot, and it is asked again: its state comes
+    back from the cache (a copy costs far less than decoding even a dozen tokens) and only its
+    last token is decoded; the greedy answer is the same."""
+    sched = Scheduler(engine, 1, cache=PromptCache(None))
+    sched.forget_all()
+    q, other = render([{"role": "user", "content": "Why is the sky blue?"}]), render([{"role": "user", "content": "Name a fish."}])
+    template_part = common_prefix(q, other)
+    assert 4 <= len(q) - 1 - template_part < 32  # fewer new tokens than the cache used to want
+    first = sched.generate(q, Sampling(max_tokens=8, **GREEDY)).result(300)
+    sched.generate(other, Sampling(max_tokens=8, **GREEDY)).result(300)
+    assert sched.cache.stats.saved == 1
+    before = sched.stats.prompt_tokens
+    again = sched.generate(q, Sampling(max_tokens=8, **GREEDY)).result(300)
+    assert sched.stats.prompt_tokens - before == 1 and again.cached_tokens == len(q) - 1
+    assert sched.cache.stats.hits == 1 and again.text == first.text
+    sched.forget_all()
+
+
 def test_at_its_limit_the_least_recently_used_state_goes(engine, render):
     """A limit of about two states: three long prompts through one slot; the first one's state
     goes when the third one's comes, and the cache never holds more than its limit."""

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import RuntimeFailure
-from .promptcache import RESTORE_MIN, SAVE_MIN, PromptCache, common_prefix, read_state, write_state
+from .promptcache import SAVE_MIN, PromptCache, common_prefix, read_state, worth_restoring, write_state
 from .sampling import Result, Sampling, TextOut, TokenLogprob, token_logprobs
 
 # A cached prefix this long is worth more than a contiguous run of busy slots: decoding it again
@@ -50,13 +50,13 @@ LONG_PREFIX = 256
 # after one step instead of a whole prompt's computation, as llama-server's slot choice by
 # similarity gives it. Not at the cost of a micro-batch (an extra graph computation at every
 # step of the answer, and of every answer decoded beside it): then the slot beside the busy ones
-# is taken, and the covering slot's cache copied into it (llama_memory_seq_cp: a copy of that
-# slot's buffer, done by llama.cpp before the next decode) rather than computed again. Requests
-# that come back together settle into one run: the first takes its slot, the others the slots
-# beside it (expected_slots: those the others waiting will take count as busy), where they are
-# found the next time.
+# is taken, and the covering slot's cells copied into it (Scheduler._copy) rather than computed
+# again. Requests that come back together settle into one run: the first takes its slot, the
+# others the slots beside it (expected_slots: those the others waiting will take count as busy),
+# where they are found the next time.
 COVER_GAP = 16
 BURST_SECONDS = 0.002  # what the engine waits, woken from idle, for the rest of a burst of requests
+BURST_MOST_SECONDS = 0.012  # ... at most, while they keep coming
 
 
 class CancelFlag:
@@ -329,9 +329,18 @@ class Scheduler:
                     self.lock.wait()
                 if idle and self.waiting and len(self.slots) > 1:
                     # Woken from idle by a request: the others of a burst (clients started
-                    # together) arrive within a millisecond or two; admitted now, they would wait
-                    # for the first one's whole step. A short pause lets them share it.
-                    self.lock.wait(BURST_SECONDS)
+                    # together) arrive within milliseconds of each other; admitted now, they
+                    # would wait for the first one's whole step. A short pause lets them share
+                    # it, renewed while they keep coming (up to BURST_MOST_SECONDS in all).
+                    end, seen = time.perf_counter() + BURST_MOST_SECONDS, len(self.waiting)
+                    while seen < len(self.slots):
+                        left = min(BURST_SECONDS, end - time.perf_counter())
+                        if left <= 0:
+                            break
+                        self.lock.wait(left)  # woken by the next request, or BURST_SECONDS of quiet
+                        if len(self.waiting) == seen:
+                            break
+                        seen = len(self.waiting)
                 jobs = list(self.jobs)
                 self.jobs.clear()
             for fn, future in jobs:
@@ -376,14 +385,11 @@ class Scheduler:
             donor = max(free, key=lambda s: (covers(s, req.tokens, req.lora), -abs(s.seq - best.seq)))
             moved = covers(donor, req.tokens, req.lora) if donor is not best else 0
             entry, k = self.cache.best(req.tokens, req.lora) if self.cache is not None else (None, 0)
-            if moved > keep:
+            if moved > keep and self._copy(donor, best):
                 # Another free slot holds nearly all of it, but away from the busy ones: its
-                # cache is copied here (a memory copy of that slot's buffer, at the next decode)
-                # rather than computed again, and the run stays whole.
-                self._save(best, 0)
-                self.C.llama_memory_seq_cp(self.engine.memory, donor.seq, best.seq, -1, -1)
-                best.cached, best.lora, keep = list(donor.cached), donor.lora, moved
-            elif entry is not None and k >= keep + RESTORE_MIN:
+                # cells are copied here rather than computed again, and the run stays whole.
+                keep = moved
+            elif entry is not None and worth_restoring(k, keep):
                 self._save(best, 0)
                 if self._restore(best, entry):
                     self.cache.use(entry, k)
@@ -407,6 +413,21 @@ class Scheduler:
         data, size = read_state(self.C, self.engine.ctx, slot.seq)
         if size:
             cache.add(slot.cached, slot.lora, data, size)
+
+    def _copy(self, donor: _Slot, slot: _Slot) -> bool:
+        """Put what donor's cache holds into slot (what slot held is saved first, as for any
+        newcomer). A copy of the cells in use (llama_state_seq_get/set_data: a prompt and its
+        answer, ~2 MB on the demo model, ~1 ms) rather than llama_memory_seq_cp, which between
+        two slots' caches copies the whole buffer of the context's size (~16 ms on the demo model
+        with -c 4096)."""
+        self._save(slot, 0)
+        data, size = read_state(self.C, self.engine.ctx, donor.seq)
+        if size and write_state(self.C, self.engine.ctx, slot.seq, data, size):
+            slot.cached, slot.lora = list(donor.cached), donor.lora
+            return True
+        self.C.llama_memory_seq_rm(self.engine.memory, slot.seq, -1, -1)
+        slot.cached = []
+        return False
 
     def _restore(self, slot: _Slot, entry) -> bool:
         """Put a cached state into the slot (what it held is replaced)."""
