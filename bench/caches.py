@@ -5,9 +5,11 @@
     check_s_per_gib        the first launch's check of a new file, seconds per GiB of bundle, for the
                            same synthetic model built now (BLAKE3) and rewritten as a bundle from
                            before (SHA-256, format 1); their ratio is check_blake3_vs_sha256
-    build_vs_cp_large      `bundle build` / `cp` of the same synthetic .gguf (--large-mib); and
-                           _sync_large: / `cp && sync` (neither the build nor cp waits for the disk;
-                           this says what waiting for it would cost)
+    build_vs_cp_large      `bundle build` / `cp` of the same synthetic .gguf (--large-mib), in the
+                           page cache; _sync_large: / `cp && sync` (neither the build nor cp waits
+                           for the disk; this says what waiting for it would cost); _cold_large:
+                           both reading the model from the disk (the page cache dropped before
+                           each: needs root, else not measured)
     second_vs_first_launch launch -> first answer byte with a system prompt of about 2,000 tokens:
                            the second launch (its state read from the per-user cache) / the first
                            launch (an empty prompt cache: it decodes the system prompt and saves it)
@@ -96,6 +98,30 @@ def check_seconds(exe: Path, cache: Path) -> float:
     return info["first_launch_check"]["seconds"]
 
 
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def sync() -> None:
+    if hasattr(os, "sync"):
+        os.sync()
+
+
+def can_drop_caches() -> bool:
+    return DROP_CACHES.exists() and os.access(DROP_CACHES, os.W_OK)
+
+
+def drop_caches() -> None:
+    sync()
+    DROP_CACHES.write_text("3\n")
+
+
+def read_through(path: Path) -> None:
+    """Read a file whole, so that the page cache holds it."""
+    with open(path, "rb", buffering=0) as f:
+        while f.read(16 << 20):
+            pass
+
+
 def measure(model: Path, rounds: int, large_mib: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bundle-bench-caches-"))
     raw: dict[str, list] = {}
@@ -107,12 +133,26 @@ def measure(model: Path, rounds: int, large_mib: int) -> dict:
         big = work / "large.gguf"
         write_synthetic_gguf(big, large_mib)
         err(f"build vs cp, {large_mib} MiB model; the first-launch check, BLAKE3 vs SHA-256 ({rounds} rounds)")
+        build = BUNDLE + ["build", str(big), "-o", str(work / "b3")]
+        copy = ["cp", str(big), str(work / "c3")]
         for i in range(rounds):
-            add("build_large_s", wall(BUNDLE + ["build", str(big), "-o", str(work / "b3")]))
-            add("cp_large_s", wall(["cp", str(big), str(work / "c3")]))
-            add("cp_sync_large_s", wall(["sh", "-c", f"cp '{big}' '{work / 'c4'}' && sync '{work / 'c4'}'"]))
-            (work / "c3").unlink()
-            (work / "c4").unlink()
+            # The model in the page cache (read through first), who goes first alternating. Each
+            # writes with no other copy of the model left on the disk and after a sync: on this
+            # machine's disk a second fresh 1.6 GB file is throttled to the disk's speed (4-5 s
+            # instead of 0.4) while the first is still there.
+            read_through(big)
+            for what in (("build", "cp") if i % 2 == 0 else ("cp", "build")):
+                (work / "c3").unlink(missing_ok=True)
+                if what == "build":
+                    sync()
+                    add("build_large_s", wall(build))
+                else:
+                    (work / "b3").unlink(missing_ok=True)
+                    sync()
+                    add("cp_large_s", wall(copy))
+            (work / "c3").unlink(missing_ok=True)
+            if not (work / "b3").exists():
+                wall(build)
             size = (work / "b3").stat().st_size
             new = check_seconds(work / "b3", work / f"chk{i}")
             as_sha256_bundle(work / "b3")
@@ -121,6 +161,19 @@ def measure(model: Path, rounds: int, large_mib: int) -> dict:
             add("check_sha256_s_per_gib", old / (size / 2**30))
             add("check_blake3_vs_sha256", new / old)
             (work / "b3").unlink()
+            sync()
+            add("cp_sync_large_s", wall(["sh", "-c", f"cp '{big}' '{work / 'c4'}' && sync '{work / 'c4'}'"]))
+            (work / "c4").unlink()
+            if can_drop_caches():
+                # The model read from the disk (the page cache dropped; the bundle tool's own files
+                # read back first, as a tool used before would have them).
+                drop_caches()
+                wall(BUNDLE + ["build", "--help"])
+                add("build_cold_large_s", wall(build))
+                (work / "b3").unlink()
+                drop_caches()
+                add("cp_cold_large_s", wall(copy))
+                (work / "c3").unlink()
         big.unlink()
 
         bundle = work / "model-bundle"
@@ -144,6 +197,8 @@ def measure(model: Path, rounds: int, large_mib: int) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     out = {k: statistics.median(v) for k, v in raw.items()}
     out["build_vs_cp_large"] = out["build_large_s"] / out["cp_large_s"]
+    if "cp_cold_large_s" in out:
+        out["build_vs_cp_cold_large"] = out["build_cold_large_s"] / out["cp_cold_large_s"]
     out["build_vs_cp_sync_large"] = out["build_large_s"] / out["cp_sync_large_s"]
     out.update({"rounds": rounds, "large_mib": large_mib, "system_prompt": system_line,
                 "all": raw})
@@ -158,6 +213,9 @@ def format_table(r: dict) -> str:
         f"  bundle build / cp, {r['large_mib']} MiB       {r['build_large_s']:.2f} s / {r['cp_large_s']:.2f} s"
         f"   ratio {r['build_vs_cp_large']:.2f}; / cp && sync {r['cp_sync_large_s']:.2f} s   ratio "
         f"{r['build_vs_cp_sync_large']:.2f}",
+        (f"  ... from the disk (page cache dropped) {r['build_cold_large_s']:.2f} s / {r['cp_cold_large_s']:.2f} s"
+         f"   ratio {r['build_vs_cp_cold_large']:.2f}" if "build_vs_cp_cold_large" in r else
+         "  ... from the disk: not measured (dropping the page cache needs root)"),
         f"  first answer byte, 2,000-token system prompt: second launch {r['second_launch_s']:.2f} s / first "
         f"{r['first_launch_s']:.2f} s   ratio {r['second_vs_first_launch']:.2f}",
     ])
